@@ -1,0 +1,59 @@
+# Two commands matter on a fresh machine: `make demo` and `make test`. Both install what they
+# need first (Debian packages as root, then a virtualenv in .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+
+# Host programs: cryptsetup for the header tier; QEMU, debootstrap and the mkfs tools for the lab.
+APT_PACKAGES := cryptsetup-bin qemu-system-x86 qemu-utils debootstrap fdisk e2fsprogs \
+	xfsprogs btrfs-progs zstd cpio ovmf
+
+.PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo bench clean
+
+deps: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (run as root to install): $$missing" >&2; exit 1; fi; \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Every tier; the vm tier as its representative subset (cases marked `slow` run in test-all).
+test: deps
+	$(PYTEST) -m "not slow"
+
+test-all: deps
+	$(PYTEST)
+
+test-unit: venv
+	$(PYTEST) -m unit
+
+test-header: deps
+	$(PYTEST) -m header
+
+test-vm: deps
+	$(PYTEST) -m vm
+
+lint: venv
+	$(PYTEST) -m lint
+
+demo: deps
+	$(VENV)/bin/encryptrootfs-lab demo
+
+bench: deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""The one way out to other programs.
+
+Every external command goes through :func:`run`: argv lists only (never a shell), secrets only
+on stdin, ``+ cmd`` logged at debug level, and one typed error that carries the command, its
+exit code and its stderr. Unit tests replace :data:`_spawn` so that a real command can never
+run by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Callable, Optional, Union
+
+from .errors import EncryptrootfsError, ToolError
+from .log import get_logger
+
+log = get_logger("run")
+
+Arg = Union[str, "os.PathLike[str]"]
+Secret = Union[bytes, bytearray, memoryview]
+
+# The PATH used when the caller's PATH lacks the sbin folders (cron, some initramfs shells).
+_SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class CommandError(EncryptrootfsError):
+    """A command exited non-zero (or timed out)."""
+
+    def __init__(
+        self, argv: Sequence[str], returncode: int, stderr: str, *, hint: Optional[str] = None
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
+        what = "timed out" if returncode == -9 else f"failed with exit code {returncode}"
+        super().__init__(f"`{shlex.join(self.argv)}` {what}: {last}", hint=hint)
+
+
+def which(program: str) -> Optional[str]:
+    """Where ``program`` is, looking in the sbin folders too."""
+    path = os.environ.get("PATH", "")
+    return shutil.which(program, path=f"{path}:{_SBIN_PATH}" if path else _SBIN_PATH)
+
+
+def _default_spawn(
+    argv: Sequence[str],
+    stdin: Optional[bytes],
+    timeout: Optional[float],
+    env: Optional[Mapping[str, str]],
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        list(argv),
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+        env=dict(env) if env is not None else None,
+        check=False,
+    )
+
+
+# Replaced in unit tests by a function that fails the test.
+_spawn: Callable[
+    [Sequence[str], Optional[bytes], Optional[float], Optional[Mapping[str, str]]],
+    subprocess.CompletedProcess[bytes],
+] = _default_spawn
+
+
+def run(
+    argv: Sequence[Arg],
+    *,
+    stdin: Optional[Secret] = None,
+    check: bool = True,
+    timeout: Optional[float] = None,
+    env: Optional[Mapping[str, str]] = None,
+    hint: Optional[str] = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` and return its result; raise :class:`CommandError` when it fails.
+
+    ``stdin`` is where secrets go: it is never logged. ``env`` adds to the environment.
+    """
+    args = [os.fspath(a) for a in argv]
+    if not args:
+        raise ValueError("run() needs a program")
+    program = which(args[0]) if "/" not in args[0] else args[0]
+    if program is None or not os.path.exists(program):
+        raise ToolError(
+            f"The program `{args[0]}` is not installed (needed for `{shlex.join(args)}`).",
+            hint="install it (see `encryptrootfs install --check`) and try again",
+        )
+    args[0] = program
+    log.debug("+ %s%s", shlex.join(args), " <stdin>" if stdin is not None else "")
+    full_env = {**os.environ, **env} if env is not None else None
+    data = bytes(stdin) if stdin is not None else None
+    try:
+        result = _spawn(args, data, timeout, full_env)
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(args, -9, f"no answer within {exc.timeout:.0f} s", hint=hint) from None
+    finally:
+        data = None  # drop our copy of the secret as early as the language lets us
+    if check and result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace")
+        raise CommandError(args, result.returncode, stderr, hint=hint)
+    return result

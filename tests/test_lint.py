@@ -1,0 +1,28 @@
+"""The linters are tests: mypy --strict (Python 3.9) and ruff (target py39) must be clean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.lint
+
+
+def _tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+
+def test_mypy_strict_py39_is_clean() -> None:
+    r = _tool("mypy", "--strict", "--python-version", "3.9", "src")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ruff_is_clean() -> None:
+    r = _tool("ruff", "check", "src", "tests", "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
