@@ -12,7 +12,8 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Callable, Optional, Union
 
 from .errors import EncryptrootfsError, ToolError
@@ -47,11 +48,34 @@ def which(program: str) -> Optional[str]:
     return shutil.which(program, path=f"{path}:{_SBIN_PATH}" if path else _SBIN_PATH)
 
 
+@contextmanager
+def secret_fd(secret: Secret) -> Iterator[int]:
+    """A pipe whose read end holds ``secret``: for a command that needs a second secret.
+
+    stdin carries one secret; when a command needs two (``luksAddKey``: the existing key and
+    the new one) the second goes through ``/dev/fd/N`` of a pipe, which never touches a disk,
+    argv or the environment. Pass the fd in ``run(pass_fds=...)``.
+    """
+    if len(secret) > 65536:
+        raise ValueError("a secret larger than a pipe buffer would block the writer")
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, secret)
+        os.close(write_end)
+        write_end = -1
+        yield read_end
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        os.close(read_end)
+
+
 def _default_spawn(
     argv: Sequence[str],
     stdin: Optional[bytes],
     timeout: Optional[float],
     env: Optional[Mapping[str, str]],
+    pass_fds: Sequence[int],
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         list(argv),
@@ -59,13 +83,14 @@ def _default_spawn(
         capture_output=True,
         timeout=timeout,
         env=dict(env) if env is not None else None,
+        pass_fds=tuple(pass_fds),
         check=False,
     )
 
 
 # Replaced in unit tests by a function that fails the test.
 _spawn: Callable[
-    [Sequence[str], Optional[bytes], Optional[float], Optional[Mapping[str, str]]],
+    [Sequence[str], Optional[bytes], Optional[float], Optional[Mapping[str, str]], Sequence[int]],
     subprocess.CompletedProcess[bytes],
 ] = _default_spawn
 
@@ -77,6 +102,7 @@ def run(
     check: bool = True,
     timeout: Optional[float] = None,
     env: Optional[Mapping[str, str]] = None,
+    pass_fds: Sequence[int] = (),
     hint: Optional[str] = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` and return its result; raise :class:`CommandError` when it fails.
@@ -97,7 +123,7 @@ def run(
     full_env = {**os.environ, **env} if env is not None else None
     data = bytes(stdin) if stdin is not None else None
     try:
-        result = _spawn(args, data, timeout, full_env)
+        result = _spawn(args, data, timeout, full_env, pass_fds)
     except subprocess.TimeoutExpired as exc:
         raise CommandError(args, -9, f"no answer within {exc.timeout:.0f} s", hint=hint) from None
     finally:
