@@ -1,11 +1,21 @@
-"""Test tiers: the folder a test lives in gives its marker (unit, header, vm)."""
+"""Test tiers: the folder a test lives in gives its marker (unit, header, vm).
+
+Also the emulator fixtures every tier uses: the KMS emulator (moto over HTTP) and the IMDSv2
+emulator, in-process on 127.0.0.1, with botocore isolated from the host (no AWS_* variables,
+no ~/.aws files), so the only credentials come from the IMDS emulator and the only endpoint is
+the KMS emulator.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
+from support.emulators import INSTANCE_ID, REGION
 
 TESTS = Path(__file__).parent
 TIERS = ("unit", "header", "vm")
@@ -19,3 +29,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, tier))
         if tier in ("header", "vm") and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason=f"the {tier} tier needs root"))
+
+
+@pytest.fixture
+def aws_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-aws-credentials"))
+
+
+@pytest.fixture
+def kms(aws_isolated: None) -> Iterator[KmsEmulator]:
+    with KmsEmulator(region=REGION) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def imds(aws_isolated: None) -> Iterator[ImdsEmulator]:
+    with ImdsEmulator(region=REGION, instance_id=INSTANCE_ID) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def key_arn(kms: KmsEmulator) -> str:
+    return kms.create_key(alias="encryptrootfs-test")

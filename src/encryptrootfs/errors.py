@@ -59,9 +59,18 @@ class DeviceError(EncryptrootfsError):
 
 
 class KeyServiceError(EncryptrootfsError):
-    """The key provider could not wrap or unwrap a key."""
+    """The key provider could not wrap or unwrap a key.
+
+    ``retryable`` says whether trying again later can help (network down, throttled, IMDS not
+    answering yet) or not (access denied, ciphertext or context mismatch, key disabled).
+    """
 
     exit_code = ExitCode.KMS
+
+    def __init__(self, message: str, *, hint: Optional[str] = None,
+                 retryable: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.retryable = retryable
 
 
 class VerifyError(EncryptrootfsError):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Callable, Optional, Union
+from contextlib import contextmanager, suppress
+from typing import IO, Callable, Optional, Union
 
 from .errors import EncryptrootfsError, ToolError
 from .log import get_logger
@@ -132,3 +134,98 @@ def run(
         stderr = result.stderr.decode(errors="replace")
         raise CommandError(args, result.returncode, stderr, hint=hint)
     return result
+
+
+def _default_popen(
+    argv: Sequence[str], env: Optional[Mapping[str, str]], pass_fds: Sequence[int]
+) -> subprocess.Popen[bytes]:
+    # subprocess.Popen is looked up at call time so that the unit tier's patch of it holds.
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env) if env is not None else None,
+        pass_fds=tuple(pass_fds),
+    )
+
+
+# The seam of run_streaming(): unit tests replace it (or rely on the patched subprocess.Popen);
+# header tests wrap it to reach the process (e.g. to kill it mid-way, as a crash would).
+_popen: Callable[
+    [Sequence[str], Optional[Mapping[str, str]], Sequence[int]], subprocess.Popen[bytes]
+] = _default_popen
+
+
+def _drain(stream: IO[bytes], sink: list[bytes]) -> None:
+    sink.append(stream.read())
+
+
+def run_streaming(
+    argv: Sequence[Arg],
+    *,
+    on_line: Callable[[str], None],
+    stdin: Optional[Secret] = None,
+    env: Optional[Mapping[str, str]] = None,
+    pass_fds: Sequence[int] = (),
+    hint: Optional[str] = None,
+) -> int:
+    """Run a long command, calling ``on_line`` with each line of its stdout as it comes.
+
+    For commands that report progress (``cryptsetup reencrypt --progress-json``). ``stdin`` is
+    written once and closed, as with :func:`run`; stderr is collected for the error. An
+    exception raised by ``on_line`` stops the command (SIGKILL) and propagates. Returns the
+    exit code (0); a non-zero exit raises :class:`CommandError`. A command killed by signal N
+    reports exit code 128 + N (as a shell does), and its stderr ends with the signal name.
+    """
+    args = [os.fspath(a) for a in argv]
+    if not args:
+        raise ValueError("run_streaming() needs a program")
+    program = which(args[0]) if "/" not in args[0] else args[0]
+    if program is None or not os.path.exists(program):
+        raise ToolError(
+            f"The program `{args[0]}` is not installed (needed for `{shlex.join(args)}`).",
+            hint="install it (see `encryptrootfs install --check`) and try again",
+        )
+    args[0] = program
+    log.debug("+ %s%s", shlex.join(args), " <stdin>" if stdin is not None else "")
+    full_env = {**os.environ, **env} if env is not None else None
+    proc = _popen(args, full_env, pass_fds)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stderr_chunks: list[bytes] = []
+    # stderr is drained on its own thread: a command that fills the stderr pipe while we wait
+    # on stdout would otherwise block forever.
+    drainer = threading.Thread(target=_drain, args=(proc.stderr, stderr_chunks), daemon=True)
+    drainer.start()
+    try:
+        # A command that exits before reading stdin breaks the pipe; its exit code and
+        # stderr say why, so that is what gets reported.
+        with suppress(BrokenPipeError):
+            try:
+                if stdin is not None:
+                    proc.stdin.write(stdin)
+            finally:
+                proc.stdin.close()
+        for raw in proc.stdout:
+            on_line(raw.decode(errors="replace").rstrip("\r\n"))
+        returncode = proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+        drainer.join()
+        proc.stderr.close()
+    stderr = b"".join(stderr_chunks).decode(errors="replace")
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        stderr += f"\nkilled by {name}"
+        returncode = 128 - returncode
+    if returncode != 0:
+        raise CommandError(args, returncode, stderr, hint=hint)
+    return returncode

@@ -1,0 +1,112 @@
+"""``encryptrootfs boot``: what the initramfs runs before the root is mounted, every boot.
+
+It decides from what is on disk, never from a flag file: a plain root marked for encryption
+gets the first-boot stages; an interrupted conversion is finished; an encrypted root is
+unwrapped and opened; anything else stops the boot with the reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+from ..config import Config, RootKind
+from ..errors import DeviceError, RefusedError
+from ..providers import provider_from_config
+from . import devices, first_boot
+from .console import say
+from .decide import Action, Decision, decide, find_root
+from .devices import Partition
+from .unlock import unwrap_and_open
+
+__all__ = ["boot", "root_spec"]
+
+
+def root_spec(config: Config, cmdline: Optional[str] = None) -> str:
+    """The root selector as a ``TAG=value`` or path string."""
+    if config.root.kind is RootKind.CMDLINE:
+        text = devices.kernel_cmdline() if cmdline is None else cmdline
+        spec = devices.cmdline_root(text)
+        if not spec:
+            raise RefusedError(
+                "The kernel command line has no root=, and [root] device is `cmdline`; "
+                "encryptrootfs never guesses which disk to touch. Nothing was changed.",
+                hint="set [root] device = \"UUID=...\" in the configuration")
+        return spec
+    return str(config.root)
+
+
+def locate_root(
+    spec: str,
+    timeout: float,
+    *,
+    gather: Callable[[], list[Partition]] = devices.gather,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Partition:
+    """Wait (bounded) for the partition ``spec`` names to appear; refuse if several match."""
+    deadline = clock() + timeout
+    said = False
+    while True:
+        root = find_root(spec, gather())
+        if root is not None:
+            return root
+        if clock() >= deadline:
+            raise DeviceError(
+                f"No partition matches the root selector `{spec}` after {timeout:g} s; "
+                "nothing was changed.",
+                hint="check root= on the kernel command line or [root] device in the "
+                "configuration")
+        if not said:
+            say(f"waiting for the root partition `{spec}` to appear")
+            said = True
+        devices.wait_for_udev(5)
+        sleep(1.0)
+
+
+def boot(config: Config) -> Optional[str]:
+    """Make the root ready; returns the mapper path, or None when the root stays plain."""
+    mapper = f"/dev/mapper/{config.mapper_name}"
+    if os.path.exists(mapper):
+        say(f"{mapper} is already open; nothing to do")
+        return mapper
+    spec = root_spec(config)
+    devices.wait_for_udev(30)
+    root = locate_root(spec, config.boot.device_timeout)
+    for _ in range(3):  # at most: restore head -> encrypt, or custody -> restore -> encrypt
+        decision = decide(spec, root, first_boot_enabled=config.first_boot.enabled)
+        say(f"{root.path}: {decision.reason} ({decision.action})")
+        result = _apply(decision, config)
+        if result is not _AGAIN:
+            return result
+        root = locate_root(spec, config.boot.device_timeout)
+    raise RefusedError(f"{root.path}: the first boot did not converge; stopping.")
+
+
+_AGAIN = "again"
+
+
+def _apply(decision: Decision, config: Config) -> Optional[str]:
+    part = decision.partition
+    if decision.action is Action.LEAVE_PLAIN:
+        return None
+    if decision.action is Action.UNLOCK:
+        assert part.luks is not None
+        return unwrap_and_open(part.path, config, part.luks.tokens)
+    if decision.action is Action.RESUME:
+        assert part.luks is not None
+        return unwrap_and_open(part.path, config, part.luks.tokens, resume=True)
+    if decision.action is Action.RESTORE_HEAD:
+        first_boot.restore_head(part)
+        return _AGAIN
+    provider = provider_from_config(config)
+    if decision.action is Action.FINISH_CUSTODY:
+        if not first_boot.finish_custody(part, provider):
+            first_boot.restore_head(part)
+        return _AGAIN
+    # Action.ENCRYPT
+    mapper = first_boot.encrypt(part, config, provider)
+    if config.first_boot.grow:
+        first_boot.grow_after(part, config.mapper_name, part.signature.type)
+    return mapper

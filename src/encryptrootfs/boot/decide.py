@@ -1,0 +1,167 @@
+"""The planner: from what is on disk (facts) and the configuration, decide what this boot does.
+
+Pure: no I/O, so every state of a power-cut first boot can be unit-tested. Whatever the disk
+holds that is not one of the known states is refused with the reason, and nothing is changed
+(DESIGN.md invariants 1 and 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+from ..errors import DeviceError, RefusedError
+from .devices import Partition
+
+SUPPORTED_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+
+_BY_PATH = {
+    "/dev/disk/by-uuid/": "UUID=",
+    "/dev/disk/by-label/": "LABEL=",
+    "/dev/disk/by-partuuid/": "PARTUUID=",
+    "/dev/disk/by-partlabel/": "PARTLABEL=",
+}
+
+
+class Action(str, Enum):
+    ENCRYPT = "encrypt"  # plain root: run the first-boot stages
+    RESTORE_HEAD = "restore-head"  # --init-only was cut mid-write: put the head back, then encrypt
+    FINISH_CUSTODY = "finish-custody"  # header written, token not: import it from the plan record
+    RESUME = "resume"  # the data pass was cut: unwrap and resume it
+    UNLOCK = "unlock"  # encrypted: unwrap and open
+    LEAVE_PLAIN = "leave-plain"  # plain root and first-boot encryption disabled
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    partition: Partition
+    reason: str
+
+
+def normalise_spec(spec: str) -> str:
+    """``/dev/disk/by-uuid/X`` -> ``UUID=X``; other forms unchanged."""
+    for prefix, tag in _BY_PATH.items():
+        if spec.startswith(prefix):
+            return tag + spec[len(prefix):]
+    return spec
+
+
+def _fs_uuids(p: Partition) -> set[str]:
+    uuids = set()
+    if p.luks is None and p.signature.uuid:
+        uuids.add(p.signature.uuid.lower())
+    if p.luks is not None:
+        uuids.update(t.fs_uuid.lower() for t in p.luks.tokens if t.fs_uuid)
+    if p.record is not None and p.record.fs_uuid:
+        uuids.add(p.record.fs_uuid.lower())
+    return uuids
+
+
+def _fs_labels(p: Partition) -> set[str]:
+    labels = set()
+    if p.luks is None and p.signature.label:
+        labels.add(p.signature.label)
+    if p.luks is not None:
+        labels.update(t.fs_label for t in p.luks.tokens if t.fs_label)
+    if p.record is not None and p.record.fs_label:
+        labels.add(p.record.fs_label)
+    return labels
+
+
+def matches(spec: str, p: Partition) -> bool:
+    """Whether partition ``p`` is (or, encrypted, holds) the root that ``spec`` names."""
+    spec = normalise_spec(spec)
+    tag, sep, value = spec.partition("=")
+    if not sep:
+        return spec == p.path
+    if tag == "UUID":
+        return value.lower() in _fs_uuids(p)
+    if tag == "LABEL":
+        return value in _fs_labels(p)
+    if tag == "PARTUUID":
+        return bool(p.partuuid) and value.lower() == p.partuuid.lower()
+    if tag == "PARTLABEL":
+        return bool(p.partlabel) and value == p.partlabel
+    raise RefusedError(
+        f"The root selector `{spec}` is not understood; nothing was changed.",
+        hint="use UUID=, LABEL=, PARTUUID=, PARTLABEL= or a /dev path",
+    )
+
+
+def find_root(spec: str, partitions: Sequence[Partition]) -> Optional[Partition]:
+    """The one partition ``spec`` names; None when none does yet; refuse when several do."""
+    found = [p for p in partitions if matches(spec, p)]
+    if len(found) > 1:
+        names = ", ".join(p.describe() for p in found)
+        raise RefusedError(
+            f"The root selector `{spec}` matches {len(found)} partitions ({names}); "
+            "encryptrootfs never guesses which disk to touch, so nothing was changed.",
+            hint="detach the copy (e.g. a cloned disk) or select the root by PARTUUID= in "
+            "[root] device",
+        )
+    return found[0] if found else None
+
+
+def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
+    """What to do with the root partition, from its state alone."""
+    p = root
+    if p.record is not None and (p.luks is None or p.luks.version != 2):
+        # A plan record without a LUKS2 header: the previous first boot stopped before or
+        # during --init-only's header write.
+        if p.head_sha256 is not None and p.head_sha256 == p.record.head_sha256:
+            return Decision(Action.ENCRYPT, p, "a previous first boot stopped before the "
+                            "LUKS2 header was written; the filesystem is intact: starting again")
+        if p.moved_sha256 is not None and p.moved_sha256 == p.record.head_sha256:
+            return Decision(Action.RESTORE_HEAD, p, "a previous first boot was cut while the "
+                            "LUKS2 header was being written; the moved copy of the head is whole")
+        raise RefusedError(
+            f"{p.path} carries an encryptrootfs plan record, but neither its head nor the "
+            "moved copy of the head matches what was recorded; nothing was changed.",
+            hint="do not boot this disk again; attach it to another machine and inspect it",
+        )
+    if p.luks is not None:
+        if p.luks.version != 2:
+            raise RefusedError(
+                f"The root {p.path} is LUKS{p.luks.version}; encryptrootfs manages LUKS2 "
+                "only. Nothing was changed.",
+                hint="unlock it by other means, or convert it with `cryptsetup convert`",
+            )
+        if p.luks.tokens:
+            if p.luks.reencryption_pending:
+                return Decision(Action.RESUME, p, "encryption of the root was interrupted")
+            return Decision(Action.UNLOCK, p, "the root is encrypted")
+        if (p.luks.reencryption_pending and p.record is not None
+                and p.record.luks_uuid == p.luks.uuid):
+            return Decision(Action.FINISH_CUSTODY, p, "the LUKS2 header was written but the "
+                            "token was not: taking the wrapped key from the plan record")
+        raise RefusedError(
+            f"The root {p.path} is a LUKS2 device without an encryptrootfs token; it is not "
+            "ours to unlock. Nothing was changed.",
+            hint=f"enroll a KMS-wrapped key with `encryptrootfs enroll {p.path}`",
+        )
+    fs = p.signature.type
+    if fs in SUPPORTED_FILESYSTEMS:
+        if not first_boot_enabled:
+            return Decision(Action.LEAVE_PLAIN, p, "first-boot encryption is disabled")
+        return Decision(Action.ENCRYPT, p, f"the root is a plain {fs} filesystem")
+    if fs == "ambivalent":
+        raise RefusedError(
+            f"{p.path} carries more than one signature (blkid: ambivalent); encryptrootfs "
+            "will not guess which is real. Nothing was changed.",
+            hint="wipe the stale signature with `wipefs` after checking which one it is",
+        )
+    if not fs:
+        raise DeviceError(
+            f"The root {p.path} holds no recognised filesystem; nothing was changed.",
+            hint=f"check that `{spec}` names the root partition",
+        )
+    raise RefusedError(
+        f"The root {p.path} holds {fs}, which encryptrootfs cannot convert in place "
+        f"(supported: {', '.join(SUPPORTED_FILESYSTEMS)}). Nothing was changed.",
+    )

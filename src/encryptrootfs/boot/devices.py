@@ -1,0 +1,205 @@
+"""Facts about block devices, gathered read-only: signatures (blkid -p), geometry (sysfs).
+
+The planner (:mod:`encryptrootfs.boot.decide`) only ever sees these frozen facts; nothing in
+here writes to a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .. import luks2
+from ..errors import EncryptrootfsError
+from ..log import get_logger
+from ..run import run
+from ..token import KmsToken, token_from_json
+from . import plan_record
+from .plan_record import PlanRecord
+
+log = get_logger("devices")
+
+SYS_BLOCK = Path("/sys/class/block")
+SECTOR = 512  # sysfs start/size are always in 512-byte units
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What ``blkid -p`` recognises on a device ("" when nothing)."""
+
+    type: str = ""
+    uuid: str = ""
+    label: str = ""
+    version: str = ""  # LUKS version for crypto_LUKS
+
+
+@dataclass(frozen=True)
+class LuksFacts:
+    uuid: str
+    version: int
+    reencryption_pending: bool
+    tokens: tuple[KmsToken, ...]  # ours only; foreign tokens are skipped
+    keyslots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition and everything the planner needs to know about it."""
+
+    path: str
+    name: str  # kernel name, e.g. vda1
+    disk: str  # e.g. /dev/vda
+    number: int
+    start: int  # bytes from the start of the disk
+    size: int  # bytes
+    disk_size: int
+    logical_sector: int
+    partuuid: str
+    partlabel: str
+    signature: Signature
+    luks: Optional[LuksFacts] = None
+    record: Optional[PlanRecord] = None
+    # Only when a plan record is present: hashes of the head and of its moved copy at the tail.
+    head_sha256: Optional[str] = None
+    moved_sha256: Optional[str] = None
+
+    def describe(self) -> str:
+        what = self.signature.type or "no recognised signature"
+        return f"{self.path} ({what}, {self.size // (1024 * 1024)} MiB)"
+
+
+def parse_export(text: str) -> dict[str, str]:
+    """``blkid -o export`` output (KEY=value lines) as a dict."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def probe_signature(device: str) -> tuple[Signature, dict[str, str]]:
+    """Low-level probe (no cache): the signature and the partition-table entry tags."""
+    # -p bypasses the blkid cache, which in an initramfs may describe the disk as it was
+    # before our own changes of the previous (interrupted) boot.
+    result = run(["blkid", "-p", "-o", "export", device], check=False)
+    if result.returncode not in (0, 2):  # 2: nothing recognised
+        raise EncryptrootfsError(
+            f"`blkid -p {device}` failed: {result.stderr.decode(errors='replace').strip()}"
+        )
+    tags = parse_export(result.stdout.decode(errors="replace"))
+    if tags.get("AMBIVALENT") or "ambivalent" in result.stderr.decode(errors="replace"):
+        return Signature(type="ambivalent"), tags
+    sig = Signature(
+        type=tags.get("TYPE", ""),
+        uuid=tags.get("UUID", ""),
+        label=tags.get("LABEL", ""),
+        version=tags.get("VERSION", ""),
+    )
+    return sig, tags
+
+
+def luks_facts(device: str) -> LuksFacts:
+    header = luks2.read_header(device)
+    tokens = []
+    for raw in header.tokens.values():
+        token = token_from_json(raw)
+        if token is not None:
+            tokens.append(token)
+    return LuksFacts(
+        uuid=header.uuid,
+        version=2,
+        reencryption_pending=header.reencryption_pending,
+        tokens=tuple(tokens),
+        keyslots=tuple(sorted(header.keyslots, key=int)),
+    )
+
+
+def _read_int(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+def list_partitions(sys_block: Path = SYS_BLOCK) -> list[tuple[str, str, int]]:
+    """(partition name, disk name, number) for every partition the kernel knows."""
+    found = []
+    for entry in sorted(sys_block.iterdir()) if sys_block.exists() else []:
+        part_file = entry / "partition"
+        if not part_file.exists():
+            continue
+        disk = entry.resolve().parent.name
+        found.append((entry.name, disk, _read_int(part_file)))
+    return found
+
+
+def probe(path: str, size: int, *, name: str = "", disk: str = "", number: int = 0,
+          start: int = 0, disk_size: int = 0, logical_sector: int = SECTOR) -> Partition:
+    """What ``path`` (``size`` bytes) holds; the geometry arguments come from sysfs.
+
+    Works on image files too, which is how the header tier drives the planner.
+    """
+    signature, tags = probe_signature(path)
+    luks: Optional[LuksFacts] = None
+    if signature.type == "crypto_LUKS" and signature.version.startswith("2"):
+        luks = luks_facts(path)
+    elif signature.type == "crypto_LUKS":
+        luks = LuksFacts(signature.uuid, 1, False, (), ())
+    record = None
+    head = moved = None
+    try:
+        record = plan_record.read(path, size)
+        if record is not None:
+            head = plan_record.head_sha256(path)
+            moved = plan_record.moved_copy_sha256(path, size)
+    except OSError as exc:
+        log.debug("cannot read a plan record on %s: %s", path, exc)
+    return Partition(
+        path=path, name=name, disk=disk, number=number, start=start, size=size,
+        disk_size=disk_size, logical_sector=logical_sector,
+        partuuid=tags.get("PART_ENTRY_UUID", ""), partlabel=tags.get("PART_ENTRY_NAME", ""),
+        signature=signature, luks=luks, record=record, head_sha256=head, moved_sha256=moved,
+    )
+
+
+def partition_facts(name: str, disk: str, number: int, sys_block: Path = SYS_BLOCK) -> Partition:
+    return probe(
+        f"/dev/{name}", _read_int(sys_block / name / "size") * SECTOR,
+        name=name, disk=f"/dev/{disk}", number=number,
+        start=_read_int(sys_block / name / "start") * SECTOR,
+        disk_size=_read_int(sys_block / disk / "size") * SECTOR,
+        logical_sector=_read_int(sys_block / disk / "queue" / "logical_block_size"),
+    )
+
+
+def gather(sys_block: Path = SYS_BLOCK) -> list[Partition]:
+    """Facts about every partition; devices that cannot be read are skipped with a note."""
+    facts = []
+    for name, disk, number in list_partitions(sys_block):
+        try:
+            facts.append(partition_facts(name, disk, number, sys_block))
+        except (OSError, EncryptrootfsError) as exc:
+            log.debug("skipping %s: %s", name, exc)
+    return facts
+
+
+def kernel_cmdline(path: str = "/proc/cmdline") -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def cmdline_root(cmdline: str) -> Optional[str]:
+    """The last ``root=`` of a kernel command line (the kernel uses the last one)."""
+    value = None
+    for word in cmdline.split():
+        if word.startswith("root="):
+            value = word[len("root="):]
+    return value
+
+
+def wait_for_udev(timeout: int = 30) -> None:
+    run(["udevadm", "settle", f"--timeout={timeout}"], check=False)
+
+
+def disk_partitions(parts: Iterable[Partition], disk: str) -> list[Partition]:
+    return sorted((p for p in parts if p.disk == disk), key=lambda p: p.start)

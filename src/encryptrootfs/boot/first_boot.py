@@ -1,0 +1,243 @@
+"""The first boot: convert the plain root to LUKS2 in place, in small re-runnable stages.
+
+The order is the design (DESIGN.md invariants 1-6):
+
+1. preflight      read-only: tools, filesystem, room for the header, KMS key usable, clock
+2. make room      grow the partition into free space after it, else shrink the filesystem
+3. plan record    the wrapped key and the head's hash, durable before the header is written
+4. header         ``reencrypt --encrypt --init-only`` (no data is encrypted yet)
+5. custody        import the token, prove it unwraps and opens its keyslot
+6. data pass      ``reencrypt --resume-only``, with progress on the console
+7. open           ``/dev/mapper/<name>``: the filesystem UUID is unchanged, the boot goes on
+8. grow           optional: partition to the end of the disk, mapping, filesystem
+
+Each stage checks whether it is already done, so a boot cut at any instant is finished by the
+next one (see :mod:`encryptrootfs.boot.decide` for how that boot finds its place).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuid_module
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import luks2
+from ..config import Config
+from ..errors import EncryptrootfsError, RefusedError, ToolError, VerifyError
+from ..providers import KeyProvider
+from ..providers.base import NewKey, WrappedKey, wipe
+from ..token import KmsToken, token_from_json, token_to_json, utc_now
+from ..tools import Need, missing
+from . import filesystems, partitions, plan_record
+from .console import say
+from .devices import Partition
+from .filesystems import FsGeometry
+from .plan_record import REDUCE_DEVICE_SIZE, PlanRecord
+from .volume import data_pass, open_root
+
+# A clock before this cannot be right, and KMS would reject our signatures anyway; refuse
+# early with the real reason rather than a signature error.
+EARLIEST_SANE_TIME = 1735689600  # 2025-01-01T00:00:00Z
+
+_FS_NEEDS = {"ext4": Need.EXT4, "xfs": Need.XFS, "btrfs": Need.BTRFS}
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    """How the 32 MiB for the header are found; at most one of the two changes."""
+
+    grow_partition_to: Optional[int] = None  # bytes
+    shrink_fs_to: Optional[int] = None  # bytes
+
+    def describe(self) -> str:
+        if self.grow_partition_to is not None:
+            return f"grow the partition to {self.grow_partition_to // 1048576} MiB"
+        if self.shrink_fs_to is not None:
+            return f"shrink the filesystem to {self.shrink_fs_to // 1048576} MiB"
+        return "there is room already"
+
+
+def plan_room(part: Partition, fs: FsGeometry, free_after: int) -> RoomPlan:
+    """Pure: where the header's 32 MiB come from, or a refusal that says why none fits."""
+    needed = fs.size + REDUCE_DEVICE_SIZE
+    if needed <= part.size:
+        return RoomPlan()
+    grown = partitions.grown_size(part.size, needed, free_after)
+    if grown is not None:
+        return RoomPlan(grow_partition_to=grown)
+    target = (part.size - REDUCE_DEVICE_SIZE) // fs.block_size * fs.block_size
+    if fs.min_size is not None and target >= fs.min_size and target > 0:
+        return RoomPlan(shrink_fs_to=target)
+    short = (needed - part.size - free_after) // 1048576 + 1
+    if fs.min_size is None:
+        raise RefusedError(
+            f"The root {part.path} ({fs.fs_type}) fills its partition, there are only "
+            f"{free_after // 1048576} MiB free after it, and {fs.fs_type} cannot shrink: there "
+            f"is no room for the 32 MiB LUKS2 header. Nothing was changed.",
+            hint=f"leave at least {short} MiB more unpartitioned space after the root "
+            "partition in the image (cloud disks larger than the image have it)",
+        )
+    raise RefusedError(
+        f"The root {part.path} cannot make room for the 32 MiB LUKS2 header: the filesystem "
+        f"needs at least {fs.min_size // 1048576} MiB and only "
+        f"{(part.size - REDUCE_DEVICE_SIZE) // 1048576} MiB would be left. Nothing was changed.",
+        hint="free some space in the image, or leave free space after the root partition",
+    )
+
+
+@dataclass(frozen=True)
+class Preflight:
+    fs: FsGeometry
+    room: RoomPlan
+    table: partitions.Table
+    luks_uuid: str
+
+
+def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -> Preflight:
+    """Everything that can be checked without writing. Raises before any change."""
+    fs_type = part.signature.type
+    lacking = missing(Need.LUKS, Need.PARTITION, _FS_NEEDS[fs_type])
+    if lacking:
+        names = ", ".join(f"{t.name} ({t.package})" for t in lacking)
+        raise ToolError(f"The initramfs lacks {names}; nothing was changed.",
+                        hint="rebuild the initramfs with `encryptrootfs install`")
+    luks2.require_cryptsetup()
+    clock = time.time() if now is None else now
+    if clock < EARLIEST_SANE_TIME:
+        raise RefusedError(
+            f"The clock says {time.strftime('%Y-%m-%d %H:%M', time.gmtime(clock))} UTC, which "
+            "cannot be right; KMS would reject the request signatures. Nothing was changed.",
+            hint="check the hardware clock (RTC) of the machine",
+        )
+    filesystems.check_readonly(fs_type, part.path)
+    fs = filesystems.geometry(fs_type, part.path)
+    table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
+    room = plan_room(part, fs, partitions.free_after(table, part.path))
+    return Preflight(fs, room, table, str(uuid_module.uuid4()))
+
+
+def make_room(part: Partition, pre: Preflight) -> int:
+    """Apply the room plan; returns the partition size afterwards (bytes)."""
+    if pre.room.grow_partition_to is not None:
+        say(f"{part.path}: growing the partition by "
+            f"{(pre.room.grow_partition_to - part.size) // 1048576} MiB for the LUKS2 header")
+        partitions.grow(part, pre.table, pre.room.grow_partition_to)
+        return pre.room.grow_partition_to
+    if pre.room.shrink_fs_to is not None:
+        say(f"{part.path}: shrinking {pre.fs.fs_type} to "
+            f"{pre.room.shrink_fs_to // 1048576} MiB for the LUKS2 header")
+        filesystems.shrink(pre.fs.fs_type, part.path, pre.room.shrink_fs_to)
+    return part.size
+
+
+def new_token(wrapped: WrappedKey, keyslot: int, part: Partition) -> KmsToken:
+    return KmsToken(keyslots=(str(keyslot),), wrapped=wrapped, created=utc_now(),
+                    fs_uuid=part.signature.uuid or None, fs_label=part.signature.label or None)
+
+
+def verified_new_key(provider: KeyProvider, luks_uuid: str) -> NewKey:
+    """A new data key whose wrapped form has been proven to unwrap to the same bytes."""
+    new = provider.new_key(luks_uuid)
+    back = provider.unwrap(new.wrapped)
+    try:
+        if bytes(back) != bytes(new.plaintext):
+            new.wipe()
+            raise VerifyError("KMS unwrapped the new key to different bytes; nothing was "
+                              "changed.", hint="check providers.aws_kms.endpoint_url")
+    finally:
+        wipe(back)
+    return new
+
+
+def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
+    """Stages 1-7 for a plain root; returns the opened mapping."""
+    say(f"{part.path}: first boot: converting the {part.signature.type} root to LUKS2 in place")
+    pre = preflight(part, config)
+    say(f"{part.path}: preflight passed ({pre.room.describe()}); asking KMS for a new key")
+    key = verified_new_key(provider, pre.luks_uuid)
+    try:
+        size = make_room(part, pre)
+        # The token names keyslot 0: --init-only puts the first keyslot there.
+        token = new_token(key.wrapped, 0, part)
+        record = PlanRecord(
+            luks_uuid=pre.luks_uuid, partition_size=size, fs_type=pre.fs.fs_type,
+            fs_uuid=part.signature.uuid, fs_label=part.signature.label,
+            head_sha256=plan_record.head_sha256(part.path), token=token_to_json(token),
+        )
+        plan_record.write(part.path, record)
+        say(f"{part.path}: writing the LUKS2 header (no data is encrypted yet)")
+        slot = luks2.reencrypt_encrypt_init(
+            part.path, key.plaintext, uuid=pre.luks_uuid,
+            reduce_device_size=REDUCE_DEVICE_SIZE,
+            sector_size=4096 if pre.fs.block_size % 4096 == 0 else None,
+        )
+        if slot != 0:
+            token = new_token(key.wrapped, slot, part)
+        store_token(part.path, token, key.plaintext)
+        data_pass(part.path, key.plaintext)
+        return open_root(part.path, config, key.plaintext, token)
+    finally:
+        key.wipe()
+
+
+def store_token(device: str, token: KmsToken, key: bytearray) -> int:
+    """Import the token and prove the keyslot it names opens with ``key``."""
+    if not luks2.test_keyslot(device, key, int(token.keyslots[0])):
+        raise VerifyError(
+            f"The key does not open keyslot {token.keyslots[0]} of {device}; no data has been "
+            "encrypted. The next boot starts the conversion again.")
+    token_id = luks2.import_token(device, token_to_json(token))
+    say(f"{device}: token {token_id} stored: key wrapped by {token.wrapped.key_id}")
+    return token_id
+
+
+def finish_custody(part: Partition, provider: KeyProvider) -> bool:
+    """The header exists but the token does not: import it from the plan record.
+
+    Returns False when the keyslot does not open with the recorded key (its write was torn);
+    nothing was encrypted then, and the caller puts the head back and starts again.
+    """
+    assert part.record is not None
+    token = token_from_json(part.record.token)
+    if token is None:
+        raise RefusedError(f"The plan record on {part.path} holds no encryptrootfs token; "
+                           "nothing was changed.")
+    key = provider.unwrap(token.wrapped)
+    try:
+        if not luks2.test_keyslot(part.path, key, int(token.keyslots[0])):
+            return False
+        store_token(part.path, token, key)
+        return True
+    finally:
+        wipe(key)
+
+
+def restore_head(part: Partition) -> None:
+    """Undo an --init-only whose header write was cut: the moved copy goes back to the head."""
+    assert part.record is not None
+    say(f"{part.path}: the previous boot was cut while writing the LUKS2 header; putting the "
+        "original first 16 MiB back from their copy at the end of the partition")
+    plan_record.restore_head_from_moved_copy(part.path, part.size)
+    if plan_record.head_sha256(part.path) != part.record.head_sha256:
+        raise EncryptrootfsError(
+            f"Restoring the head of {part.path} did not give back the recorded bytes; the "
+            "copy at the end of the partition is untouched. Stopping.",
+            hint="attach the disk to another machine and inspect it before booting it again")
+    plan_record.erase(part.path, part.size)
+
+
+
+
+def grow_after(part: Partition, mapper: str, fs_type: str) -> None:
+    """Optional: give the encrypted root all the free space after it."""
+    table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
+    if partitions.free_after(table, part.path) < 1048576:
+        return
+    new_size = partitions.grow_to_end(part, table)
+    say(f"{part.path}: grew the partition to {new_size // 1048576} MiB")
+    luks2.resize_device(mapper)
+    filesystems.grow(fs_type, f"/dev/mapper/{mapper}")
+    say(f"/dev/mapper/{mapper}: {fs_type} grown to fill the partition")
+
+

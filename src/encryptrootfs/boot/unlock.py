@@ -1,0 +1,103 @@
+"""Later boots: unwrap the key through KMS and open the root; fail closed when that cannot be.
+
+The network in an initramfs comes up in its own time and KMS or IMDS may not answer at once.
+Each unwrap attempt has the provider's own budget (``total_timeout``); around it, attempts are
+repeated with backoff until ``[boot] unlock_timeout`` has passed, with one console line per
+attempt that says why. Past the budget the boot stops: the root is never mounted unencrypted
+and nothing on disk has changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import Config
+from ..errors import EncryptrootfsError, KeyServiceError
+from ..providers import provider_for_token
+from ..providers.base import wipe
+from ..token import KmsToken
+from .console import say
+from .volume import data_pass, open_root
+
+ROUTE_TABLE = Path("/proc/net/route")
+
+
+def has_default_route(route_table: Optional[Path] = None) -> bool:
+    """Whether the kernel has an IPv4 default route (the network is up enough for KMS)."""
+    try:
+        lines = (route_table or ROUTE_TABLE).read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(len(f) > 2 and f[1] == "00000000" for f in (line.split() for line in lines))
+
+
+def wait_for_network(deadline: float, *, clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep,
+                     route_table: Optional[Path] = None) -> bool:
+    """Wait (bounded) for a default route; one console line every few seconds while waiting."""
+    said_at: Optional[float] = None
+    while not has_default_route(route_table):
+        now = clock()
+        if now >= deadline:
+            return False
+        if said_at is None or now - said_at >= 5:
+            say("waiting for the network (no default route yet)")
+            said_at = now
+        sleep(0.5)
+    return True
+
+
+def unwrap_with_retries(
+    config: Config,
+    tokens: Sequence[KmsToken],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[bytearray, KmsToken]:
+    """The key of the first token that unwraps, trying each in order, until the boot budget."""
+    budget = config.boot.unlock_timeout
+    deadline = clock() + budget
+    if not wait_for_network(deadline, clock=clock, sleep=sleep):
+        say(f"no default route after {budget:g} s; trying KMS once anyway")
+    attempt = 0
+    delay = 1.0
+    last: Optional[EncryptrootfsError] = None
+    while True:
+        attempt += 1
+        for token in tokens:
+            try:
+                key = provider_for_token(config, token.wrapped).unwrap(token.wrapped)
+                say(f"key unwrapped by {token.wrapped.key_id} ({token.wrapped.region}) "
+                    f"on attempt {attempt}")
+                return key, token
+            except KeyServiceError as exc:
+                last = exc
+                say(f"unwrap attempt {attempt} with {token.wrapped.key_id} failed: {exc.message}")
+                if not exc.retryable:
+                    raise
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        sleep(min(delay, remaining))
+        delay = min(delay * 2, 15.0)
+    assert last is not None
+    raise KeyServiceError(
+        f"Could not unwrap the root key within {budget:g} s ({attempt} attempts): "
+        f"{last.message} The root stays locked and nothing on disk was changed.",
+        hint=last.hint,
+    )
+
+
+def unwrap_and_open(device: str, config: Config, tokens: Sequence[KmsToken],
+                    *, resume: bool = False) -> str:
+    """Later boots: unwrap (with retries), finish an interrupted data pass if any, open."""
+    key, token = unwrap_with_retries(config, tokens)
+    try:
+        if resume:
+            data_pass(device, key)
+        return open_root(device, config, key, token)
+    finally:
+        wipe(key)

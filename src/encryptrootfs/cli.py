@@ -1,0 +1,387 @@
+"""The ``encryptrootfs`` command line.
+
+Output that is data has a ``--json`` form. Errors are printed as sentences (no traceback unless
+``--debug``) and map to :class:`~encryptrootfs.errors.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .enroll import all_ok, enroll, find_tokens, require_luks2, verify
+from .errors import EncryptrootfsError, ExitCode
+from .log import get_logger, setup_logging
+from .providers import provider_from_config
+from .token import token_to_json
+
+log = get_logger("cli")
+
+DESCRIPTION = """\
+Encrypt a machine's root filesystem in place on its first boot, with a random key that is
+stored only wrapped by a cloud KMS (a token in the LUKS2 header), and unlock it unattended on
+every later boot.
+
+Commands for operators and image builders:
+  config check   validate the configuration file
+  kms check      show credentials, region and key, and do a KMS round trip
+  enroll         add a KMS-wrapped key to an existing LUKS2 device
+  token show     list the tokens and keyslots of a LUKS2 device
+  token verify   unwrap every token through KMS and test its keyslot (opens nothing)
+
+Run by the initramfs on every boot:
+  boot           encrypt the root on its first boot, unlock it on every later one
+"""
+
+EPILOG = f"""\
+exit codes: {", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)}
+configuration: {DEFAULT_CONFIG_PATH} (see docs/config.md)
+"""
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+# --- config check -------------------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = Path(args.path or args.config)
+    config = load_config(path)
+    summary = {
+        "path": str(path),
+        "root": config.root.describe(),
+        "mapper_name": config.mapper_name,
+        "provider": config.provider.value,
+    }
+    if config.aws_kms is not None:
+        summary["key_id"] = config.aws_kms.key_id
+        summary["region"] = config.aws_kms.region or "(from IMDS placement/region)"
+    if args.json:
+        _print_json({"valid": True, **summary})
+    else:
+        print(f"{path}: valid")
+        for key, value in summary.items():
+            if key != "path":
+                print(f"  {key}: {value}")
+    return ExitCode.OK
+
+
+# --- kms check ----------------------------------------------------------------------------------
+
+
+def cmd_kms_check(args: argparse.Namespace) -> int:
+    provider = provider_from_config(_config(args))
+    report = provider.check()
+    data = report.as_dict()
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    return ExitCode.OK
+
+
+# --- enroll -------------------------------------------------------------------------------------
+
+
+def _read_existing_key(args: argparse.Namespace) -> bytearray:
+    if args.key_file:
+        if args.key_file == "-":
+            return bytearray(sys.stdin.buffer.read())
+        with open(args.key_file, "rb") as f:
+            return bytearray(f.read())
+    if sys.stdin.isatty():
+        raise EncryptrootfsError(
+            "enroll needs a key that opens the device today; nothing was changed.",
+            hint="pipe it on stdin (no trailing newline) or pass --key-file PATH",
+        )
+    return bytearray(sys.stdin.buffer.read())
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    provider = provider_from_config(_config(args))
+    existing = _read_existing_key(args)
+    try:
+        done = enroll(args.device, provider, existing, keyslot=args.keyslot)
+    finally:
+        for i in range(len(existing)):
+            existing[i] = 0
+    result = {
+        "device": done.device,
+        "keyslot": done.keyslot,
+        "token_id": done.token_id,
+        "key_id": done.wrapped.key_id,
+        "region": done.wrapped.region,
+        "encryption_context": dict(done.wrapped.encryption_context),
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{done.device}: enrolled keyslot {done.keyslot} (PBKDF2) with token "
+              f"{done.token_id}, wrapped by {done.wrapped.key_id} in {done.wrapped.region}; "
+              "verified: unwraps through KMS and opens the keyslot")
+    return ExitCode.OK
+
+
+# --- token show / verify ------------------------------------------------------------------------
+
+
+def cmd_token_show(args: argparse.Namespace) -> int:
+    header = require_luks2(args.device)
+    tokens = []
+    for found in find_tokens(header):
+        entry: dict[str, Any] = {"id": found.token_id, "type": found.type}
+        if found.token is not None:
+            full = token_to_json(found.token)
+            # The ciphertext is not secret (only KMS can open it), but it is noise on a screen.
+            full.pop("ciphertext", None)
+            entry.update(full)
+        tokens.append(entry)
+    keyslots = [
+        {"id": int(k), "type": s.type, "kdf": s.kdf_type, "iterations": s.iterations,
+         "memory_kib": s.memory}
+        for k, s in sorted(header.keyslots.items(), key=lambda kv: int(kv[0]))
+    ]
+    data = {"device": args.device, "luks_uuid": header.uuid,
+            "reencryption_pending": header.reencryption_pending,
+            "tokens": tokens, "keyslots": keyslots}
+    if args.json:
+        _print_json(data)
+        return ExitCode.OK
+    print(f"{args.device}: LUKS2 {header.uuid}"
+          + (" (reencryption pending)" if header.reencryption_pending else ""))
+    for t in tokens:
+        if t["type"] != "encryptrootfs":
+            print(f"  token {t['id']}: {t['type']} (not ours, skipped)")
+            continue
+        print(f"  token {t['id']}: {t['provider']} key {t['key_id']} region {t['region']} "
+              f"keyslots {','.join(t['keyslots'])}")
+        for k, v in sorted(t["encryption_context"].items()):
+            print(f"    context {k} = {v}")
+    for s in keyslots:
+        kdf = f"{s['kdf']}" + (f" {s['iterations']} iterations" if s["iterations"] else "")
+        print(f"  keyslot {s['id']}: {s['type']} {kdf}")
+    return ExitCode.OK
+
+
+def cmd_token_verify(args: argparse.Namespace) -> int:
+    provider = provider_from_config(_config(args))
+    results = verify(args.device, provider)
+    if args.json:
+        _print_json([
+            {"token_id": r.token_id, "keyslots": list(r.keyslots), "key_id": r.key_id,
+             "ok": r.ok, "reason": r.reason} for r in results
+        ])
+    else:
+        for r in results:
+            print(f"token {r.token_id} ({r.key_id}): {'OK' if r.ok else 'FAILED'}: {r.reason}")
+    return ExitCode.OK if all_ok(results) else ExitCode.VERIFY
+
+
+# --- boot (runs in the initramfs) --------------------------------------------------------------
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    # Imported here: the boot path is the only one that needs the stage modules.
+    from .boot import boot
+
+    mapper = boot(_config(args))
+    print(f"encryptrootfs: root ready at {mapper}" if mapper
+          else "encryptrootfs: root left plain (first-boot encryption disabled)")
+    return ExitCode.OK
+
+
+# --- install / install --check / dracut-files (image build time; helper's block) --------------
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import check_readiness, install, readiness_exit_code
+
+    root = Path(args.root)
+    if args.check:
+        items = check_readiness(root)
+        if args.json:
+            _print_json([i.as_dict() for i in items])
+        else:
+            for i in items:
+                print(f"{i.status.value.upper():8} {i.name}: {i.detail}")
+        return int(readiness_exit_code(items))
+    result = install(
+        root,
+        Path(args.config_file) if args.config_file else None,
+        regenerate_initramfs=not args.no_regenerate,
+        kernels=args.kver or None,
+    )
+    if args.json:
+        _print_json(result.as_dict())
+    else:
+        print(f"config: {result.config}; dracut module: {result.module}; "
+              f"dracut.conf.d: {result.dracut_conf}")
+        for kver in result.initramfs:
+            print(f"initramfs regenerated for {kver}")
+        if args.no_regenerate:
+            print("initramfs not regenerated (--no-regenerate): run dracut for each kernel")
+    return ExitCode.OK
+
+
+def cmd_dracut_files(args: argparse.Namespace) -> int:
+    from .initramfs import manifest_lines, plan_initramfs
+
+    config_path = Path(args.config)
+    if config_path.exists():
+        load_config(config_path)  # an invalid config must fail the dracut run, not the boot
+    else:
+        log.warning("%s does not exist: the initramfs will have no configuration", config_path)
+    plan = plan_initramfs()
+    sys.stdout.write("".join(f"{line}\n" for line in manifest_lines(plan, Path(args.stage))))
+    return ExitCode.OK
+
+
+def _add_install_parsers(sub: Any) -> None:
+    inst = sub.add_parser(
+        "install", help="install and enable the dracut module, regenerate the initramfs",
+        description="Run as root while building an image (or on the machine): validate the "
+        f"configuration and install it as {DEFAULT_CONFIG_PATH}, install the dracut module "
+        "50encryptrootfs, enable it for every later dracut run (kernel updates included) and "
+        "regenerate the initramfs of every installed kernel. Safe to run again. --check only "
+        "reports readiness and changes nothing.")
+    inst.add_argument("config_file", nargs="?", metavar="CONFIG",
+                      help="configuration to validate and install (default: keep the "
+                      "installed one)")
+    inst.add_argument("--root", default="/", metavar="DIR",
+                      help="install into the image tree DIR (dracut runs there with chroot; "
+                      "/proc, /sys and /dev must be mounted in it)")
+    inst.add_argument("--no-regenerate", action="store_true",
+                      help="do not run dracut (the image builder runs it)")
+    inst.add_argument("--kver", action="append", metavar="VERSION",
+                      help="regenerate only this kernel's initramfs (repeatable)")
+    inst.add_argument("--check", action="store_true",
+                      help="report tools, Python, dracut, config, root and network; write "
+                      "nothing")
+    _add_json(inst)
+    inst.set_defaults(func=cmd_install)
+
+    # Hidden: the dracut module's question "which files?", answered by the initramfs's python3.
+    files = sub.add_parser("dracut-files")
+    files.add_argument("--stage", required=True, metavar="DIR",
+                       help="folder for generated files (the trimmed endpoints.json)")
+    files.set_defaults(func=cmd_dracut_files)
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="encryptrootfs", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), metavar="PATH",
+                        help=f"configuration file (default: {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--debug", action="store_true",
+                        help="log every command run (`+ cmd`) and show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = sub.add_parser("config", help="configuration file commands")
+    config_sub = config.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    check = config_sub.add_parser(
+        "check", help="validate the configuration file",
+        description="Validate a configuration file: every error names the field path.")
+    check.add_argument("path", nargs="?", help="file to check (default: --config)")
+    _add_json(check)
+    check.set_defaults(func=cmd_config_check)
+
+    kms = sub.add_parser("kms", help="key service commands")
+    kms_sub = kms.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    kcheck = kms_sub.add_parser(
+        "check", help="credentials, region, key and a GenerateDataKey + Decrypt round trip",
+        description="Show where credentials and the region come from, resolve the key ARN "
+        "and prove a GenerateDataKey + Decrypt round trip with the configured context. "
+        "Writes nothing.")
+    _add_json(kcheck)
+    kcheck.set_defaults(func=cmd_kms_check)
+
+    en = sub.add_parser(
+        "enroll", help="add a KMS-wrapped key to an existing LUKS2 device",
+        description="Add a keyslot opened by a fresh 64-byte KMS data key (PBKDF2, 1000 "
+        "iterations: the key has full entropy) and store the key, wrapped by KMS, in an "
+        "encryptrootfs token. The wrapped key is proven to unwrap before it gets a keyslot, "
+        "and the keyslot is proven to open after; on any failure the device is left as it "
+        "was. The existing key that authorises the change is read from stdin or --key-file.")
+    en.add_argument("device", help="LUKS2 device or image file")
+    en.add_argument("--key-file", metavar="PATH",
+                    help="file holding a key that opens the device today ('-' for stdin)")
+    en.add_argument("--keyslot", type=int, metavar="N", help="keyslot number to use")
+    _add_json(en)
+    en.set_defaults(func=cmd_enroll)
+
+    token = sub.add_parser("token", help="LUKS2 token commands")
+    token_sub = token.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    show = token_sub.add_parser(
+        "show", help="list tokens and keyslots (no secrets)",
+        description="List the encryptrootfs tokens (provider, key, region, context, "
+        "keyslots) and the keyslots of a LUKS2 device. Foreign tokens are listed by type.")
+    show.add_argument("device")
+    _add_json(show)
+    show.set_defaults(func=cmd_token_show)
+    ver = token_sub.add_parser(
+        "verify", help="unwrap each token through KMS and test its keyslot",
+        description="Unwrap every encryptrootfs token through KMS and test that the key "
+        "opens its keyslot. Opens no device and writes nothing.")
+    ver.add_argument("device")
+    _add_json(ver)
+    ver.set_defaults(func=cmd_token_verify)
+
+    bt = sub.add_parser(
+        "boot", help="make the root ready (run by the initramfs, before the root is mounted)",
+        description="Decide from what is on disk: a plain root marked for encryption is "
+        "converted to LUKS2 in place (first boot); an interrupted conversion is finished; an "
+        "encrypted root is unwrapped through KMS and opened as /dev/mapper/<name>. Anything "
+        "unexpected stops the boot with the reason and changes nothing. Exit 0 means the "
+        "root is ready.")
+    bt.set_defaults(func=cmd_boot)
+    _add_install_parsers(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.debug)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args))
+    except EncryptrootfsError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"encryptrootfs: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("encryptrootfs: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,436 @@
+"""The configuration file: one schema, frozen dataclasses, errors that name the field.
+
+``/etc/encryptrootfs/config.toml`` says which root to encrypt and which key service wraps its
+key. Every value is checked here, before anything touches a disk or the network; an unknown key
+is an error too, because a typo (``bind_instance_ids``) silently ignored would change what the
+machine does at boot. docs/config.md documents every field.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .providers.base import RESERVED_CONTEXT_PREFIX, ProviderName, frozen_context
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on the 3.9 targets
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/encryptrootfs/config.toml")
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+
+# device-mapper names: at most 127 bytes; we also keep to characters that need no quoting in
+# udev rules, crypttab and shell hooks.
+_MAPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
+_KEY_ARN = re.compile(
+    r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):[0-9]{12}:(key/[A-Za-z0-9-]+|alias/[A-Za-z0-9/_-]+)$"
+)
+_ALIAS = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
+_KEY_UUID = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_MRK_ID = re.compile(r"^mrk-[0-9a-f]{32}$")
+_MAX_ATTEMPTS = 20
+
+
+class RootKind(str, Enum):
+    """How the root partition is named; ``cmdline`` follows the kernel's ``root=``."""
+
+    CMDLINE = "cmdline"
+    UUID = "uuid"
+    LABEL = "label"
+    PARTUUID = "partuuid"
+    PARTLABEL = "partlabel"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ROOT_PREFIXES = {
+    "UUID=": RootKind.UUID,
+    "LABEL=": RootKind.LABEL,
+    "PARTUUID=": RootKind.PARTUUID,
+    "PARTLABEL=": RootKind.PARTLABEL,
+}
+
+
+@dataclass(frozen=True)
+class RootSelector:
+    """Which partition is the root: never a guess, always a name the admin wrote down."""
+
+    kind: RootKind = RootKind.CMDLINE
+    value: Optional[str] = None  # None for cmdline
+
+    def __str__(self) -> str:
+        if self.kind is RootKind.CMDLINE:
+            return "cmdline"
+        return f"{self.kind.value.upper()}={self.value}"
+
+    def describe(self) -> str:
+        """For people: where the root comes from."""
+        if self.kind is RootKind.CMDLINE:
+            return "root= from the kernel command line"
+        return str(self)
+
+
+@dataclass(frozen=True)
+class AwsKmsConfig:
+    """``[providers.aws_kms]``: which KMS key, where, and how long to wait for it at boot."""
+
+    key_id: str
+    region: Optional[str] = None  # None: the token's region, or IMDS placement/region
+    endpoint_url: Optional[str] = None  # None: botocore's endpoint rules for the region
+    encryption_context: Mapping[str, str] = field(default_factory=lambda: frozen_context({}))
+    bind_instance_id: bool = False
+    imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
+    connect_timeout: float = 2.0  # seconds per KMS connection attempt
+    read_timeout: float = 5.0  # seconds per KMS response
+    max_attempts: int = 5  # KMS attempts per call, first try included (standard retry mode)
+    total_timeout: float = 60.0  # seconds for a whole wrap or unwrap, IMDS included
+    imds_attempts: int = 5  # IMDS attempts per request
+    imds_timeout: float = 2.0  # seconds per IMDS attempt
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encryption_context", frozen_context(self.encryption_context))
+
+
+@dataclass(frozen=True)
+class FirstBootConfig:
+    """``[first_boot]``: whether the initramfs encrypts a plain root on its first boot."""
+
+    enabled: bool = True
+    # After encrypting: grow the partition to the end of the disk, the mapping and the filesystem.
+    # (Room for the header is made either way; this only decides whether the rest is used.)
+    grow: bool = False
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """``[boot]``: how long the initramfs waits before it fails closed."""
+
+    device_timeout: float = 90.0  # seconds for the root device to appear (systemd's default)
+    unlock_timeout: float = 300.0  # seconds of unwrap retries (network, IMDS, KMS) at boot
+
+
+@dataclass(frozen=True)
+class Config:
+    root: RootSelector = field(default_factory=RootSelector)
+    mapper_name: str = "root"
+    provider: ProviderName = ProviderName.AWS_KMS
+    aws_kms: Optional[AwsKmsConfig] = None
+    first_boot: FirstBootConfig = field(default_factory=FirstBootConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+    source: str = "<defaults>"  # where the configuration was read from, for messages
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the field, unknown keys refused."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, source: str) -> None:
+        self.data = data
+        self.path = path
+        self.source = source
+        self.seen: set[str] = set()
+
+    def field_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return _error(self.field_path(key), problem, self.source)
+
+    def get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def string(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, not {_toml_type(value)}")
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_toml_type(value)}")
+        return value
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"must be a number of seconds, not {_toml_type(value)}")
+        if not value > 0 or value != value or value == float("inf"):
+            raise self.error(key, f"must be a positive number of seconds, not {value}")
+        return float(value)
+
+    def count(self, key: str, default: int) -> int:
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be a whole number, not {_toml_type(value)}")
+        if not 1 <= value <= _MAX_ATTEMPTS:
+            raise self.error(key, f"must be between 1 and {_MAX_ATTEMPTS}, not {value}")
+        return int(value)
+
+    def table(self, key: str) -> Optional[_Table]:
+        value = self.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            where = self.field_path(key)
+            raise self.error(key, f"must be a table ([{where}]), not {_toml_type(value)}")
+        return _Table(value, self.field_path(key), self.source)
+
+    def finish(self) -> None:
+        unknown = sorted(k for k in self.data if k not in self.seen)
+        if unknown:
+            known = ", ".join(sorted(self.seen)) or "none"
+            raise self.error(unknown[0], f"unknown setting (known here: {known})")
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _error(path: str, problem: str, source: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: {problem}",
+        hint=f"fix {source} (nothing was changed); docs/config.md lists every setting",
+    )
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and validate the configuration file at ``path``."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such configuration file",
+            hint="create it (examples/config.toml is a starting point) or pass another path",
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(
+            f"{path}: is not valid TOML: {e}", hint="nothing was changed; fix the syntax"
+        ) from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
+    """Validate already-parsed TOML ``data``; ``source`` names it in messages."""
+    top = _Table(data, "", source)
+    root_table = top.table("root") or _Table({}, "root", source)
+    root = _parse_root_device(root_table)
+    mapper_name = root_table.string("mapper_name", "root") or "root"
+    if not _MAPPER_NAME.match(mapper_name):
+        raise root_table.error(
+            "mapper_name",
+            "must be 1-127 characters of letters, digits, '_', '.', '+' or '-', starting "
+            f"with a letter or digit, not {mapper_name!r}",
+        )
+    root_table.finish()
+
+    provider_value = top.string("provider", ProviderName.AWS_KMS.value)
+    try:
+        provider = ProviderName(provider_value)
+    except ValueError:
+        raise top.error(
+            "provider", f"unknown provider {provider_value!r} (known: {_known_providers()})"
+        ) from None
+
+    aws_kms: Optional[AwsKmsConfig] = None
+    providers = top.table("providers")
+    if providers is not None:
+        for name in providers.data:
+            if name.replace("_", "-") not in {p.value for p in ProviderName}:
+                raise providers.error(name, f"unknown provider (known: {_known_providers()})")
+        aws_table = providers.table("aws_kms")
+        if aws_table is not None:
+            aws_kms = _parse_aws_kms(aws_table)
+        providers.finish()
+    if provider is ProviderName.AWS_KMS and aws_kms is None:
+        raise _error(
+            "providers.aws_kms",
+            "missing: the aws-kms provider needs a [providers.aws_kms] table with key_id",
+            source,
+        )
+
+    first_boot_table = top.table("first_boot") or _Table({}, "first_boot", source)
+    first_boot = FirstBootConfig(
+        enabled=first_boot_table.boolean("enabled", True),
+        grow=first_boot_table.boolean("grow", False),
+    )
+    first_boot_table.finish()
+    boot_table = top.table("boot") or _Table({}, "boot", source)
+    boot = BootConfig(
+        device_timeout=boot_table.seconds("device_timeout", BootConfig.device_timeout),
+        unlock_timeout=boot_table.seconds("unlock_timeout", BootConfig.unlock_timeout),
+    )
+    boot_table.finish()
+    top.finish()
+    return Config(
+        root=root,
+        mapper_name=mapper_name,
+        provider=provider,
+        aws_kms=aws_kms,
+        first_boot=first_boot,
+        boot=boot,
+        source=source,
+    )
+
+
+def _known_providers() -> str:
+    return ", ".join(p.value for p in ProviderName)
+
+
+def _parse_root_device(table: _Table) -> RootSelector:
+    device = table.string("device", "cmdline") or "cmdline"
+    if device == "cmdline":
+        return RootSelector(RootKind.CMDLINE, None)
+    for prefix, kind in _ROOT_PREFIXES.items():
+        if device.upper().startswith(prefix):
+            value = device[len(prefix) :]
+            if not value or any(c.isspace() for c in value) or '"' in value:
+                raise table.error("device", f"{prefix} needs a value without spaces or quotes")
+            return RootSelector(kind, value)
+    raise table.error(
+        "device",
+        'must be "cmdline" or one of UUID=..., LABEL=..., PARTUUID=..., PARTLABEL=... '
+        f"(a device path could name another disk after a reboot), not {device!r}",
+    )
+
+
+def _check_url(table: _Table, key: str, value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+        parts = urlsplit("")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or parts.username is not None
+        or parts.query
+        or parts.fragment
+    ):
+        raise table.error(
+            key, f"must be an http:// or https:// URL with a host and no credentials, not {value!r}"
+        )
+    return value.rstrip("/")
+
+
+def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
+    key_id = table.string("key_id")
+    if key_id is None:
+        raise table.error("key_id", "missing: name the KMS key (ARN, alias/... or key id)")
+    arn = _KEY_ARN.match(key_id)
+    if key_id.startswith("alias/aws/") or ":alias/aws/" in key_id:
+        raise table.error(
+            "key_id", "AWS managed keys (alias/aws/...) cannot wrap data keys; use a customer key"
+        )
+    if not (arn or _ALIAS.match(key_id) or _KEY_UUID.match(key_id) or _MRK_ID.match(key_id)):
+        raise table.error("key_id", f"must be an ARN, alias/... or key id, not {key_id!r}")
+
+    region = table.string("region")
+    if region is not None and not _REGION.match(region):
+        raise table.error("region", f"must be an AWS region such as us-east-1, not {region!r}")
+    if arn and region is not None and arn.group("region") != region:
+        raise table.error(
+            "region",
+            f"{region!r} differs from the region in key_id ({arn.group('region')!r}); "
+            "drop region or make them agree",
+        )
+
+    endpoint_url = table.string("endpoint_url")
+    if endpoint_url is not None:
+        endpoint_url = _check_url(table, "endpoint_url", endpoint_url)
+    imds_endpoint = _check_url(
+        table, "imds_endpoint", table.string("imds_endpoint", DEFAULT_IMDS_ENDPOINT) or ""
+    )
+
+    context: dict[str, str] = {}
+    context_table = table.table("encryption_context")
+    if context_table is not None:
+        for key, value in context_table.data.items():
+            context_table.seen.add(key)
+            if key.startswith(RESERVED_CONTEXT_PREFIX):
+                raise context_table.error(
+                    key, f"keys starting with {RESERVED_CONTEXT_PREFIX!r} are set by encryptrootfs"
+                )
+            if not key:
+                raise context_table.error(key, "keys must not be empty")
+            if not isinstance(value, str):
+                raise context_table.error(key, f"must be a string, not {_toml_type(value)}")
+            context[key] = value
+
+    defaults = AwsKmsConfig(key_id=key_id)
+    connect_timeout = table.seconds("connect_timeout", defaults.connect_timeout)
+    read_timeout = table.seconds("read_timeout", defaults.read_timeout)
+    max_attempts = table.count("max_attempts", defaults.max_attempts)
+    total_timeout = table.seconds("total_timeout", defaults.total_timeout)
+    imds_attempts = table.count("imds_attempts", defaults.imds_attempts)
+    imds_timeout = table.seconds("imds_timeout", defaults.imds_timeout)
+    # One KMS attempt must fit in the whole budget, else every unwrap fails by construction.
+    if total_timeout < connect_timeout + read_timeout:
+        raise table.error(
+            "total_timeout",
+            f"{total_timeout:g} s is shorter than one KMS attempt "
+            f"(connect_timeout + read_timeout = {connect_timeout + read_timeout:g} s)",
+        )
+    if total_timeout < imds_timeout:
+        raise table.error(
+            "total_timeout",
+            f"{total_timeout:g} s is shorter than one IMDS attempt "
+            f"(imds_timeout = {imds_timeout:g} s)",
+        )
+    bind_instance_id = table.boolean("bind_instance_id", False)
+    table.finish()
+    return AwsKmsConfig(
+        key_id=key_id,
+        region=region,
+        endpoint_url=endpoint_url,
+        encryption_context=context,
+        bind_instance_id=bind_instance_id,
+        imds_endpoint=imds_endpoint,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_attempts=max_attempts,
+        total_timeout=total_timeout,
+        imds_attempts=imds_attempts,
+        imds_timeout=imds_timeout,
+    )

@@ -1,0 +1,66 @@
+"""Key providers: one closed registry keyed by :class:`ProviderName`.
+
+Each entry imports its module only when used, so that botocore (heavy: ~100 ms and 30 MB) is
+loaded only when an AWS key is actually wrapped or unwrapped, and so that the initramfs carries
+only the configured provider.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Union
+
+from ..errors import ConfigError
+from .base import KeyProvider, NewKey, ProviderCheck, ProviderName, WrappedKey
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = [
+    "KeyProvider",
+    "NewKey",
+    "ProviderCheck",
+    "ProviderName",
+    "WrappedKey",
+    "provider_for_token",
+    "provider_from_config",
+    "provider_name",
+]
+
+
+def _aws_kms(config: Config) -> KeyProvider:
+    from .aws_kms import AwsKmsProvider
+
+    if config.aws_kms is None:
+        raise ConfigError(
+            "providers.aws_kms: missing: the aws-kms provider needs a [providers.aws_kms] table"
+        )
+    return AwsKmsProvider(config.aws_kms)
+
+
+_REGISTRY: dict[ProviderName, Callable[[Config], KeyProvider]] = {
+    ProviderName.AWS_KMS: _aws_kms,
+}
+
+
+def provider_name(name: Union[str, ProviderName]) -> ProviderName:
+    """``name`` as a :class:`ProviderName`; an unknown name is an error listing the known ones."""
+    try:
+        return ProviderName(name)
+    except ValueError:
+        known = ", ".join(p.value for p in _REGISTRY)
+        raise ConfigError(f"provider: unknown provider {str(name)!r} (known: {known})") from None
+
+
+def provider_from_config(config: Config) -> KeyProvider:
+    """The provider the configuration names, ready to make new keys and to unwrap."""
+    return _REGISTRY[provider_name(config.provider)](config)
+
+
+def provider_for_token(config: Config, wrapped: WrappedKey) -> KeyProvider:
+    """The provider that can unwrap ``wrapped``.
+
+    The token carries the key, the region and the context; the configuration contributes only
+    how to reach the service (endpoint, timeouts), so a token written under an older
+    configuration still unwraps.
+    """
+    return _REGISTRY[provider_name(wrapped.provider)](config)

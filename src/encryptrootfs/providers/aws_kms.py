@@ -1,0 +1,510 @@
+"""AWS KMS key provider: GenerateDataKey wraps, Decrypt unwraps, through botocore.
+
+botocore does SigV4, the credential chain (in practice the instance role through IMDSv2) and
+standard-mode retries; this module adds what early boot needs on top: an IMDS retry budget
+(botocore's default is one 1 s attempt), the region from IMDS (botocore never looks it up), an
+overall time budget for each call, and a sentence for every failure. botocore is imported here
+only, when a key is actually wrapped or unwrapped.
+
+The session is built explicitly from the configuration; the process environment is never
+modified. Plaintext key bytes are copied into a bytearray at once; botocore's own ``bytes``
+copy cannot be overwritten from Python and is dropped immediately.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .. import __version__
+from ..config import AwsKmsConfig
+from ..errors import KeyServiceError
+from ..log import get_logger
+from .base import (
+    CONTEXT_INSTANCE_ID,
+    CONTEXT_LUKS_UUID,
+    VOLUME_KEY_BYTES,
+    NewKey,
+    ProviderCheck,
+    ProviderName,
+    WrappedKey,
+    wipe,
+)
+from .imds import ImdsClient, ImdsError
+
+log = get_logger("aws_kms")
+
+_THROTTLING = frozenset(
+    {"ThrottlingException", "Throttling", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+_CLOCK = frozenset({"RequestExpired", "RequestTimeTooSkewed", "InvalidSignatureException"})
+_BAD_CREDENTIALS = frozenset(
+    {"UnrecognizedClientException", "InvalidClientTokenId", "ExpiredTokenException"}
+)
+_SERVICE_SIDE = frozenset(
+    {"KMSInternalException", "DependencyTimeoutException", "KeyUnavailableException"}
+)
+_NOTHING_CHANGED = "nothing was changed on disk"
+
+_CREDENTIAL_SOURCES = {
+    "iam-role": "iam-role via IMDSv2",
+    "env": "environment variables",
+    "shared-credentials-file": "shared credentials file",
+    "config-file": "AWS config file",
+    "assume-role": "assumed role (AWS config file)",
+    "assume-role-with-web-identity": "web identity token",
+    "container-role": "container credentials endpoint",
+    "sso": "AWS SSO",
+    "custom-process": "credential_process",
+}
+
+
+@dataclass(frozen=True)
+class KmsCall:
+    """What a KMS call was trying to do; enough to explain its failure."""
+
+    operation: str  # GenerateDataKey, Decrypt
+    key_id: str
+    region: str
+    endpoint: str
+    max_attempts: int
+    total_timeout: float
+
+
+class _OutOfTime(Exception):
+    """The call's total time budget ran out before another attempt could start."""
+
+
+def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
+    """A sentence for a botocore failure of ``call``; never contains key material."""
+    from botocore import exceptions as bx
+
+    key, op = call.key_id, call.operation
+    budget = f"{call.max_attempts} attempts within {call.total_timeout:g} s"
+    if isinstance(error, bx.ClientError):
+        err = error.response.get("Error", {})
+        code = str(err.get("Code", "Unknown"))
+        aws_message = _short(str(err.get("Message", "")))
+        if code == "AccessDeniedException":
+            return KeyServiceError(
+                f"KMS denied {op} on {key} in {call.region}: {aws_message}",
+                hint=f"check that the key policy and the instance role's IAM policy allow kms:{op} "
+                "for this role, including any kms:EncryptionContext conditions; "
+                + _NOTHING_CHANGED,
+            )
+        if code == "DisabledException":
+            return KeyServiceError(
+                f"KMS refused {op}: the key {key} is disabled.",
+                hint=f"enable it (aws kms enable-key --key-id {key}); " + _NOTHING_CHANGED,
+            )
+        if code == "KMSInvalidStateException":
+            return KeyServiceError(
+                f"KMS refused {op}: the key {key} is pending deletion or in another state that "
+                "forbids it.",
+                hint="if deletion is scheduled, cancel it (aws kms cancel-key-deletion) and enable "
+                "the key; " + _NOTHING_CHANGED,
+            )
+        if code == "InvalidCiphertextException":
+            return KeyServiceError(
+                "KMS could not decrypt the wrapped key: the ciphertext or its encryption context "
+                "does not match, so the token does not belong to this volume or was altered.",
+                hint="compare the token's encryption context with this volume's LUKS UUID "
+                "(encryptrootfs token show); " + _NOTHING_CHANGED,
+            )
+        if code == "IncorrectKeyException":
+            return KeyServiceError(
+                f"KMS says the wrapped key was not encrypted under {key}: the token names the "
+                "wrong key or was altered.",
+                hint=_NOTHING_CHANGED,
+            )
+        if code == "NotFoundException":
+            return KeyServiceError(
+                f"KMS has no key {key} in {call.region} (as seen by this account).",
+                hint="check key_id, the region and that the key lives in this account; "
+                + _NOTHING_CHANGED,
+            )
+        if code == "InvalidKeyUsageException":
+            return KeyServiceError(
+                f"the KMS key {key} cannot wrap data keys (it is not a symmetric "
+                "ENCRYPT_DECRYPT key).",
+                hint="use a symmetric encryption key; " + _NOTHING_CHANGED,
+            )
+        if code in _THROTTLING:
+            return KeyServiceError(
+                f"KMS kept throttling {op} past the retry budget ({budget}).",
+                hint="raise providers.aws_kms.total_timeout / max_attempts or the account's KMS "
+                "request quota; " + _NOTHING_CHANGED,
+                retryable=True,
+            )
+        if code in _CLOCK or "signature expired" in aws_message.lower():
+            return KeyServiceError(
+                f"KMS rejected the request signature for {op} ({code}): the clock of this "
+                "machine is probably wrong.",
+                hint="check the system time (date -u; an RTC or NTP problem) and retry; "
+                + _NOTHING_CHANGED,
+            )
+        if code in _BAD_CREDENTIALS:
+            return KeyServiceError(
+                f"KMS did not accept the AWS credentials ({code}): they are invalid or expired.",
+                hint="check the instance role and the system time; " + _NOTHING_CHANGED,
+            )
+        if code in _SERVICE_SIDE:
+            return KeyServiceError(
+                f"KMS failed internally on {op} ({code}) after {budget}.",
+                hint="retry later (see the AWS health dashboard); " + _NOTHING_CHANGED,
+                retryable=True,
+            )
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return KeyServiceError(
+            f"KMS {op} on {key} failed: {code}: {aws_message}",
+            hint=_NOTHING_CHANGED,
+            retryable=isinstance(status, int) and status >= 500,
+        )
+    if isinstance(error, _OutOfTime):
+        return KeyServiceError(
+            f"gave up on KMS {op} after the total time budget ({budget}); {error}",
+            hint="check the network path to KMS, or raise providers.aws_kms.total_timeout; "
+            + _NOTHING_CHANGED,
+            retryable=True,
+        )
+    if isinstance(error, bx.NoCredentialsError):
+        return KeyServiceError(
+            "no AWS credentials were found (environment, config files, instance role).",
+            hint="attach an instance profile with kms permissions and make sure IMDSv2 answers; "
+            + _NOTHING_CHANGED,
+            retryable=True,
+        )
+    if isinstance(error, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+        return KeyServiceError(
+            f"could not reach KMS at {call.endpoint} ({budget}).",
+            hint="check the network in this boot stage, DNS, routes, security groups and any "
+            "VPC endpoint or endpoint_url; " + _NOTHING_CHANGED,
+            retryable=True,
+        )
+    if isinstance(error, bx.ReadTimeoutError):
+        return KeyServiceError(
+            f"KMS at {call.endpoint} did not answer {op} in time ({budget}).",
+            hint="raise providers.aws_kms.read_timeout or check the network; " + _NOTHING_CHANGED,
+            retryable=True,
+        )
+    if isinstance(error, (bx.SSLError, bx.ConnectionClosedError, bx.HTTPClientError)):
+        return KeyServiceError(
+            f"the connection to KMS at {call.endpoint} failed during {op}: {type(error).__name__}.",
+            hint="check the clock (TLS certificates), proxies and the endpoint; "
+            + _NOTHING_CHANGED,
+            retryable=True,
+        )
+    return KeyServiceError(
+        f"KMS {op} failed: {type(error).__name__}: {_short(str(error))}", hint=_NOTHING_CHANGED
+    )
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class AwsKmsProvider:
+    """The ``aws-kms`` provider; see :class:`encryptrootfs.providers.base.KeyProvider`."""
+
+    name = ProviderName.AWS_KMS
+
+    def __init__(self, config: AwsKmsConfig, *, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._clock = clock
+        self._session: Any = None
+        self._credential_source: Optional[str] = None
+        self._clients: dict[str, Any] = {}  # region -> botocore KMS client
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def new_key(self, luks_uuid: str) -> NewKey:
+        if not luks_uuid:
+            raise ValueError("luks_uuid must not be empty")
+        deadline = self._clock() + self.config.total_timeout
+        imds = self._imds(deadline)
+        region, _ = self._region(imds)
+        context = self._context(imds, {CONTEXT_LUKS_UUID: luks_uuid})
+        plaintext, wrapped = self._generate(region, context, deadline)
+        return NewKey(plaintext=plaintext, wrapped=wrapped)
+
+    def unwrap(self, wrapped: WrappedKey) -> bytearray:
+        if wrapped.provider is not ProviderName.AWS_KMS:
+            raise ValueError(f"not an aws-kms key: {wrapped.provider}")
+        deadline = self._clock() + self.config.total_timeout
+        # The region comes from the token: the key lives where it was when the key was wrapped.
+        return self._decrypt(
+            wrapped.region, wrapped.key_id, wrapped.ciphertext, wrapped.encryption_context, deadline
+        )
+
+    def check(self) -> ProviderCheck:
+        deadline = self._clock() + self.config.total_timeout
+        imds = self._imds(deadline)
+        region, region_source = self._region(imds)
+        client = self._client(region, deadline)
+        context = self._context(imds, {"encryptrootfs:purpose": "kms-check"})
+        endpoint = str(client.meta.endpoint_url)
+        key_arn: Optional[str] = None
+        try:
+            plaintext, wrapped = self._generate(region, context, deadline, client=client)
+            key_arn = wrapped.key_id
+            try:
+                again = self._decrypt(
+                    region, wrapped.key_id, wrapped.ciphertext, context, deadline, client=client
+                )
+                same = again == plaintext
+                wipe(again)
+            finally:
+                wipe(plaintext)
+        except KeyServiceError as e:
+            return ProviderCheck(
+                provider=self.name,
+                credential_source=self._credential_source or "unknown",
+                region=region,
+                region_source=region_source,
+                endpoint=endpoint,
+                key_arn=key_arn,
+                round_trip_ok=False,
+                round_trip_error=str(e),
+            )
+        return ProviderCheck(
+            provider=self.name,
+            credential_source=self._credential_source or "unknown",
+            region=region,
+            region_source=region_source,
+            endpoint=endpoint,
+            key_arn=key_arn,
+            round_trip_ok=same,
+            round_trip_error=None if same else "Decrypt returned different bytes",
+        )
+
+    # -- KMS calls ------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        region: str,
+        context: Mapping[str, str],
+        deadline: float,
+        *,
+        client: Any = None,
+    ) -> tuple[bytearray, WrappedKey]:
+        client = client or self._client(region, deadline)
+        call = self._call("GenerateDataKey", self.config.key_id, region, client)
+        response = self._with_budget(
+            client,
+            call,
+            deadline,
+            lambda: client.generate_data_key(
+                KeyId=self.config.key_id,
+                NumberOfBytes=VOLUME_KEY_BYTES,
+                EncryptionContext=dict(context),
+            ),
+        )
+        plaintext = bytearray(response.pop("Plaintext"))
+        if len(plaintext) != VOLUME_KEY_BYTES:
+            wipe(plaintext)
+            raise KeyServiceError(
+                f"KMS returned a {len(plaintext)}-byte data key instead of {VOLUME_KEY_BYTES}.",
+                hint="check endpoint_url points at AWS KMS; " + _NOTHING_CHANGED,
+            )
+        wrapped = WrappedKey(
+            provider=ProviderName.AWS_KMS,
+            key_id=str(response["KeyId"]),
+            region=region,
+            ciphertext=bytes(response["CiphertextBlob"]),
+            encryption_context=context,
+        )
+        return plaintext, wrapped
+
+    def _decrypt(
+        self,
+        region: str,
+        key_id: str,
+        ciphertext: bytes,
+        context: Mapping[str, str],
+        deadline: float,
+        *,
+        client: Any = None,
+    ) -> bytearray:
+        client = client or self._client(region, deadline)
+        call = self._call("Decrypt", key_id, region, client)
+        response = self._with_budget(
+            client,
+            call,
+            deadline,
+            lambda: client.decrypt(
+                KeyId=key_id, CiphertextBlob=ciphertext, EncryptionContext=dict(context)
+            ),
+        )
+        return bytearray(response.pop("Plaintext"))
+
+    def _call(self, operation: str, key_id: str, region: str, client: Any) -> KmsCall:
+        return KmsCall(
+            operation=operation,
+            key_id=key_id,
+            region=region,
+            endpoint=str(client.meta.endpoint_url),
+            max_attempts=self.config.max_attempts,
+            total_timeout=self.config.total_timeout,
+        )
+
+    def _with_budget(
+        self, client: Any, call: KmsCall, deadline: float, request: Callable[[], Any]
+    ) -> dict[str, Any]:
+        """Run ``request`` so that no retry starts that could end after ``deadline``.
+
+        botocore's standard mode sleeps up to min(2**(n-1), 20) s after attempt n. The budget
+        handler runs before botocore's own retry handler; returning False there stops the
+        retries (botocore then raises the last real error, which is what the user should see).
+        An attempt itself can last connect_timeout + read_timeout, so that is reserved too.
+        """
+        per_attempt = self.config.connect_timeout + self.config.read_timeout
+        clock = self._clock
+
+        def budget(attempts: int, **_: Any) -> Optional[bool]:
+            worst_sleep = min(2.0 ** (attempts - 1), 20.0)
+            if clock() + worst_sleep + per_attempt > deadline:
+                log.debug("%s: no retry after attempt %d: time budget", call.operation, attempts)
+                return False
+            return None
+
+        def before_send(**_: Any) -> None:
+            if clock() >= deadline:
+                raise _OutOfTime("the deadline passed before the next attempt")
+
+        events = client.meta.events
+        events.register_first("needs-retry.kms", budget, unique_id="encryptrootfs-budget")
+        events.register_first("before-send.kms", before_send, unique_id="encryptrootfs-deadline")
+        from botocore import exceptions as bx
+
+        try:
+            response: dict[str, Any] = request()
+            return response
+        except (bx.BotoCoreError, bx.ClientError, _OutOfTime) as e:
+            raise explain_kms_error(e, call) from None
+        finally:
+            events.unregister("needs-retry.kms", unique_id="encryptrootfs-budget")
+            events.unregister("before-send.kms", unique_id="encryptrootfs-deadline")
+
+    # -- session, credentials, region -----------------------------------------------------
+
+    def _imds(self, deadline: float) -> ImdsClient:
+        return ImdsClient(
+            self.config.imds_endpoint,
+            timeout=self.config.imds_timeout,
+            attempts=self.config.imds_attempts,
+            deadline=deadline,
+        )
+
+    def _region(self, imds: ImdsClient) -> tuple[str, str]:
+        if self.config.region:
+            return self.config.region, "config"
+        key_id = self.config.key_id
+        if key_id.startswith("arn:"):
+            return key_id.split(":")[3], "key ARN"
+        try:
+            return imds.region(), "IMDS placement/region"
+        except ImdsError as e:
+            raise KeyServiceError(
+                f"no region configured and IMDS could not tell it: {e.message}",
+                hint="set providers.aws_kms.region or use a key ARN; " + _NOTHING_CHANGED,
+                retryable=e.retryable,
+            ) from None
+
+    def _context(self, imds: ImdsClient, base: Mapping[str, str]) -> dict[str, str]:
+        context = dict(base)
+        context.update(self.config.encryption_context)
+        if self.config.bind_instance_id:
+            try:
+                context[CONTEXT_INSTANCE_ID] = imds.instance_id()
+            except ImdsError as e:
+                raise KeyServiceError(
+                    f"bind_instance_id is set but IMDS could not tell the instance id: {e.message}",
+                    hint=_NOTHING_CHANGED,
+                    retryable=e.retryable,
+                ) from None
+        return context
+
+    def _botocore_session(self) -> Any:
+        if self._session is None:
+            import botocore.session
+
+            session = botocore.session.Session()
+            cfg = self.config
+            # Early boot: the metadata service may answer late or fail once; botocore's
+            # defaults (1 attempt, 1 s) would turn one hiccup into "no credentials".
+            session.set_config_variable("metadata_service_num_attempts", cfg.imds_attempts)
+            # botocore converts this one to int: round up, never down to 0.
+            session.set_config_variable("metadata_service_timeout", math.ceil(cfg.imds_timeout))
+            session.set_config_variable("ec2_metadata_service_endpoint", cfg.imds_endpoint + "/")
+            # IMDSv2 only: a v1 fallback would hide "token refused" behind a vaguer failure.
+            session.set_config_variable("ec2_metadata_v1_disabled", True)
+            session.user_agent_extra = f"encryptrootfs/{__version__}"
+            self._session = session
+        return self._session
+
+    def _credentials(self, deadline: float) -> Any:
+        session = self._botocore_session()
+        from botocore import exceptions as bx
+
+        try:
+            credentials = session.get_credentials()
+        except bx.BotoCoreError as e:
+            # e.g. MetadataRetrievalError when the token PUT is refused: ask IMDS why.
+            raise self._no_credentials(deadline, _short(str(e))) from None
+        if credentials is None:
+            raise self._no_credentials(deadline, None)
+        method = str(getattr(credentials, "method", "unknown"))
+        source = _CREDENTIAL_SOURCES.get(method, method)
+        if method == "iam-role":
+            source = f"{source} ({self.config.imds_endpoint})"
+        self._credential_source = source
+        return credentials
+
+    def _no_credentials(self, deadline: float, botocore_said: Optional[str]) -> KeyServiceError:
+        """Why botocore found no credentials, asked of IMDS directly."""
+        imds = self._imds(max(deadline, self._clock() + self.config.imds_timeout))
+        hint = "attach an instance profile whose role may use the KMS key; " + _NOTHING_CHANGED
+        try:
+            role = imds.role_name()
+        except ImdsError as e:
+            return KeyServiceError(
+                f"no AWS credentials: {e.message}", hint=e.hint or hint, retryable=e.retryable
+            )
+        if role is None:
+            return KeyServiceError(
+                "no AWS credentials: no IAM role is attached to this instance (IMDS lists none).",
+                hint=hint,
+            )
+        detail = f" ({botocore_said})" if botocore_said else ""
+        return KeyServiceError(
+            f"no AWS credentials: IMDS lists the role {role!r} but botocore could not fetch "
+            f"its credentials{detail}.",
+            hint="retry; check the instance profile and IMDS options; " + _NOTHING_CHANGED,
+            retryable=True,
+        )
+
+    def _client(self, region: str, deadline: float) -> Any:
+        if region in self._clients:
+            return self._clients[region]
+        from botocore.config import Config as BotoConfig
+
+        self._credentials(deadline)
+        session = self._botocore_session()
+        cfg = self.config
+        client = session.create_client(
+            "kms",
+            region_name=region,
+            endpoint_url=cfg.endpoint_url,
+            config=BotoConfig(
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
+                retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
+                user_agent_extra=f"encryptrootfs/{__version__}",
+            ),
+        )
+        self._clients[region] = client
+        return client

@@ -1,0 +1,123 @@
+"""The key provider contract.
+
+A provider makes a new random volume key and hands it back twice: in plaintext (memory only,
+for cryptsetup's stdin) and wrapped by the key service. Everything needed to unwrap later
+lives in the :class:`WrappedKey`, which the token stores in the LUKS2 header; the plaintext
+never leaves the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, Optional, Protocol
+
+# Pairs whose keys start with this prefix are written by encryptrootfs itself; the
+# configuration may not set them (a key policy can trust them).
+RESERVED_CONTEXT_PREFIX = "encryptrootfs:"
+CONTEXT_LUKS_UUID = "encryptrootfs:luks_uuid"
+CONTEXT_INSTANCE_ID = "encryptrootfs:instance_id"
+
+# LUKS2 volume keys for aes-xts-plain64 with 256-bit AES are 64 bytes.
+VOLUME_KEY_BYTES = 64
+
+
+class ProviderName(str, Enum):
+    """Known key providers; the value is what config files and tokens spell."""
+
+    AWS_KMS = "aws-kms"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def frozen_context(pairs: Mapping[str, str]) -> Mapping[str, str]:
+    """A read-only copy of an encryption context, keys sorted for a stable JSON form."""
+    return MappingProxyType({k: pairs[k] for k in sorted(pairs)})
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A volume key as the key service returned it: ciphertext plus what unwrapping needs."""
+
+    provider: ProviderName
+    key_id: str  # the full key ARN, as KMS reports it
+    region: str
+    ciphertext: bytes
+    encryption_context: Mapping[str, str] = field(default_factory=lambda: frozen_context({}))
+
+    def __post_init__(self) -> None:
+        # Callers may pass a plain dict; freeze a copy so the dataclass stays immutable.
+        object.__setattr__(self, "encryption_context", frozen_context(self.encryption_context))
+
+    def __repr__(self) -> str:
+        return (
+            f"WrappedKey(provider={self.provider.value!r}, key_id={self.key_id!r}, "
+            f"region={self.region!r}, ciphertext=<{len(self.ciphertext)} bytes>, "
+            f"encryption_context={dict(self.encryption_context)!r})"
+        )
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A fresh volume key: plaintext for cryptsetup (memory only) and its wrapped form."""
+
+    plaintext: bytearray = field(repr=False)
+    wrapped: WrappedKey
+
+    def wipe(self) -> None:
+        """Overwrite the plaintext in place; call it as soon as cryptsetup has the key."""
+        wipe(self.plaintext)
+
+
+def wipe(secret: bytearray) -> None:
+    """Overwrite ``secret`` with zeros in place (the best Python can do for key bytes)."""
+    for i in range(len(secret)):
+        secret[i] = 0
+
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    """What ``encryptrootfs kms check`` found, step by step."""
+
+    provider: ProviderName
+    credential_source: str  # e.g. "iam-role via IMDSv2", "environment variables"
+    region: str
+    region_source: str  # "config", "token" or "IMDS placement/region"
+    endpoint: str  # the KMS endpoint actually used
+    key_arn: Optional[str]  # None when the round trip failed before KMS named the key
+    round_trip_ok: bool  # GenerateDataKey then Decrypt returned the same key bytes
+    round_trip_error: Optional[str] = None  # the sentence explaining why it did not
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, in the order a person reads it."""
+        return {
+            "provider": self.provider.value,
+            "credential_source": self.credential_source,
+            "region": self.region,
+            "region_source": self.region_source,
+            "endpoint": self.endpoint,
+            "key_arn": self.key_arn,
+            "round_trip_ok": self.round_trip_ok,
+            "round_trip_error": self.round_trip_error,
+        }
+
+
+class KeyProvider(Protocol):
+    """What every provider does; see providers/aws_kms.py for the reference implementation."""
+
+    name: ProviderName
+
+    def new_key(self, luks_uuid: str) -> NewKey:
+        """Make a random volume key bound to the LUKS2 volume ``luks_uuid``."""
+        ...
+
+    def unwrap(self, wrapped: WrappedKey) -> bytearray:
+        """The plaintext volume key; the caller wipes it when done."""
+        ...
+
+    def check(self) -> ProviderCheck:
+        """Credentials, region and a wrap/unwrap round trip, without touching any device."""
+        ...

@@ -1,0 +1,378 @@
+"""Guest images: a Debian bookworm rootfs with this project installed, and its initramfs.
+
+Two cached layers, each keyed by a hash of its inputs:
+
+* **base**: debootstrap (minbase) plus a second apt stage (kernel, dracut, dbus ...) and the
+  lab's fixed configuration. Built once per package list and :data:`BASE_VERSION` (~2 min).
+* **product**: a copy of the base with this project installed from the working tree (host pip
+  into the guest's dist-packages), the lab's guest files, the test tree, an optional config and
+  chroot commands, then the initramfs built by dracut in a chroot. Rebuilt whenever the project
+  code or the :class:`ImageSpec` changes (~1.5 min).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Optional
+
+from encryptrootfs.log import get_logger
+from encryptrootfs.run import run
+
+from .cache import (
+    LabError,
+    building,
+    cache_root,
+    digest,
+    locked,
+    prune,
+    touch,
+    tree_digest,
+)
+from .testtree import GUEST_MANIFEST, GUEST_TREE, cached_tree
+
+log = get_logger("lab.image")
+
+SUITE = "bookworm"
+# Bump when the base recipe (configure_base) changes in a way the package lists do not show.
+BASE_VERSION = "1"
+BASE_PACKAGES = (
+    "systemd", "systemd-sysv", "udev", "dbus", "kmod", "cryptsetup", "python3", "e2fsprogs",
+    "xfsprogs", "btrfs-progs", "util-linux", "fdisk", "iproute2", "ca-certificates", "procps",
+    "cpio", "zstd", "attr",
+)  # fmt: skip
+# debootstrap's resolver picks initramfs-tools for the kernel and that conflicts with dracut,
+# so the kernel and dracut come in a second stage with apt inside the chroot.
+STAGE2_PACKAGES = ("linux-image-amd64", "dracut", "dracut-network", "dmsetup")
+GUEST_PYTHON = "python3.11"
+GUEST_SITE = f"usr/local/lib/{GUEST_PYTHON}/dist-packages"
+# The product's runtime dependencies, installed into the guest at the versions the host runs.
+RUNTIME_DEPS = ("botocore", "jmespath", "python-dateutil", "six", "urllib3")
+# Drivers the initramfs needs whatever the host: virtio disks and NIC, dm-crypt, every root fs.
+FORCE_DRIVERS = ("virtio_blk", "virtio_net", "virtio_pci", "dm_crypt", "ext4", "xfs", "btrfs")
+PROBE_MODULE = "erfslab-probe"
+KEEP_PRODUCTS = 6
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What goes into a product image. Everything here is part of the cache key.
+
+    ``dracut_modules`` are added with ``dracut --add``; issue 4's ``encryptrootfs`` module is
+    picked up from ``src/encryptrootfs/dracut/`` (copied into the chroot when present).
+    ``chroot_commands`` run in the chroot after the project is installed and before dracut (e.g.
+    ``("encryptrootfs", "install", ...)``). ``config_toml`` becomes
+    ``/etc/encryptrootfs/config.toml``. ``lab_probe`` adds the lab-only initramfs probe module.
+    """
+
+    name: str = "plain"
+    dracut_modules: tuple[str, ...] = ("crypt", "network")
+    chroot_commands: tuple[tuple[str, ...], ...] = ()
+    config_toml: Optional[str] = None
+    lab_probe: bool = False
+    extra_dracut_args: tuple[str, ...] = ()
+
+
+PLAIN = ImageSpec()
+PROBE = ImageSpec(name="probe", dracut_modules=("crypt", "network", PROBE_MODULE), lab_probe=True)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built product image in the cache."""
+
+    spec: ImageSpec
+    key: str
+    folder: Path
+    kver: str
+    build_seconds: float
+    cached: bool
+
+    @property
+    def rootfs(self) -> Path:
+        return self.folder / "rootfs"
+
+    @property
+    def kernel(self) -> Path:
+        return self.folder / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.folder / "initrd.img"
+
+    @property
+    def manifest(self) -> Path:
+        return self.rootfs / GUEST_MANIFEST
+
+
+@dataclass(frozen=True)
+class BuildLog:
+    """Where the output of build commands goes (one file per layer build)."""
+
+    path: Path
+
+    def run(self, argv: Sequence[str], *, timeout: float = 1800, **env: str) -> None:
+        with open(self.path, "ab") as f:
+            f.write(("+ " + " ".join(argv) + "\n").encode())
+            f.flush()
+            full_env = {**os.environ, **env}
+            proc = subprocess.run(
+                list(argv), stdout=f, stderr=subprocess.STDOUT, env=full_env,
+                timeout=timeout, check=False, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        if proc.returncode != 0:
+            tail = self.path.read_text(errors="replace").splitlines()[-15:]
+            raise LabError(
+                f"`{' '.join(argv)}` failed with exit code {proc.returncode} while building a lab "
+                f"image; the partial build was removed. Last output:\n  " + "\n  ".join(tail),
+                hint=f"full log: {self.path}",
+            )
+
+
+def _guest_data() -> Path:
+    return Path(str(resources.files("encryptrootfs_lab") / "guest"))
+
+
+def _project_root() -> Path:
+    """The working tree this lab runs from (``src/`` layout)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _mirror() -> str:
+    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            if line.startswith("deb "):
+                return line.split()[1]
+    return "http://deb.debian.org/debian"
+
+
+@contextmanager
+def chroot_mounts(root: Path) -> Iterator[None]:
+    """/proc, /sys and /dev inside ``root`` for the duration of the block; always unmounted."""
+    try:
+        run(["mount", "-t", "proc", "proc", root / "proc"])
+        for sub in ("sys", "dev"):
+            run(["mount", "--rbind", f"/{sub}", root / sub])
+            run(["mount", "--make-rslave", root / sub])
+        yield
+    finally:
+        for sub in ("dev", "sys", "proc"):
+            run(["umount", "-R", root / sub], check=False)
+
+
+def _kver(rootfs: Path) -> str:
+    versions = sorted(p.name for p in (rootfs / "lib" / "modules").iterdir())
+    if not versions:
+        raise LabError(f"No kernel in {rootfs}/lib/modules; the base layer is broken.")
+    return versions[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# base layer
+
+
+def base_key() -> str:
+    return digest(["base", BASE_VERSION, SUITE, BASE_PACKAGES, STAGE2_PACKAGES])
+
+
+def _configure_base(root: Path) -> None:
+    (root / "etc/hostname").write_text("erfslab\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 erfslab\n")
+    # The real root gets its address from QEMU's DHCP; networkd needs no dbus for that.
+    net = root / "etc/systemd/network"
+    net.mkdir(parents=True, exist_ok=True)
+    (net / "20-dhcp.network").write_text("[Match]\nName=en*\n\n[Network]\nDHCP=ipv4\n")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "systemd-networkd.service"
+    if not link.is_symlink():
+        link.symlink_to("/lib/systemd/system/systemd-networkd.service")
+    # Timers that would fire during a test, and a wait-online that would stall the boot.
+    for unit in (
+        "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
+        "e2scrub_all.timer", "fstrim.timer", "e2scrub_reap.service",
+        "systemd-networkd-wait-online.service",
+    ):  # fmt: skip
+        masked = root / "etc/systemd/system" / unit
+        if not masked.is_symlink():
+            masked.symlink_to("/dev/null")
+    # An empty machine-id: systemd makes one per boot instead of every disk sharing one.
+    (root / "etc/machine-id").write_text("")
+    for old in (root / "boot").glob("initrd.img*"):
+        old.unlink()
+
+
+def build_base(blog: Optional[BuildLog] = None) -> Path:
+    """The base rootfs (cached); returns its folder."""
+    key = base_key()
+    final = cache_root() / "base" / key
+    with locked(f"base-{key}"):
+        if final.exists():
+            touch(final)
+            return final / "rootfs"
+        final.parent.mkdir(exist_ok=True)
+        blog = blog or BuildLog(cache_root() / "logs" / f"base-{key}.log")
+        blog.path.parent.mkdir(exist_ok=True)
+        log.info("building the base rootfs %s (debootstrap, ~2-3 min); log: %s", key, blog.path)
+        with building(final) as tmp:
+            root = tmp / "rootfs"
+            blog.run([
+                "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+                SUITE, str(root), _mirror(),
+            ])  # fmt: skip
+            shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+            policy = root / "usr/sbin/policy-rc.d"
+            policy.write_text("#!/bin/sh\nexit 101\n")
+            policy.chmod(0o755)
+            with chroot_mounts(root):
+                # INITRD=No: skips the kernel postinst's two dracut runs (~1 min each).
+                blog.run(
+                    ["chroot", str(root), "apt-get", "install", "-y", "--no-install-recommends",
+                     *STAGE2_PACKAGES],
+                    DEBIAN_FRONTEND="noninteractive", INITRD="No",
+                )  # fmt: skip
+                blog.run(["chroot", str(root), "apt-get", "clean"])
+            policy.unlink()
+            (root / "etc/resolv.conf").unlink()
+            _configure_base(root)
+        touch(final)
+        return final / "rootfs"
+
+
+# ---------------------------------------------------------------------------------------------
+# product layer
+
+
+def _dep_pins() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in RUNTIME_DEPS]
+
+
+def product_key(spec: ImageSpec) -> str:
+    project = _project_root()
+    return digest([
+        "product", base_key(), spec.name, list(spec.dracut_modules),
+        [list(c) for c in spec.chroot_commands], spec.config_toml, spec.lab_probe,
+        list(spec.extra_dracut_args), _dep_pins(),
+        tree_digest(project / "src" / "encryptrootfs"),
+        (project / "pyproject.toml").read_text(),
+        tree_digest(_guest_data()),
+        Path(__file__).read_text(),
+    ])  # fmt: skip
+
+
+def _install_project(root: Path, blog: BuildLog) -> None:
+    """Host pip installs the working tree and the runtime deps into the guest's site dir."""
+    project = _project_root()
+    site = root / GUEST_SITE
+    site.mkdir(parents=True, exist_ok=True)
+    # A copy of just what the wheel needs: building in the checkout would leave build/ there.
+    with tempfile.TemporaryDirectory(prefix="erfslab-src-") as tmp:
+        src = Path(tmp) / "encryptrootfs"
+        (src / "src").mkdir(parents=True)
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (project / name).exists():
+                shutil.copy(project / name, src / name)
+        shutil.copytree(
+            project / "src" / "encryptrootfs",
+            src / "src" / "encryptrootfs",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        blog.run([
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+            "--no-warn-script-location", "--disable-pip-version-check", "--target", str(site),
+            str(src), *_dep_pins(),
+        ])  # fmt: skip
+    # pip's --target puts console scripts in <site>/bin with the host interpreter's path.
+    shutil.rmtree(site / "bin", ignore_errors=True)
+    launcher = root / "usr/local/sbin/encryptrootfs"
+    launcher.write_text(
+        "#!/usr/bin/python3\nimport sys\n\nfrom encryptrootfs.cli import main\n\n"
+        "sys.exit(main())\n"
+    )
+    launcher.chmod(0o755)
+
+
+def _install_lab_files(root: Path, spec: ImageSpec) -> None:
+    data = _guest_data()
+    lab = root / "usr/local/lib/erfs-lab"
+    lab.mkdir(parents=True, exist_ok=True)
+    for name in ("erfs-lab-runner", "erfs-tree"):
+        shutil.copy(data / name, lab / name)
+        (lab / name).chmod(0o755)
+    unit = root / "etc/systemd/system/erfs-lab.service"
+    shutil.copy(data / "erfs-lab.service", unit)
+    link = root / "etc/systemd/system/multi-user.target.wants/erfs-lab.service"
+    link.symlink_to("/etc/systemd/system/erfs-lab.service")
+    autologin = root / "etc/systemd/system/serial-getty@ttyS0.service.d"
+    autologin.mkdir(parents=True, exist_ok=True)
+    (autologin / "autologin.conf").write_text(
+        "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --keep-baud "
+        "115200,57600,38400,9600 %I $TERM\n"
+    )
+    tree, manifest = cached_tree()
+    (root / GUEST_TREE).parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", str(tree), str(root / GUEST_TREE)], check=True)
+    shutil.copy(manifest, root / GUEST_MANIFEST)
+    modules = root / "usr/lib/dracut/modules.d"
+    if spec.lab_probe:
+        shutil.copytree(data / "dracut" / f"99{PROBE_MODULE}", modules / f"99{PROBE_MODULE}")
+    product_dracut = _project_root() / "src" / "encryptrootfs" / "dracut"
+    if product_dracut.is_dir():
+        for module in sorted(product_dracut.iterdir()):
+            if module.is_dir() and (module / "module-setup.sh").exists():
+                shutil.copytree(module, modules / module.name, dirs_exist_ok=True)
+    if spec.config_toml is not None:
+        (root / "etc/encryptrootfs").mkdir(parents=True, exist_ok=True)
+        (root / "etc/encryptrootfs/config.toml").write_text(spec.config_toml)
+
+
+def build_image(spec: ImageSpec = PLAIN) -> Image:
+    """The product image for ``spec`` (cached); builds the base first when needed."""
+    started = time.monotonic()
+    key = product_key(spec)
+    final = cache_root() / "product" / key
+    with locked(f"product-{key}"):
+        if final.exists():
+            touch(final)
+            return Image(spec, key, final, _kver(final / "rootfs"), 0.0, cached=True)
+        base = build_base()
+        final.parent.mkdir(exist_ok=True)
+        blog = BuildLog(cache_root() / "logs" / f"product-{spec.name}-{key}.log")
+        blog.path.unlink(missing_ok=True)
+        log.info("building the %s image %s (~1.5 min); log: %s", spec.name, key, blog.path)
+        with building(final) as tmp:
+            root = tmp / "rootfs"
+            blog.run(["cp", "-a", "--reflink=auto", str(base), str(root)])
+            _install_project(root, blog)
+            _install_lab_files(root, spec)
+            kver = _kver(root)
+            with chroot_mounts(root):
+                for command in spec.chroot_commands:
+                    blog.run(["chroot", str(root), *command])
+                blog.run([
+                    "chroot", str(root), "dracut", "--force", "--no-hostonly", "--kver", kver,
+                    "--force-drivers", " ".join(FORCE_DRIVERS),
+                    "--add", " ".join(spec.dracut_modules), *spec.extra_dracut_args,
+                    "/boot/erfslab-initrd.img",
+                ])  # fmt: skip
+            shutil.move(str(root / "boot/erfslab-initrd.img"), str(tmp / "initrd.img"))
+            shutil.copy(root / "boot" / f"vmlinuz-{kver}", tmp / "vmlinuz")
+        touch(final)
+        seconds = time.monotonic() - started
+        (final / "build-seconds").write_text(f"{seconds:.1f}\n")
+    prune(final.parent, KEEP_PRODUCTS)
+    return Image(spec, key, final, kver, seconds, cached=False)

@@ -1,0 +1,113 @@
+"""Where the 32 MiB for the header come from, and the table/filesystem facts behind it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from encryptrootfs.boot import filesystems, partitions
+from encryptrootfs.boot.devices import Partition, Signature, cmdline_root, parse_export
+from encryptrootfs.boot.filesystems import FsGeometry
+from encryptrootfs.boot.first_boot import plan_room
+from encryptrootfs.errors import RefusedError
+
+MIB = 1024 * 1024
+
+
+def part(size: int) -> Partition:
+    return Partition(path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=MIB,
+                     size=size, disk_size=4096 * MIB, logical_sector=512, partuuid="",
+                     partlabel="", signature=Signature("ext4", "u"))
+
+
+def test_room_already_there() -> None:
+    room = plan_room(part(600 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 100 * MIB), 0)
+    assert room.grow_partition_to is None and room.shrink_fs_to is None
+
+
+def test_free_space_after_is_used_first_and_rounded_to_a_mib() -> None:
+    room = plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB - 4096, 4096, 100 * MIB),
+                     1024 * MIB)
+    assert room.grow_partition_to == 532 * MIB
+    assert room.shrink_fs_to is None
+
+
+def test_shrink_when_no_free_space() -> None:
+    room = plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 100 * MIB), 0)
+    assert room.shrink_fs_to == 468 * MIB
+    assert room.grow_partition_to is None
+
+
+def test_shrink_when_free_space_is_too_small() -> None:
+    room = plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 100 * MIB), 8 * MIB)
+    assert room.shrink_fs_to == 468 * MIB
+
+
+def test_xfs_without_free_space_is_refused_with_how_much_is_missing() -> None:
+    with pytest.raises(RefusedError, match="xfs cannot shrink") as e:
+        plan_room(part(500 * MIB), FsGeometry("xfs", 500 * MIB, 4096, None), 0)
+    assert "Nothing was changed" in str(e.value)
+    assert "33 MiB" in str(e.value)
+
+
+def test_full_filesystem_that_cannot_shrink_enough_is_refused() -> None:
+    with pytest.raises(RefusedError, match="needs at least 490 MiB"):
+        plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 490 * MIB), 0)
+
+
+def _sfdisk(label: str, parts: list[dict[str, Any]], **extra: Any) -> str:
+    table: dict[str, Any] = {"label": label, "sectorsize": 512, "partitions": parts, **extra}
+    return json.dumps({"partitiontable": table})
+
+
+def test_free_after_gpt_stops_at_the_backup_table() -> None:
+    t = partitions.parse_sfdisk_json(
+        _sfdisk("gpt", [{"node": "/dev/vda1", "start": 2048, "size": 2048}], lastlba=10206),
+        disk_sectors=10240)
+    assert partitions.free_after(t, "/dev/vda1") == (10207 - 4096) * 512
+
+
+def test_free_after_stops_at_the_next_partition() -> None:
+    t = partitions.parse_sfdisk_json(
+        _sfdisk("dos", [{"node": "/dev/vda1", "start": 2048, "size": 2048},
+                        {"node": "/dev/vda2", "start": 8192, "size": 2048}]),
+        disk_sectors=20480)
+    assert partitions.free_after(t, "/dev/vda1") == (8192 - 4096) * 512
+    assert partitions.free_after(t, "/dev/vda2") == (20480 - 10240) * 512
+
+
+def test_unknown_node_is_refused() -> None:
+    t = partitions.parse_sfdisk_json(_sfdisk("dos", []), disk_sectors=100)
+    with pytest.raises(RefusedError):
+        partitions.free_after(t, "/dev/vda9")
+
+
+def test_grown_size() -> None:
+    assert partitions.grown_size(100 * MIB, 90 * MIB, 0) == 100 * MIB
+    assert partitions.grown_size(100 * MIB, 132 * MIB - 512, 64 * MIB) == 132 * MIB
+    assert partitions.grown_size(100 * MIB, 132 * MIB - 512, 32 * MIB - 512) == 132 * MIB - 512
+    assert partitions.grown_size(100 * MIB, 132 * MIB, 31 * MIB) is None
+
+
+def test_filesystem_parsers() -> None:
+    assert filesystems.parse_dumpe2fs("Block count:              131072\nBlock size:  4096\n") \
+        == (131072, 4096)
+    assert filesystems.parse_resize2fs_min(
+        "Estimated minimum size of the filesystem: 23456\n") == 23456
+    assert filesystems.parse_xfs_db("dblocks = 65536\nblocksize = 4096\n") == (65536, 4096)
+    assert filesystems.parse_btrfs_super(
+        "sectorsize\t\t4096\ndev_item.total_bytes\t536870912\n") == (536870912, 4096)
+
+
+def test_parser_error_is_a_sentence() -> None:
+    with pytest.raises(Exception, match="could not read `Block count`"):
+        filesystems.parse_dumpe2fs("garbage")
+
+
+def test_blkid_export_and_cmdline() -> None:
+    assert parse_export("DEVNAME=/dev/vda1\nTYPE=ext4\nUUID=abc\n") == {
+        "DEVNAME": "/dev/vda1", "TYPE": "ext4", "UUID": "abc"}
+    assert cmdline_root("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro root=UUID=x quiet") == "UUID=x"
+    assert cmdline_root("quiet") is None

@@ -1,0 +1,126 @@
+"""vm tier fixtures: cached images and disks, per-test overlays, emulators, leak checks.
+
+Images and disks come from the lab cache (built on demand, reused across runs). Each test gets
+its own qcow2 overlays, its own emulators and its own work folder; guests run one at a time.
+When a test fails, the console tail of every boot it made is attached to its report. At the
+end of the session no QEMU (and so no relay) and no emulator started by this run may be left.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from encryptrootfs_lab import qemu
+from encryptrootfs_lab.cloud import EmulatedCloud, emulated_cloud
+from encryptrootfs_lab.image import PLAIN, PROBE, Image, build_image
+from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk
+from encryptrootfs_lab.machine import Machine
+
+BOOTS_KEY = pytest.StashKey[list[Machine]]()
+# (host, port) of every emulator this session started
+EMULATOR_PORTS: list[int] = []
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _leftovers() -> list[str]:
+    left = [f"QEMU process group {g}" for g in sorted(qemu.STARTED_GROUPS) if qemu.group_alive(g)]
+    left += [f"emulator on 127.0.0.1:{p}" for p in EMULATOR_PORTS if _port_open(p)]
+    return left
+
+
+@pytest.fixture(scope="session")
+def plain_image() -> Image:
+    return build_image(PLAIN)
+
+
+@pytest.fixture(scope="session")
+def probe_image() -> Image:
+    return build_image(PROBE)
+
+
+@pytest.fixture(scope="session")
+def root_disk(plain_image: Image) -> Disk:
+    """The default bootable disk: ext4 root on GPT with 64 MiB free after it."""
+    return build_disk(DiskLayout(), plain_image)
+
+
+@pytest.fixture
+def cloud() -> Iterator[EmulatedCloud]:
+    """KMS + IMDS emulators for one test; stopped (and checked stopped) afterwards."""
+    with emulated_cloud() as c:
+        ports = [c.kms.port, c.imds.port]
+        EMULATOR_PORTS.extend(ports)
+        yield c
+    still = [p for p in ports if _port_open(p)]
+    assert not still, f"emulator ports still answering after the test: {still}"
+
+
+@pytest.fixture
+def machines(request: pytest.FixtureRequest) -> Iterator[list[Machine]]:
+    """Machines made by this test (for the failure report and the leak check)."""
+    made: list[Machine] = []
+    request.node.stash[BOOTS_KEY] = made
+    started = set(qemu.STARTED_GROUPS)
+    yield made
+    mine = qemu.STARTED_GROUPS - started
+    alive = [g for g in mine if qemu.group_alive(g)]
+    assert not alive, f"QEMU process groups of this test still alive: {alive}"
+
+
+@pytest.fixture
+def new_machine(machines: list[Machine], tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``new_machine(image, disk, cloud=None) -> Machine`` with its own overlay in tmp_path."""
+
+    def make(image: Image, disk: Disk, cloud: EmulatedCloud | None = None) -> Machine:
+        m = Machine(image, disk, tmp_path / f"m{len(machines)}",
+                    forwards=cloud.forwards() if cloud else ())  # fmt: skip
+        machines.append(m)
+        return m
+
+    return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if not report.failed:
+        return
+    for m in item.stash.get(BOOTS_KEY, []):
+        for b in m.boots:
+            report.sections.append((
+                f"boot {b.name} ({b.end.value}, {b.wall_seconds:.1f}s)",
+                f"console: {b.console_path}\nresults: {b.results_path}\n"
+                f"--- results ---\n{b.results[-3000:]}\n--- console tail ---\n"
+                f"{b.console_tail(80)}",
+            ))  # fmt: skip
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not qemu.STARTED_GROUPS and not EMULATOR_PORTS:
+        return
+    left = _leftovers()
+    for g in qemu.STARTED_GROUPS:
+        if qemu.group_alive(g):
+            os.killpg(g, 9)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if left:
+        msg = "vm tier: left behind after the session (now killed): " + ", ".join(left)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        msg = (f"vm tier: no QEMU, relay or emulator left ({len(qemu.STARTED_GROUPS)} QEMU runs, "
+               f"{len(EMULATOR_PORTS)} emulator servers)")  # fmt: skip
+    if reporter is not None:
+        reporter.write_line(msg)

@@ -1,0 +1,92 @@
+"""Disk layouts: the matrix builds, and every disk's test tree verifies inside one guest.
+
+ext4/xfs/btrfs x gpt/msdos x (no free space, 64 MiB free), plus one 4096-byte sector disk: the
+disks are attached to a single boot (CI time), each mounted read-only and checked against its
+manifest. Bootable xfs/btrfs roots and a separate /boot are `slow`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from encryptrootfs_lab.image import Image
+from encryptrootfs_lab.layout import (
+    Disk,
+    DiskLayout,
+    Filesystem,
+    PartitionTable,
+    build_disk,
+    build_disks,
+    matrix_layouts,
+    verify_disks_script,
+    verify_root_script,
+)
+from encryptrootfs_lab.machine import Machine
+
+NewMachine = Callable[..., Machine]
+PTTYPE = {PartitionTable.GPT: "gpt", PartitionTable.MSDOS: "dos"}
+
+
+def test_layout_matrix_builds_and_every_manifest_verifies_in_one_guest(
+    plain_image: Image, root_disk: Disk, new_machine: NewMachine
+) -> None:
+    layouts = matrix_layouts()
+    disks = build_disks(layouts, plain_image)
+    assert {d.layout.fs for d in disks} == set(Filesystem)
+    assert {d.layout.sector for d in disks} == {512, 4096}
+    assert {d.layout.free_after_mib for d in disks} == {0, 64}
+    m = new_machine(plain_image, root_disk)
+    serials = [f"m{i}" for i in range(len(disks))]
+    for serial, disk in zip(serials, disks):
+        m.attach(disk, serial)
+    r = m.boot(verify_disks_script(list(zip(serials, disks))), timeout=420)
+    assert r.ok, r.describe()
+    seen = {mk.fields()["serial"]: mk.fields() for mk in r.all("DISK")}
+    ok = {mk.fields()["root"].split("/")[2]: mk.fields() for mk in r.all("TREE-OK")}
+    problems = []
+    for serial, disk in zip(serials, disks):
+        lay = disk.layout
+        info = seen.get(serial, {})
+        want = {"fstype": lay.fs.value, "uuid": disk.root_uuid, "lbs": str(lay.sector),
+                "pttype": PTTYPE[lay.table]}  # fmt: skip
+        got = {k: info.get(k) for k in want}
+        if got != want:
+            problems.append(f"{lay.name}: expected {want}, guest saw {got}")
+        tree = ok.get(serial)
+        if tree is None or tree["manifest"] != disk.manifest_sha:
+            problems.append(f"{lay.name}: test tree did not verify ({tree})")
+    assert not problems, "\n".join(problems) + "\n" + r.describe(20)
+
+
+BOOTABLE = [
+    pytest.param(DiskLayout(fs=Filesystem.XFS), id="xfs-gpt"),
+    pytest.param(DiskLayout(fs=Filesystem.BTRFS, table=PartitionTable.MSDOS), id="btrfs-msdos"),
+    pytest.param(DiskLayout(separate_boot=True, table=PartitionTable.MSDOS, free_after_mib=0),
+                 id="ext4-msdos-separate-boot"),  # fmt: skip
+    pytest.param(DiskLayout(fs=Filesystem.XFS, sector=4096, separate_boot=True),
+                 id="xfs-gpt-4096-separate-boot"),  # fmt: skip
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", BOOTABLE)
+def test_bootable_layout_boots_and_verifies(
+    plain_image: Image, new_machine: NewMachine, layout: DiskLayout
+) -> None:
+    disk = build_disk(layout, plain_image)
+    m = new_machine(plain_image, disk)
+    boot_check = "findmnt -no SOURCE /boot | sed 's/^/ERFS-BOOTMNT source=/'\n"
+    r = m.boot(verify_root_script() + boot_check)
+    assert r.ok, r.describe()
+    root = r.marker("ROOT")
+    assert root is not None
+    assert root.fields()["uuid"] == disk.root_uuid
+    assert root.fields()["fstype"] == layout.fs.value
+    assert r.marker("TREE-OK") is not None, r.describe()
+    bootmnt = r.marker("BOOTMNT")
+    if layout.separate_boot:
+        assert bootmnt is not None and bootmnt.value.startswith("source=/dev/vda1"), r.describe()
+    else:
+        assert bootmnt is None or bootmnt.value == "source=", r.describe()
