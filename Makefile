@@ -10,7 +10,8 @@ PYTEST := $(VENV)/bin/pytest
 APT_PACKAGES := cryptsetup-bin qemu-system-x86 qemu-utils debootstrap fdisk e2fsprogs \
 	xfsprogs btrfs-progs zstd cpio ovmf
 
-.PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo bench clean
+.PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo bench clean \
+	lab-build lab-boot
 
 deps: apt venv
 
@@ -51,6 +52,14 @@ lint: venv
 
 demo: deps
 	$(VENV)/bin/encryptrootfs-lab demo
+
+# The lab (README "The lab"): build or reuse the guest image and default disk; boot it once.
+# The cache lives outside the checkout (ENCRYPTROOTFS_LAB_CACHE, default /var/tmp/encryptrootfs-lab).
+lab-build: deps
+	$(VENV)/bin/encryptrootfs-lab build
+
+lab-boot: deps
+	$(VENV)/bin/encryptrootfs-lab boot
 
 bench: deps
 	$(PY) -m bench

@@ -19,6 +19,7 @@ from .enroll import all_ok, enroll, find_tokens, require_luks2, verify
 from .errors import EncryptrootfsError, ExitCode
 from .log import get_logger, setup_logging
 from .providers import provider_from_config
+from .providers.base import wipe
 from .token import token_to_json
 
 log = get_logger("cli")
@@ -28,7 +29,9 @@ Encrypt a machine's root filesystem in place on its first boot, with a random ke
 stored only wrapped by a cloud KMS (a token in the LUKS2 header), and unlock it unattended on
 every later boot.
 
-Commands for operators and image builders:
+Commands for image builders and operators:
+  install        write the config, enable the dracut module, rebuild the initramfs
+  install --check  report whether this machine/image is ready (tools, config, root, network)
   config check   validate the configuration file
   kms check      show credentials, region and key, and do a KMS round trip
   enroll         add a KMS-wrapped key to an existing LUKS2 device
@@ -117,8 +120,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     try:
         done = enroll(args.device, provider, existing, keyslot=args.keyslot)
     finally:
-        for i in range(len(existing)):
-            existing[i] = 0
+        wipe(existing)
     result = {
         "device": done.device,
         "keyslot": done.keyslot,

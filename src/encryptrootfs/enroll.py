@@ -17,7 +17,7 @@ from . import luks2
 from .errors import DeviceError, EncryptrootfsError, VerifyError
 from .log import get_logger
 from .providers import KeyProvider
-from .providers.base import WrappedKey
+from .providers.base import WrappedKey, wipe
 from .run import Secret
 from .token import KmsToken, token_from_json, token_to_json, utc_now
 
@@ -48,11 +48,6 @@ class VerifyResult:
     key_id: str
     ok: bool
     reason: str
-
-
-def wipe(buf: bytearray) -> None:
-    for i in range(len(buf)):
-        buf[i] = 0
 
 
 def same_key(a: Secret, b: Secret) -> bool:

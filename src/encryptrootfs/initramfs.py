@@ -12,9 +12,13 @@ tag and site folders:
    It reports the files of ``sys.modules``, the shared libraries in ``/proc/self/maps``, the
    botocore data files it loaded and the CA bundle botocore would verify against.
 2. :func:`select_files` turns that report into the file list: stdlib modules that were
-   imported (with their ``__pycache__`` byte code so nothing compiles at boot under TCG),
-   whole third-party packages (code only: a lazily imported error path must not be missing),
-   botocore's data pruned to what a KMS call loads, and ``endpoints.json`` trimmed to KMS.
+   imported, whole third-party packages (code only: a lazily imported error path must not be
+   missing), botocore's data pruned to what a KMS call loads, and ``endpoints.json`` trimmed
+   to KMS. Modules go in as byte code (sourceless ``x.pyc``, see :func:`sourceless`), so
+   nothing compiles at boot under TCG; this package keeps its sources for tracebacks.
+
+It also holds :func:`ensure_resolv_conf`, which the boot code calls once the initrd's network
+is up (systemd-networkd gives DNS servers only to systemd-resolved, which the initrd lacks).
 """
 
 from __future__ import annotations
@@ -65,9 +69,6 @@ EXTRA_STDLIB = (
 # Programs the boot runs that tools.py does not list because dracut's systemd module already
 # ships them; named here so a missing one fails the build, not the boot.
 SYSTEM_PROGRAMS = ("udevadm", "systemctl", "dmsetup")
-
-# The ``.network`` file the module ships (kept with the module so one place owns it).
-NETWORK_FILE = "90-encryptrootfs.network"
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,16 @@ def imported_names(root: Path, name: str = PACKAGE) -> tuple[list[str], list[str
 TRACE_PROGRAM = r"""
 import importlib, importlib.util, json, os, sys, sysconfig
 
+# Never a network, and nothing of the image builder's own AWS settings (a profile or an
+# endpoint URL of the machine that builds the image must not change what is traced).
+for key in [k for k in os.environ if k.startswith("AWS_")]:
+    del os.environ[key]
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "AKIDTRACE", "AWS_SECRET_ACCESS_KEY": "trace",
+    "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+
 errors = []
 for arg in sys.argv[1:]:
     name = arg.lstrip("?~")
@@ -330,17 +341,6 @@ json.dump({
 }, sys.stdout)
 """
 
-# The trace must never reach a network or read the builder's own AWS settings.
-TRACE_ENV = {
-    "AWS_ACCESS_KEY_ID": "AKIDTRACE",
-    "AWS_SECRET_ACCESS_KEY": "trace",
-    "AWS_CONFIG_FILE": "/dev/null",
-    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_ENDPOINT_URL": "",
-}
-
-
 def trace_modules(package_root: Path) -> list[str]:
     """The arguments of the trace: our modules (must import), what they import (may fail)."""
     ours = package_modules(package_root)
@@ -353,7 +353,6 @@ def run_trace(python: str, package_root: Path) -> Trace:
     """Run the trace in a fresh ``python -I`` (the way the initramfs starts it)."""
     result = run(
         [python, "-I", "-c", TRACE_PROGRAM, *trace_modules(package_root)],
-        env=TRACE_ENV,
         timeout=300,
         hint="the initramfs would lack a module; fix the import error and run dracut again",
     )

@@ -60,6 +60,12 @@ RUNTIME_DEPS = ("botocore", "jmespath", "python-dateutil", "six", "urllib3")
 # Drivers the initramfs needs whatever the host: virtio disks and NIC, dm-crypt, every root fs.
 FORCE_DRIVERS = ("virtio_blk", "virtio_net", "virtio_pci", "dm_crypt", "ext4", "xfs", "btrfs")
 PROBE_MODULE = "erfslab-probe"
+CHROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
 KEEP_PRODUCTS = 6
 
 
@@ -124,7 +130,10 @@ class BuildLog:
         with open(self.path, "ab") as f:
             f.write(("+ " + " ".join(argv) + "\n").encode())
             f.flush()
-            full_env = {**os.environ, **env}
+            # A command in the chroot gets a clean environment: the host's TMPDIR, PYTHONPATH
+            # or virtualenv PATH mean nothing (or the wrong thing) inside the guest tree.
+            base = CHROOT_ENV if argv[0] == "chroot" else dict(os.environ)
+            full_env = {**base, **env}
             proc = subprocess.run(
                 list(argv), stdout=f, stderr=subprocess.STDOUT, env=full_env,
                 timeout=timeout, check=False, stdin=subprocess.DEVNULL,
@@ -332,8 +341,11 @@ def _install_lab_files(root: Path, spec: ImageSpec) -> None:
         shutil.copytree(data / "dracut" / f"99{PROBE_MODULE}", modules / f"99{PROBE_MODULE}")
     product_dracut = _project_root() / "src" / "encryptrootfs" / "dracut"
     if product_dracut.is_dir():
+        # Only the modules the spec asks for: a --no-hostonly build would also pick up any
+        # module whose check() says yes, and the plain image must stay the product-free baseline.
         for module in sorted(product_dracut.iterdir()):
-            if module.is_dir() and (module / "module-setup.sh").exists():
+            wanted = module.name.lstrip("0123456789") in spec.dracut_modules
+            if wanted and (module / "module-setup.sh").exists():
                 shutil.copytree(module, modules / module.name, dirs_exist_ok=True)
     if spec.config_toml is not None:
         (root / "etc/encryptrootfs").mkdir(parents=True, exist_ok=True)

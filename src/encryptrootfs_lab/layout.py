@@ -41,7 +41,7 @@ from .testtree import GUEST_MANIFEST, GUEST_TREE, cached_tree
 log = get_logger("lab.layout")
 
 MIB = 1024 * 1024
-KEEP_DISKS = 24
+KEEP_DISKS = 32
 GUEST_TREE_TOOL = "/usr/local/lib/erfs-lab/erfs-tree"
 ROOT_LABEL = "erfsroot"
 BOOT_LABEL = "erfsboot"
@@ -345,8 +345,8 @@ def _guest_fill_script(pending: Sequence[_Pending]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fill_in_guest(pending: Sequence[_Pending], logs: Path) -> None:
-    builder_image = build_image(PLAIN)
+def _fill_in_guest(pending: Sequence[_Pending], builder_image: Image, logs: Path) -> None:
+    # Any product image has the mkfs tools and the runner: use the one at hand.
     builder_disk = build_disk(DiskLayout(), builder_image)
     drives = [builder_disk.drive(snapshot=True)]
     for i, p in enumerate(pending):
@@ -369,18 +369,14 @@ def _fill_in_guest(pending: Sequence[_Pending], logs: Path) -> None:
         )
 
 
-def build_disks(layouts: Iterable[DiskLayout], image: Optional[Image] = None) -> list[Disk]:
-    """The disks for ``layouts`` (cached); xfs/btrfs ones are filled in one builder boot."""
-    image = image or build_image(PLAIN)
-    layouts = list(layouts)
-    keys = [_layout_key(lay, image) for lay in layouts]
-    folder = cache_root() / "disks"
-    folder.mkdir(exist_ok=True)
+def _build_group(
+    items: Sequence[tuple[str, DiskLayout]], image: Image, folder: Path
+) -> dict[str, Disk]:
+    """Build the missing disks of ``items`` (all host-built, or all filled in one guest)."""
     out: dict[str, Disk] = {}
     with ExitStack() as stack:
         pending: list[_Pending] = []
-        for key in sorted(set(keys)):
-            lay = layouts[keys.index(key)]
+        for key, lay in items:
             final = folder / key
             stack.enter_context(locked(f"disks-{key}"))
             if final.exists():
@@ -393,11 +389,27 @@ def build_disks(layouts: Iterable[DiskLayout], image: Optional[Image] = None) ->
         guest = [p for p in pending if p.source is not None]
         if guest:
             logs = cache_root() / "logs" / f"fill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            _fill_in_guest(guest, logs)
+            _fill_in_guest(guest, image, logs)
         finished = [(p, _finish(p)) for p in pending]
     # building() published the folders when the ExitStack closed.
     for p, disk in finished:
         out[p.key] = replace(disk, path=p.final / "disk.raw")
+    return out
+
+
+def build_disks(layouts: Iterable[DiskLayout], image: Optional[Image] = None) -> list[Disk]:
+    """The disks for ``layouts`` (cached); xfs/btrfs ones are filled in one builder boot."""
+    image = image or build_image(PLAIN)
+    layouts = list(layouts)
+    keys = [_layout_key(lay, image) for lay in layouts]
+    folder = cache_root() / "disks"
+    folder.mkdir(exist_ok=True)
+    unique = sorted(dict(zip(keys, layouts)).items())
+    # Host-built disks first and published: the builder guest boots from one of them, and its
+    # lock must not be held by this run while the guest group is being built.
+    out = _build_group([(k, lay) for k, lay in unique if lay.built_on_host], image, folder)
+    out.update(_build_group([(k, lay) for k, lay in unique if not lay.built_on_host], image,
+                            folder))  # fmt: skip
     prune(folder, KEEP_DISKS)
     return [out[k] for k in keys]
 
@@ -431,11 +443,32 @@ def verify_root_script() -> str:
     )
 
 
-def verify_disks_script(disks: Sequence[tuple[str, Disk]]) -> str:
-    """Guest shell lines: mount each ``(serial, disk)`` read-only and verify its test tree.
+FSCK_READ_ONLY = {
+    Filesystem.EXT4: "e2fsck -f -n",
+    Filesystem.XFS: "xfs_repair -n",
+    Filesystem.BTRFS: "btrfs check --readonly",
+}
 
-    Prints ``ERFS-DISK serial=... dev=... fstype=... uuid=... lbs=...`` and the verifier's
-    ``ERFS-TREE-OK root=/mnt/<serial>/...`` lines; never stops early.
+
+def fsck_script(fs: Filesystem, device: str, name: str) -> str:
+    """Guest shell lines: a read-only check of the unmounted filesystem on ``device``.
+
+    Prints ``ERFS-FSCK name=... fs=... rc=N`` (0: clean); the checker's output goes to the
+    results channel with a ``fsck:`` prefix.
+    """
+    return (
+        f"{FSCK_READ_ONLY[fs]} {device} 2>&1 | sed 's/^/fsck: /'; "
+        f'echo "ERFS-FSCK name={name} fs={fs.value} rc=${{PIPESTATUS[0]}}"\n'
+    )
+
+
+def verify_disks_script(disks: Sequence[tuple[str, Disk]]) -> str:
+    """Guest shell lines: check each ``(serial, disk)``'s filesystem read-only, then mount it
+    read-only and verify its test tree.
+
+    Prints ``ERFS-DISK serial=... dev=... fstype=... uuid=... lbs=... pttype=...``,
+    ``ERFS-FSCK name=<serial> ... rc=...`` and the verifier's ``ERFS-TREE-OK
+    root=/mnt/<serial>/...`` lines; never stops early.
     """
     lines = ["udevadm settle"]
     for serial, disk in disks:
@@ -447,6 +480,7 @@ def verify_disks_script(disks: Sequence[tuple[str, Disk]]) -> str:
             f"fstype=$(blkid -o value -s TYPE {dev}) uuid=$(blkid -o value -s UUID {dev}) "
             f'lbs=$(blockdev --getss {dev}) pttype=$(blkid -o value -s PTTYPE '
             f'/dev/disk/by-id/virtio-{serial})"',
+            fsck_script(disk.layout.fs, dev, serial).rstrip("\n"),
             f"if mount -o ro {dev} {mnt}; then",
             f"  python3 {GUEST_TREE_TOOL} verify {mnt}/{GUEST_TREE} {mnt}/{GUEST_MANIFEST} "
             f'|| echo "ERFS-VERIFY-FAILED {serial}"',

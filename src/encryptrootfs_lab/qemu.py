@@ -41,8 +41,9 @@ GUEST_HOST = "169.254.169.2"
 GUEST_DHCP_START = "169.254.169.15"
 IMDS_ADDRESS = "169.254.169.254"
 KMS_ADDRESS = "169.254.169.250"
-# TCG stalls for 10-35 s loading these (autoloaded because -cpu max shows SVM; nl80211 probe).
-MODULE_BLACKLIST = "kvm,kvm_amd,kvm_intel,cfg80211"
+# TCG stalls for 10-35 s loading these (autoloaded because -cpu max shows SVM; nl80211 probe);
+# probing the i440fx floppy controller costs ~5 s.
+MODULE_BLACKLIST = "kvm,kvm_amd,kvm_intel,cfg80211,floppy"
 FW_CFG_SCRIPT = "opt/erfs/script"
 POLL_SECONDS = 0.1
 
@@ -104,7 +105,10 @@ class BootSpec:
     def cmdline(self) -> str:
         return " ".join([
             f"root=UUID={self.root_uuid}", "ro", "console=ttyS0,115200", "panic=-1",
-            "rd.shell=0", f"modprobe.blacklist={MODULE_BLACKLIST}", *self.append,
+            # rd.emergency=poweroff: a failed initramfs (e.g. encryptrootfs failing closed)
+            # powers off, so QEMU exits at once instead of halting until the timeout.
+            "rd.shell=0", "rd.emergency=poweroff", f"modprobe.blacklist={MODULE_BLACKLIST}",
+            *self.append,
         ])  # fmt: skip
 
 
@@ -140,8 +144,9 @@ class BootResult:
     name: str
     end: BootEnd
     wall_seconds: float
-    console: str
-    results: str
+    # kept out of repr: an assertion message should show describe(), not 100 KB of console
+    console: str = field(repr=False)
+    results: str = field(repr=False)
     console_path: Path
     results_path: Path
     returncode: Optional[int]

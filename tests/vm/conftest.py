@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from encryptrootfs_lab import qemu
 from encryptrootfs_lab.cloud import EmulatedCloud, emulated_cloud
-from encryptrootfs_lab.image import PLAIN, PROBE, Image, build_image
+from encryptrootfs_lab.image import PLAIN, PROBE, Image, ImageSpec, build_image
 from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk
 from encryptrootfs_lab.machine import Machine
 
@@ -46,6 +46,21 @@ def plain_image() -> Image:
 @pytest.fixture(scope="session")
 def probe_image() -> Image:
     return build_image(PROBE)
+
+
+_IMAGES: dict[ImageSpec, Image] = {}
+
+
+@pytest.fixture(scope="session")
+def image_for() -> Callable[[ImageSpec], Image]:
+    """``image_for(spec)``: the product image for any ImageSpec, built once per session."""
+
+    def get(spec: ImageSpec) -> Image:
+        if spec not in _IMAGES:
+            _IMAGES[spec] = build_image(spec)
+        return _IMAGES[spec]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""Host-side pieces of the lab that need no guest: the loopback relay and partition tables."""
+"""Host-side pieces of the lab that need no guest: relay, partition tables, raw disk helpers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import uuid
 from pathlib import Path
 
 from encryptrootfs_lab import partition
+from encryptrootfs_lab.layout import Disk
+from encryptrootfs_lab.testtree import PLAINTEXT_MARKER
 
 
 def test_relay_carries_a_connection_to_a_loopback_port_both_ways() -> None:
@@ -86,3 +89,37 @@ def test_gpt_and_mbr_written_by_the_lab_are_what_sfdisk_reads(tmp_path: Path) ->
     assert [(p["start"], p["size"], p["type"]) for p in table["partitions"]] == [
         (2048, 8192, "83"), (10240, 20480, "83"),
     ]  # fmt: skip
+
+
+def test_raw_disk_helpers_see_what_the_guest_sees_through_an_overlay(tmp_path: Path) -> None:
+    from encryptrootfs_lab.layout import disk_contains, disk_sha256, images_identical
+    from encryptrootfs_lab.qemu import create_overlay
+
+    marker = b"ERFS-TEST-MARKER-0123456789"
+    base = tmp_path / "base.raw"
+    data = bytearray(16 * 1024 * 1024)
+    cut = 8 * 1024 * 1024 - 10  # straddles the helpers' 8 MiB read chunks
+    data[cut : cut + len(marker)] = marker
+    base.write_bytes(bytes(data))
+    overlay = create_overlay(base, tmp_path / "over.qcow2")
+
+    assert disk_contains(overlay, [marker, b"never-written"]) == {
+        marker: True, b"never-written": False,
+    }  # fmt: skip
+    assert disk_sha256(overlay) == hashlib.sha256(data).hexdigest()
+    assert images_identical(overlay, base)
+
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x41 {cut} 4096", str(overlay)],
+                   check=True, capture_output=True)  # fmt: skip
+    assert not images_identical(overlay, base)
+    assert disk_contains(overlay, [marker]) == {marker: False}
+    assert disk_sha256(overlay) != hashlib.sha256(data).hexdigest()
+    assert base.read_bytes() == bytes(data)  # the overlay took the write
+    assert not list(tmp_path.glob("*.flat"))  # no scratch copies left behind
+
+
+def test_plain_root_disk_holds_the_plaintext_marker(root_disk: Disk) -> None:
+    """Issue 4 proves encryption by this marker vanishing from the raw disk: it must be there."""
+    from encryptrootfs_lab.layout import disk_contains
+
+    assert disk_contains(root_disk.path, [PLAINTEXT_MARKER], fmt="raw") == {PLAINTEXT_MARKER: True}

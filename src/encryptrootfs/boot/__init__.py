@@ -18,6 +18,7 @@ from . import devices, first_boot
 from .console import say
 from .decide import Action, Decision, decide, find_root
 from .devices import Partition
+from .network import wait_for_network
 from .unlock import unwrap_and_open
 
 __all__ = ["boot", "root_spec"]
@@ -93,20 +94,20 @@ def _apply(decision: Decision, config: Config) -> Optional[str]:
         return None
     if decision.action is Action.UNLOCK:
         assert part.luks is not None
-        return unwrap_and_open(part.path, config, part.luks.tokens)
+        return unwrap_and_open(part, config, part.luks.tokens)
     if decision.action is Action.RESUME:
         assert part.luks is not None
-        return unwrap_and_open(part.path, config, part.luks.tokens, resume=True)
+        return unwrap_and_open(part, config, part.luks.tokens, resume=True)
     if decision.action is Action.RESTORE_HEAD:
         first_boot.restore_head(part)
         return _AGAIN
     provider = provider_from_config(config)
+    budget = config.boot.unlock_timeout
+    if not wait_for_network(config, time.monotonic() + budget):
+        say(f"no network after {budget:g} s; trying KMS anyway")
     if decision.action is Action.FINISH_CUSTODY:
         if not first_boot.finish_custody(part, provider):
             first_boot.restore_head(part)
         return _AGAIN
     # Action.ENCRYPT
-    mapper = first_boot.encrypt(part, config, provider)
-    if config.first_boot.grow:
-        first_boot.grow_after(part, config.mapper_name, part.signature.type)
-    return mapper
+    return first_boot.encrypt(part, config, provider)

@@ -46,8 +46,10 @@ class ProgressPrinter:
     clock: Callable[[], float] = time.monotonic
     emit: Callable[[str], None] = say
     _last: Optional[float] = field(default=None, init=False)
+    last: Optional[ReencryptProgress] = field(default=None, init=False)
 
     def __call__(self, p: ReencryptProgress) -> None:
+        self.last = p
         now = self.clock()
         finished = p.total_bytes > 0 and p.done_bytes >= p.total_bytes
         if self._last is None or now - self._last >= self.interval or finished:

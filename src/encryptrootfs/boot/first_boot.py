@@ -9,7 +9,7 @@ The order is the design (DESIGN.md invariants 1-6):
 5. custody        import the token, prove it unwraps and opens its keyslot
 6. data pass      ``reencrypt --resume-only``, with progress on the console
 7. open           ``/dev/mapper/<name>``: the filesystem UUID is unchanged, the boot goes on
-8. grow           optional: partition to the end of the disk, mapping, filesystem
+8. grow           optional: partition to the end of the disk, mapping, filesystem (every boot)
 
 Each stage checks whether it is already done, so a boot cut at any instant is finished by the
 next one (see :mod:`encryptrootfs.boot.decide` for how that boot finds its place).
@@ -33,6 +33,7 @@ from . import filesystems, partitions, plan_record
 from .console import say
 from .devices import Partition
 from .filesystems import FsGeometry
+from .grow import grow_root
 from .plan_record import REDUCE_DEVICE_SIZE, PlanRecord
 from .volume import data_pass, open_root
 
@@ -176,7 +177,10 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
             token = new_token(key.wrapped, slot, part)
         store_token(part.path, token, key.plaintext)
         data_pass(part.path, key.plaintext)
-        return open_root(part.path, config, key.plaintext, token)
+        mapper = open_root(part.path, config, key.plaintext, token)
+        if config.first_boot.grow:
+            grow_root(part, config.mapper_name, key.plaintext)
+        return mapper
     finally:
         key.wipe()
 
@@ -225,19 +229,3 @@ def restore_head(part: Partition) -> None:
             "copy at the end of the partition is untouched. Stopping.",
             hint="attach the disk to another machine and inspect it before booting it again")
     plan_record.erase(part.path, part.size)
-
-
-
-
-def grow_after(part: Partition, mapper: str, fs_type: str) -> None:
-    """Optional: give the encrypted root all the free space after it."""
-    table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
-    if partitions.free_after(table, part.path) < 1048576:
-        return
-    new_size = partitions.grow_to_end(part, table)
-    say(f"{part.path}: grew the partition to {new_size // 1048576} MiB")
-    luks2.resize_device(mapper)
-    filesystems.grow(fs_type, f"/dev/mapper/{mapper}")
-    say(f"/dev/mapper/{mapper}: {fs_type} grown to fill the partition")
-
-

@@ -20,34 +20,10 @@ from ..providers import provider_for_token
 from ..providers.base import wipe
 from ..token import KmsToken
 from .console import say
+from .devices import Partition
+from .grow import grow_root
+from .network import wait_for_network
 from .volume import data_pass, open_root
-
-ROUTE_TABLE = Path("/proc/net/route")
-
-
-def has_default_route(route_table: Optional[Path] = None) -> bool:
-    """Whether the kernel has an IPv4 default route (the network is up enough for KMS)."""
-    try:
-        lines = (route_table or ROUTE_TABLE).read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(len(f) > 2 and f[1] == "00000000" for f in (line.split() for line in lines))
-
-
-def wait_for_network(deadline: float, *, clock: Callable[[], float] = time.monotonic,
-                     sleep: Callable[[float], None] = time.sleep,
-                     route_table: Optional[Path] = None) -> bool:
-    """Wait (bounded) for a default route; one console line every few seconds while waiting."""
-    said_at: Optional[float] = None
-    while not has_default_route(route_table):
-        now = clock()
-        if now >= deadline:
-            return False
-        if said_at is None or now - said_at >= 5:
-            say("waiting for the network (no default route yet)")
-            said_at = now
-        sleep(0.5)
-    return True
 
 
 def unwrap_with_retries(
@@ -56,12 +32,13 @@ def unwrap_with_retries(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    route_table: Optional[Path] = None,
 ) -> tuple[bytearray, KmsToken]:
     """The key of the first token that unwraps, trying each in order, until the boot budget."""
     budget = config.boot.unlock_timeout
     deadline = clock() + budget
-    if not wait_for_network(deadline, clock=clock, sleep=sleep):
-        say(f"no default route after {budget:g} s; trying KMS once anyway")
+    if not wait_for_network(config, deadline, clock=clock, sleep=sleep, route_table=route_table):
+        say(f"no network after {budget:g} s; trying KMS once anyway")
     attempt = 0
     delay = 1.0
     last: Optional[EncryptrootfsError] = None
@@ -91,13 +68,16 @@ def unwrap_with_retries(
     )
 
 
-def unwrap_and_open(device: str, config: Config, tokens: Sequence[KmsToken],
+def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
                     *, resume: bool = False) -> str:
     """Later boots: unwrap (with retries), finish an interrupted data pass if any, open."""
     key, token = unwrap_with_retries(config, tokens)
     try:
         if resume:
-            data_pass(device, key)
-        return open_root(device, config, key, token)
+            data_pass(part.path, key)
+        mapper = open_root(part.path, config, key, token)
+        if config.first_boot.grow:
+            grow_root(part, config.mapper_name, key)
+        return mapper
     finally:
         wipe(key)

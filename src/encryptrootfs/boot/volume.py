@@ -8,14 +8,18 @@ import time
 from .. import luks2
 from ..config import Config
 from ..token import KmsToken
-from .console import ProgressPrinter, say
+from .console import MIB, ProgressPrinter, say
 
 
 def data_pass(device: str, key: bytearray) -> None:
     say(f"{device}: encrypting the data in place; safe to power off, the next boot resumes")
     start = time.monotonic()
-    luks2.reencrypt_resume(device, key, on_progress=ProgressPrinter(device))
-    say(f"{device}: encryption finished in {time.monotonic() - start:.0f} s")
+    printer = ProgressPrinter(device)
+    luks2.reencrypt_resume(device, key, on_progress=printer)
+    seconds = time.monotonic() - start
+    done = printer.last.done_bytes if printer.last else 0
+    rate = f" ({done / MIB / seconds:.1f} MiB/s)" if done and seconds > 0 else ""
+    say(f"{device}: encryption finished: {done // MIB} MiB in {seconds:.1f} s{rate}")
 
 
 def open_root(device: str, config: Config, key: bytearray, token: KmsToken) -> str:

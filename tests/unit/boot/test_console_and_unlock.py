@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from encryptrootfs.boot import unlock
+from encryptrootfs.boot import network, unlock
 from encryptrootfs.boot.console import ProgressPrinter, progress_line
 from encryptrootfs.config import parse_config
 from encryptrootfs.errors import KeyServiceError
@@ -36,14 +36,29 @@ def test_progress_printer_rate_limits_but_prints_the_end() -> None:
         "10.0", "60.0", "100.0"]
 
 
-def test_default_route_detection(tmp_path: Path) -> None:
-    table = tmp_path / "route"
-    table.write_text("Iface\tDestination\tGateway\n"
-                     "eth0\t00FEA9FE\t00000000\n")
-    assert not unlock.has_default_route(table)
-    table.write_text("Iface\tDestination\tGateway\neth0\t00000000\t02A9FEA9\n")
-    assert unlock.has_default_route(table)
-    assert not unlock.has_default_route(tmp_path / "missing")
+ROUTE_HEAD = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+# The lab's DHCP gives the link's subnet and no router: 169.254.169.0/24 on ens3.
+LINK_ONLY = ROUTE_HEAD + "ens3\t00A9FEA9\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+DEFAULT = ROUTE_HEAD + "eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+LOOPBACK = ROUTE_HEAD + "lo\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n"
+
+
+@pytest.mark.parametrize(("table", "address", "expected"), [
+    (LINK_ONLY, "169.254.169.254", True),
+    (LINK_ONLY, "10.0.0.1", False),
+    (DEFAULT, "169.254.169.254", True),
+    (DEFAULT, None, True),
+    (LOOPBACK, "169.254.169.254", False),
+    (ROUTE_HEAD, None, False),
+])
+def test_route_detection(tmp_path: Path, table: str, address: str, expected: bool) -> None:
+    path = tmp_path / "route"
+    path.write_text(table)
+    assert network.has_route_to(address, path) is expected
+
+
+def test_missing_route_table_is_no_route(tmp_path: Path) -> None:
+    assert not network.has_route_to(None, tmp_path / "missing")
 
 
 CONFIG = parse_config({"providers": {"aws_kms": {"key_id": "alias/root"}},
@@ -79,10 +94,10 @@ class FakeClock:
 
 
 @pytest.fixture
-def route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     table = tmp_path / "route"
-    table.write_text("Iface\tDestination\tGateway\neth0\t00000000\t02A9FEA9\n")
-    monkeypatch.setattr(unlock, "ROUTE_TABLE", table)
+    table.write_text(DEFAULT)
+    return table
 
 
 def _patch(monkeypatch: pytest.MonkeyPatch, provider: FakeProvider) -> None:
@@ -90,39 +105,41 @@ def _patch(monkeypatch: pytest.MonkeyPatch, provider: FakeProvider) -> None:
 
 
 def test_transient_failures_are_retried_then_succeed(
-    monkeypatch: pytest.MonkeyPatch, route: None, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, route: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     transient = KeyServiceError("KMS did not answer.", retryable=True)
     provider = FakeProvider([transient, transient, b"k" * 64])
     _patch(monkeypatch, provider)
     clock = FakeClock()
     key, _ = unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock,
-                                        sleep=clock.sleep)
+                                        sleep=clock.sleep, route_table=route)
     assert bytes(key) == b"k" * 64
     assert provider.calls == 3
 
 
 def test_permanent_failure_fails_closed_at_once(
-    monkeypatch: pytest.MonkeyPatch, route: None
+    monkeypatch: pytest.MonkeyPatch, route: Path
 ) -> None:
     denied = KeyServiceError("KMS denied access to the key.", retryable=False)
     provider = FakeProvider([denied])
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with pytest.raises(KeyServiceError, match="denied"):
-        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep)
+        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep,
+                                   route_table=route)
     assert provider.calls == 1
 
 
 def test_budget_exhausted_says_why_and_that_nothing_changed(
-    monkeypatch: pytest.MonkeyPatch, route: None
+    monkeypatch: pytest.MonkeyPatch, route: Path
 ) -> None:
     transient = KeyServiceError("KMS endpoint unreachable.", retryable=True)
     provider = FakeProvider([transient] * 100)
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with pytest.raises(KeyServiceError) as e:
-        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep)
+        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep,
+                                   route_table=route)
     assert "within 30 s" in e.value.message
     assert "unreachable" in e.value.message
     assert "nothing on disk was changed" in e.value.message
@@ -130,14 +147,14 @@ def test_budget_exhausted_says_why_and_that_nothing_changed(
 
 
 def test_second_token_is_tried_when_the_first_fails(
-    monkeypatch: pytest.MonkeyPatch, route: None
+    monkeypatch: pytest.MonkeyPatch, route: Path
 ) -> None:
     down = KeyServiceError("region down", retryable=True)
     provider = FakeProvider([down, b"x" * 64])
     _patch(monkeypatch, provider)
     clock = FakeClock()
     _, used = unlock.unwrap_with_retries(CONFIG, [make_token("a"), make_token("b")],
-                                         clock=clock, sleep=clock.sleep)
+                                         clock=clock, sleep=clock.sleep, route_table=route)
     assert used.wrapped.key_id == "b"
 
 
@@ -145,13 +162,13 @@ def test_no_network_is_said_and_bounded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     table = tmp_path / "route"
-    table.write_text("Iface\tDestination\tGateway\n")
-    monkeypatch.setattr(unlock, "ROUTE_TABLE", table)
+    table.write_text(ROUTE_HEAD)
     provider = FakeProvider([KeyServiceError("KMS endpoint unreachable.", retryable=True)] * 5)
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with caplog.at_level("INFO", logger="encryptrootfs"), pytest.raises(KeyServiceError):
-        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep)
-    assert "waiting for the network" in caplog.text
-    assert "no default route after 30 s" in caplog.text
+        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep,
+                                   route_table=table)
+    assert "waiting for the network (no route to 169.254.169.254 yet)" in caplog.text
+    assert "no network after 30 s" in caplog.text
     assert provider.calls == 1

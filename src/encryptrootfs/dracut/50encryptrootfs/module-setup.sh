@@ -87,6 +87,12 @@ install() {
     inst_multiple -o "${_optional[@]}"
 
     inst_simple "$moddir/encryptrootfs.service" "$systemdsystemunitdir/encryptrootfs.service"
+    inst_script "$moddir/encryptrootfs-generator" \
+        "$systemdutildir/system-generators/encryptrootfs-generator"
+    # Package data may lose its mode bits on the way (wheels, copies); systemd skips a
+    # generator that is not executable.
+    chmod 0755 "${initdir}$systemdutildir/system-generators/encryptrootfs-generator"
+    inst_multiple systemd-escape
     $SYSTEMCTL -q --root "$initdir" enable encryptrootfs.service
 
     if dracut_module_included systemd-networkd; then

@@ -4,22 +4,25 @@
 Prints ERFS-PROBE-* lines on the console and on /dev/ttyS1 (the host's results file).
 Stdlib only: this runs before the root filesystem (and its site-packages) is mounted.
 """
+from __future__ import annotations
+
 import http.client
 import json
 import sys
 import time
+from typing import IO, Optional
 
 IMDS = "169.254.169.254"
 KMS = "169.254.169.250"
 
-outs = [sys.stdout]
+outs: list[IO[str]] = [sys.stdout]
 try:  # noqa: SIM105 (contextlib costs an import in the initramfs)
     outs.append(open("/dev/ttyS1", "w"))  # noqa: SIM115 (open for the whole run)
 except OSError:
     pass
 
 
-def say(line):
+def say(line: str) -> None:
     for o in outs:
         try:
             o.write(line + "\n")
@@ -28,7 +31,10 @@ def say(line):
             pass
 
 
-def request(host, method, path, headers, body=None, budget=60.0):
+def request(
+    host: str, method: str, path: str, headers: dict[str, str], body: Optional[bytes] = None,
+    budget: float = 60.0,
+) -> tuple[Optional[int], bytes, int]:
     """One HTTP request, retried while the network is still coming up."""
     deadline = time.monotonic() + budget
     attempt = 0
@@ -46,7 +52,7 @@ def request(host, method, path, headers, body=None, budget=60.0):
             time.sleep(0.5)
 
 
-def main():
+def main() -> int:
     ok = True
     status, token, attempts = request(
         IMDS, "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})

@@ -28,7 +28,7 @@ install() {
 import importlib, importlib.util, os, socket, sys
 for m in ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.latin_1",
           "encodings.ascii", "encodings.idna", "os", "site", "http.client", "socket", "json",
-          "time", "urllib.parse", "email.parser", "email.feedparser"):
+          "time", "urllib.parse", "email.parser", "email.feedparser", "__future__", "typing"):
     importlib.import_module(m)
 socket.getaddrinfo("localhost", 80)
 files = {os.path.join(os.path.dirname(os.__file__), "os.py")}

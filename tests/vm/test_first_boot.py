@@ -1,0 +1,220 @@
+"""The product, booted: the first boot encrypts the root in place, every later boot unlocks it.
+
+Each test boots a real Debian guest (dracut initramfs with the encryptrootfs module installed by
+`encryptrootfs install` in the image) against the KMS and IMDS emulators, and checks the disk
+from the host between boots.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from encryptrootfs_lab.cloud import EmulatedCloud
+from encryptrootfs_lab.image import PLAIN, Image, build_image
+from encryptrootfs_lab.layout import (
+    Disk,
+    DiskLayout,
+    Filesystem,
+    build_disks,
+    disk_contains,
+    disk_sha256,
+    raw_view,
+)
+from encryptrootfs_lab.machine import Machine
+from encryptrootfs_lab.product import ENCRYPT, create_lab_key, inspect_script
+from encryptrootfs_lab.qemu import BootEnd, BootResult
+
+NewMachine = Callable[..., Machine]
+MIB = 1024 * 1024
+
+INSPECT = inspect_script()
+
+
+LAYOUTS = {
+    "ext4-grow": DiskLayout(),
+    "ext4-shrink": DiskLayout(free_after_mib=0),
+    "xfs-grow": DiskLayout(fs=Filesystem.XFS),
+    "xfs-full": DiskLayout(fs=Filesystem.XFS, free_after_mib=0),
+    "btrfs-shrink": DiskLayout(fs=Filesystem.BTRFS, free_after_mib=0),
+}
+
+
+@pytest.fixture(scope="module")
+def encrypt_image() -> Image:
+    return build_image(ENCRYPT)
+
+
+@pytest.fixture(scope="module")
+def disks(encrypt_image: Image) -> dict[str, Disk]:
+    # One call: the xfs and btrfs disks are filled in a single builder boot.
+    built = build_disks(list(LAYOUTS.values()), encrypt_image)
+    return dict(zip(LAYOUTS, built))
+
+
+def _token_json(r: BootResult) -> dict[str, Any]:
+    m = r.marker("TOKEN")
+    assert m is not None, r.describe()
+    data: dict[str, Any] = json.loads(m.value)
+    return data
+
+
+def _kms_actions(cloud: EmulatedCloud) -> list[str]:
+    return [q.action for q in cloud.kms.requests]
+
+
+def _plaintext_key(cloud: EmulatedCloud, machine: Machine, scratch: Path) -> bytes:
+    """The wrapped key of the root, unwrapped by the emulator: what must be on no disk."""
+    import botocore.session
+
+    from encryptrootfs import luks2
+    from encryptrootfs.token import TOKEN_TYPE
+
+    raw = raw_view(machine.overlay, "qcow2", scratch)
+    try:
+        # The partition starts at 1 MiB; cryptsetup reads the header from an offset copy.
+        head = scratch.with_name("header.img")
+        with open(raw, "rb") as src, open(head, "wb") as dst:
+            src.seek(machine.disk.root_offset)
+            dst.write(src.read(16 * MIB))
+        header = luks2.read_header(head)
+        (token_id,) = header.token_ids(TOKEN_TYPE)
+        token = luks2.export_token(head, token_id)
+    finally:
+        raw.unlink(missing_ok=True)
+    client = botocore.session.get_session().create_client(
+        "kms", region_name=cloud.imds.region, endpoint_url=cloud.kms.url,
+        aws_access_key_id="t", aws_secret_access_key="t")  # fmt: skip
+    out = client.decrypt(CiphertextBlob=base64.b64decode(token["ciphertext"]),
+                         EncryptionContext=token["encryption_context"])  # fmt: skip
+    return bytes(out["Plaintext"])
+
+
+def _plain_marker(image: Image) -> bytes:
+    """A line of the test tree's manifest: file content that is in the plain root only."""
+    return image.manifest.read_text().splitlines()[0].encode()
+
+
+def _two_boots(
+    image: Image, disk: Disk, cloud: EmulatedCloud, new_machine: NewMachine, tmp_path: Path,
+    *, check_secrets: bool = False,
+) -> tuple[BootResult, BootResult]:  # fmt: skip
+    key_arn = create_lab_key(cloud.kms)
+    m = new_machine(image, disk, cloud)
+    marker = _plain_marker(image)
+    assert disk_contains(disk.path, [marker], fmt="raw")[marker], "marker not on the plain disk"
+
+    first = m.boot(INSPECT, timeout=900)
+    assert first.ok, first.describe()
+    boot1_kms = list(cloud.kms.requests)
+    if check_secrets:  # (the host's own Decrypt, to learn the key, is not in boot1_kms)
+        _assert_no_secret_on_disk(cloud, m, marker, tmp_path)
+    cloud.kms.clear_log()
+    second = m.boot(INSPECT, timeout=600)
+    assert second.ok, second.describe()
+
+    for r in (first, second):
+        assert r.marker("TREE-OK") is not None and r.marker("VERIFY-FAILED") is None, \
+            r.describe()  # fmt: skip
+        dev = r.marker("ROOTDEV")
+        assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": disk.root_uuid}, \
+            r.describe()  # fmt: skip
+
+    token = next(t for t in _token_json(second)["tokens"] if t["type"] == "encryptrootfs")
+    assert token["provider"] == "aws-kms" and token["key_id"] == key_arn
+    luks_uuid = _token_json(second)["luks_uuid"]
+    assert token["encryption_context"] == {"encryptrootfs:luks_uuid": luks_uuid, "fleet": "lab"}
+    slot = next(s for s in _token_json(second)["keyslots"] if str(s["id"]) in token["keyslots"])
+    assert slot["kdf"] == "pbkdf2" and slot["iterations"] == 1000
+
+    actions1 = [q.action for q in boot1_kms]
+    assert "GenerateDataKey" in actions1 and "Decrypt" in actions1, actions1
+    assert _kms_actions(cloud) == ["Decrypt"], _kms_actions(cloud)
+    for q in boot1_kms + list(cloud.kms.requests):
+        if q.action in ("GenerateDataKey", "Decrypt"):
+            assert q.encryption_context == token["encryption_context"], q
+
+    if check_secrets:
+        _assert_no_secret_on_disk(cloud, m, marker, tmp_path)
+    return first, second
+
+
+def _assert_no_secret_on_disk(cloud: EmulatedCloud, m: Machine, marker: bytes,
+                              tmp_path: Path) -> None:  # fmt: skip
+    """Neither the plaintext key (raw, hex, base64) nor the plain marker is on the raw disk."""
+    key = _plaintext_key(cloud, m, tmp_path / "flat.img")
+    needles = [key, key.hex().encode(), base64.b64encode(key), marker]
+    found = disk_contains(m.overlay, needles, scratch=tmp_path / "flat.img")
+    assert not any(found.values()), {n[:12]: f for n, f in found.items()}
+
+
+def test_ext4_gpt_with_free_space_encrypts_on_boot_1_and_unlocks_on_boot_2(
+    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud, new_machine: NewMachine,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    disk = disks["ext4-grow"]
+    first, second = _two_boots(encrypt_image, disk, cloud, new_machine, tmp_path,
+                               check_secrets=True)  # fmt: skip
+    journal1 = "\n".join(m.value for m in first.all("JOURNAL"))
+    assert "growing the partition by 32 MiB" in journal1, journal1
+    assert "encrypting /dev/vda1:" in journal1 and "MiB/s" in journal1, journal1
+    journal2 = "\n".join(m.value for m in second.all("JOURNAL"))
+    assert "the root is encrypted (unlock)" in journal2, journal2
+    assert "encrypting" not in journal2
+
+
+@pytest.mark.parametrize("name", ["ext4-shrink", "xfs-grow", "btrfs-shrink"])
+def test_other_filesystems_and_the_shrink_path(
+    name: str, encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
+    new_machine: NewMachine, tmp_path: Path,
+) -> None:  # fmt: skip
+    disk = disks[name]
+    first, _ = _two_boots(encrypt_image, disk, cloud, new_machine, tmp_path)
+    journal = "\n".join(m.value for m in first.all("JOURNAL"))
+    room = "shrinking" if disk.layout.free_after_mib == 0 else "growing the partition"
+    assert room in journal, journal
+
+
+def test_xfs_without_free_space_is_refused_and_the_disk_is_unchanged(
+    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud, new_machine: NewMachine,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    create_lab_key(cloud.kms)
+    disk = disks["xfs-full"]
+    m = new_machine(encrypt_image, disk, cloud)
+    before = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")
+    r = m.boot(INSPECT, timeout=600)
+    assert r.end is not BootEnd.POWEROFF or r.script_rc != 0, r.describe()
+    assert r.marker("BEGIN") is None, "the root was mounted: " + r.describe()
+    assert "xfs cannot shrink" in r.console, r.describe()
+    assert "Nothing was changed" in r.console
+    assert disk_sha256(m.overlay, scratch=tmp_path / "flat.img") == before
+
+
+def test_kms_access_denied_on_the_first_boot_changes_nothing(
+    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud, new_machine: NewMachine,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    create_lab_key(cloud.kms)
+    cloud.kms.deny("GenerateDataKey")
+    disk = disks["ext4-grow"]
+    m = new_machine(encrypt_image, disk, cloud)
+    before = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")
+    r = m.boot(INSPECT, timeout=600)
+    assert r.marker("BEGIN") is None, "the root was mounted: " + r.describe()
+    assert "AccessDenied" in r.console or "denied" in r.console, r.describe()
+    assert disk_sha256(m.overlay, scratch=tmp_path / "flat.img") == before
+
+
+def test_initramfs_grows_by_at_most_8_mib(encrypt_image: Image) -> None:
+    plain = build_image(PLAIN).initrd.stat().st_size
+    product = encrypt_image.initrd.stat().st_size
+    growth = product - plain
+    print(f"initramfs: plain {plain / MIB:.2f} MiB, with encryptrootfs {product / MIB:.2f} MiB, "
+          f"growth {growth / MIB:.2f} MiB")
+    assert 0 < growth <= 8 * MIB
