@@ -97,6 +97,22 @@ _spawn: Callable[
 ] = _default_spawn
 
 
+def _resolve(argv: Sequence[Arg], has_stdin: bool) -> list[str]:
+    """argv with the program's full path; a missing program is a sentence. Logs ``+ cmd``."""
+    args = [os.fspath(a) for a in argv]
+    if not args:
+        raise ValueError("a command needs a program")
+    program = which(args[0]) if "/" not in args[0] else args[0]
+    if program is None or not os.path.exists(program):
+        raise ToolError(
+            f"The program `{args[0]}` is not installed (needed for `{shlex.join(args)}`).",
+            hint="install it (see `encryptrootfs install --check`) and try again",
+        )
+    args[0] = program
+    log.debug("+ %s%s", shlex.join(args), " <stdin>" if has_stdin else "")
+    return args
+
+
 def run(
     argv: Sequence[Arg],
     *,
@@ -111,17 +127,7 @@ def run(
 
     ``stdin`` is where secrets go: it is never logged. ``env`` adds to the environment.
     """
-    args = [os.fspath(a) for a in argv]
-    if not args:
-        raise ValueError("run() needs a program")
-    program = which(args[0]) if "/" not in args[0] else args[0]
-    if program is None or not os.path.exists(program):
-        raise ToolError(
-            f"The program `{args[0]}` is not installed (needed for `{shlex.join(args)}`).",
-            hint="install it (see `encryptrootfs install --check`) and try again",
-        )
-    args[0] = program
-    log.debug("+ %s%s", shlex.join(args), " <stdin>" if stdin is not None else "")
+    args = _resolve(argv, stdin is not None)
     full_env = {**os.environ, **env} if env is not None else None
     data = bytes(stdin) if stdin is not None else None
     try:
@@ -178,17 +184,7 @@ def run_streaming(
     exit code (0); a non-zero exit raises :class:`CommandError`. A command killed by signal N
     reports exit code 128 + N (as a shell does), and its stderr ends with the signal name.
     """
-    args = [os.fspath(a) for a in argv]
-    if not args:
-        raise ValueError("run_streaming() needs a program")
-    program = which(args[0]) if "/" not in args[0] else args[0]
-    if program is None or not os.path.exists(program):
-        raise ToolError(
-            f"The program `{args[0]}` is not installed (needed for `{shlex.join(args)}`).",
-            hint="install it (see `encryptrootfs install --check`) and try again",
-        )
-    args[0] = program
-    log.debug("+ %s%s", shlex.join(args), " <stdin>" if stdin is not None else "")
+    args = _resolve(argv, stdin is not None)
     full_env = {**os.environ, **env} if env is not None else None
     proc = _popen(args, full_env, pass_fds)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None

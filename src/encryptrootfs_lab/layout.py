@@ -345,8 +345,10 @@ def _guest_fill_script(pending: Sequence[_Pending]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fill_in_guest(pending: Sequence[_Pending], builder_image: Image, logs: Path) -> None:
-    # Any product image has the mkfs tools and the runner: use the one at hand.
+def _fill_in_guest(pending: Sequence[_Pending], logs: Path) -> None:
+    # The plain image: it has the mkfs tools and the runner, and no product in its initramfs
+    # (an image with encryptrootfs would encrypt the builder's own root first).
+    builder_image = build_image(PLAIN)
     builder_disk = build_disk(DiskLayout(), builder_image)
     drives = [builder_disk.drive(snapshot=True)]
     for i, p in enumerate(pending):
@@ -389,7 +391,7 @@ def _build_group(
         guest = [p for p in pending if p.source is not None]
         if guest:
             logs = cache_root() / "logs" / f"fill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            _fill_in_guest(guest, image, logs)
+            _fill_in_guest(guest, logs)
         finished = [(p, _finish(p)) for p in pending]
     # building() published the folders when the ExitStack closed.
     for p, disk in finished:

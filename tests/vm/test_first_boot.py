@@ -29,6 +29,7 @@ from encryptrootfs_lab.layout import (
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.product import ENCRYPT, create_lab_key, inspect_script
 from encryptrootfs_lab.qemu import BootEnd, BootResult
+from encryptrootfs_lab.testtree import PLAINTEXT_MARKER
 
 NewMachine = Callable[..., Machine]
 MIB = 1024 * 1024
@@ -95,18 +96,13 @@ def _plaintext_key(cloud: EmulatedCloud, machine: Machine, scratch: Path) -> byt
     return bytes(out["Plaintext"])
 
 
-def _plain_marker(image: Image) -> bytes:
-    """A line of the test tree's manifest: file content that is in the plain root only."""
-    return image.manifest.read_text().splitlines()[0].encode()
-
-
 def _two_boots(
     image: Image, disk: Disk, cloud: EmulatedCloud, new_machine: NewMachine, tmp_path: Path,
     *, check_secrets: bool = False,
 ) -> tuple[BootResult, BootResult]:  # fmt: skip
     key_arn = create_lab_key(cloud.kms)
     m = new_machine(image, disk, cloud)
-    marker = _plain_marker(image)
+    marker = PLAINTEXT_MARKER  # file content of the test tree, in the plain root only
     assert disk_contains(disk.path, [marker], fmt="raw")[marker], "marker not on the plain disk"
 
     first = m.boot(INSPECT, timeout=900)

@@ -35,6 +35,7 @@ from .devices import Partition
 from .filesystems import FsGeometry
 from .grow import grow_root
 from .plan_record import REDUCE_DEVICE_SIZE, PlanRecord
+from .unlock import with_kms_retries
 from .volume import data_pass, open_root
 
 # A clock before this cannot be right, and KMS would reject our signatures anyway; refuse
@@ -156,7 +157,10 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
     say(f"{part.path}: first boot: converting the {part.signature.type} root to LUKS2 in place")
     pre = preflight(part, config)
     say(f"{part.path}: preflight passed ({pre.room.describe()}); asking KMS for a new key")
-    key = verified_new_key(provider, pre.luks_uuid)
+    key = with_kms_retries(
+        config, "get a new key from KMS",
+        [("new data key from KMS", lambda: verified_new_key(provider, pre.luks_uuid))],
+        outcome="Nothing on disk was changed; the next boot tries again.")
     try:
         size = make_room(part, pre)
         # The token names keyslot 0: --init-only puts the first keyslot there.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from ..config import Config
 from ..errors import EncryptrootfsError, KeyServiceError
@@ -25,6 +25,52 @@ from .grow import grow_root
 from .network import wait_for_network
 from .volume import data_pass, open_root
 
+T = TypeVar("T")
+
+
+def with_kms_retries(
+    config: Config,
+    what: str,
+    attempts: Sequence[tuple[str, Callable[[], T]]],
+    *,
+    outcome: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    route_table: Optional[Path] = None,
+) -> T:
+    """The result of the first of ``attempts`` that succeeds, round after round, until the
+    boot budget; one console line per failed attempt. Errors KMS says are final (access
+    denied, context mismatch, disabled key) are raised at once."""
+    budget = config.boot.unlock_timeout
+    deadline = clock() + budget
+    if not wait_for_network(config, deadline, clock=clock, sleep=sleep, route_table=route_table):
+        say(f"no network after {budget:g} s; trying KMS once anyway")
+    attempt = 0
+    delay = 1.0
+    last: Optional[EncryptrootfsError] = None
+    while True:
+        attempt += 1
+        for label, action in attempts:
+            try:
+                result = action()
+                say(f"{label}: done on attempt {attempt}")
+                return result
+            except KeyServiceError as exc:
+                last = exc
+                say(f"{label}: attempt {attempt} failed: {exc.message}")
+                if not exc.retryable:
+                    raise
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        sleep(min(delay, remaining))
+        delay = min(delay * 2, 15.0)
+    assert last is not None
+    raise KeyServiceError(
+        f"Could not {what} within {budget:g} s ({attempt} attempts): {last.message} {outcome}",
+        hint=last.hint,
+    )
+
 
 def unwrap_with_retries(
     config: Config,
@@ -35,37 +81,16 @@ def unwrap_with_retries(
     route_table: Optional[Path] = None,
 ) -> tuple[bytearray, KmsToken]:
     """The key of the first token that unwraps, trying each in order, until the boot budget."""
-    budget = config.boot.unlock_timeout
-    deadline = clock() + budget
-    if not wait_for_network(config, deadline, clock=clock, sleep=sleep, route_table=route_table):
-        say(f"no network after {budget:g} s; trying KMS once anyway")
-    attempt = 0
-    delay = 1.0
-    last: Optional[EncryptrootfsError] = None
-    while True:
-        attempt += 1
-        for token in tokens:
-            try:
-                key = provider_for_token(config, token.wrapped).unwrap(token.wrapped)
-                say(f"key unwrapped by {token.wrapped.key_id} ({token.wrapped.region}) "
-                    f"on attempt {attempt}")
-                return key, token
-            except KeyServiceError as exc:
-                last = exc
-                say(f"unwrap attempt {attempt} with {token.wrapped.key_id} failed: {exc.message}")
-                if not exc.retryable:
-                    raise
-        remaining = deadline - clock()
-        if remaining <= 0:
-            break
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, 15.0)
-    assert last is not None
-    raise KeyServiceError(
-        f"Could not unwrap the root key within {budget:g} s ({attempt} attempts): "
-        f"{last.message} The root stays locked and nothing on disk was changed.",
-        hint=last.hint,
-    )
+
+    def unwrap(token: KmsToken) -> Callable[[], tuple[bytearray, KmsToken]]:
+        return lambda: (provider_for_token(config, token.wrapped).unwrap(token.wrapped), token)
+
+    attempts = [(f"unwrap with {t.wrapped.key_id} ({t.wrapped.region})", unwrap(t))
+                for t in tokens]
+    return with_kms_retries(
+        config, "unwrap the root key", attempts, clock=clock, sleep=sleep,
+        route_table=route_table,
+        outcome="The root stays locked and nothing on disk was changed.")
 
 
 def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
