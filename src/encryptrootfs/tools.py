@@ -40,6 +40,7 @@ TOOLS: tuple[Tool, ...] = (
     Tool("e2fsck", "e2fsprogs", "check ext4 before resizing", Need.EXT4),
     Tool("resize2fs", "e2fsprogs", "shrink/grow ext4", Need.EXT4),
     Tool("dumpe2fs", "e2fsprogs", "ext4 geometry", Need.EXT4),
+    Tool("xfs_repair", "xfsprogs", "read-only check (-n) before converting", Need.XFS),
     Tool("xfs_growfs", "xfsprogs", "grow XFS", Need.XFS),
     Tool("xfs_db", "xfsprogs", "XFS geometry", Need.XFS),
     Tool("btrfs", "btrfs-progs", "shrink/grow btrfs", Need.BTRFS),

@@ -24,6 +24,10 @@ class FsGeometry:
     size: int  # bytes the filesystem spans on its device
     block_size: int
     min_size: Optional[int]  # bytes it could shrink to; None: it cannot shrink
+    # The largest logical sector the filesystem accepts under it: an encryption sector
+    # (LUKS2 --sector-size) above it would make the mapping unmountable (XFS made with
+    # 512-byte sectors refuses a 4096-byte device).
+    max_sector: int = 512
 
 
 def _field(text: str, name: str) -> int:
@@ -46,9 +50,10 @@ def parse_resize2fs_min(text: str) -> int:
     return int(m.group(1))
 
 
-def parse_xfs_db(text: str) -> tuple[int, int]:
-    """(data blocks, block size) from ``xfs_db -r -c 'sb 0' -c 'print dblocks blocksize'``."""
-    return _field(text, "dblocks"), _field(text, "blocksize")
+def parse_xfs_db(text: str) -> tuple[int, int, int]:
+    """(data blocks, block size, sector size) from ``xfs_db -r -c 'sb 0' -c 'print dblocks
+    blocksize sectsize'``."""
+    return _field(text, "dblocks"), _field(text, "blocksize"), _field(text, "sectsize")
 
 
 def parse_btrfs_super(text: str) -> tuple[int, int]:
@@ -73,11 +78,12 @@ def geometry(fs_type: str, device: str) -> FsGeometry:
         minimum = run(["resize2fs", "-P", device], check=False)
         min_size = (parse_resize2fs_min(minimum.stdout.decode()) * bsize
                     if minimum.returncode == 0 else None)
-        return FsGeometry("ext4", blocks * bsize, bsize, min_size)
+        return FsGeometry("ext4", blocks * bsize, bsize, min_size, max_sector=bsize)
     if fs_type == "xfs":
-        out = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print dblocks blocksize", device])
-        blocks, bsize = parse_xfs_db(out.stdout.decode())
-        return FsGeometry("xfs", blocks * bsize, bsize, None)
+        out = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print dblocks blocksize sectsize",
+                   device])  # fmt: skip
+        blocks, bsize, sectsize = parse_xfs_db(out.stdout.decode())
+        return FsGeometry("xfs", blocks * bsize, bsize, None, max_sector=sectsize)
     if fs_type == "btrfs":
         out = run(["btrfs", "inspect-internal", "dump-super", device])
         size, sector = parse_btrfs_super(out.stdout.decode())
@@ -88,7 +94,7 @@ def geometry(fs_type: str, device: str) -> FsGeometry:
             min_size = int(m.stdout.decode().split()[0])
         finally:
             _umount()
-        return FsGeometry("btrfs", size, sector, min_size)
+        return FsGeometry("btrfs", size, sector, min_size, max_sector=sector)
     raise RefusedError(f"{fs_type} cannot be converted in place; nothing was changed.")
 
 

@@ -175,7 +175,8 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
         slot = luks2.reencrypt_encrypt_init(
             part.path, key.plaintext, uuid=pre.luks_uuid,
             reduce_device_size=REDUCE_DEVICE_SIZE,
-            sector_size=4096 if pre.fs.block_size % 4096 == 0 else None,
+            # 4096-byte encryption sectors are ~2x faster than 512 where the fs allows them.
+            sector_size=4096 if pre.fs.max_sector >= 4096 else None,
         )
         if slot != 0:
             token = new_token(key.wrapped, slot, part)

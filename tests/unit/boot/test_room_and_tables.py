@@ -96,7 +96,8 @@ def test_filesystem_parsers() -> None:
         == (131072, 4096)
     assert filesystems.parse_resize2fs_min(
         "Estimated minimum size of the filesystem: 23456\n") == 23456
-    assert filesystems.parse_xfs_db("dblocks = 65536\nblocksize = 4096\n") == (65536, 4096)
+    assert filesystems.parse_xfs_db("dblocks = 65536\nblocksize = 4096\nsectsize = 512\n") \
+        == (65536, 4096, 512)
     assert filesystems.parse_btrfs_super(
         "sectorsize\t\t4096\ndev_item.total_bytes\t536870912\n") == (536870912, 4096)
 
