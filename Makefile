@@ -10,7 +10,7 @@ PYTEST := $(VENV)/bin/pytest
 APT_PACKAGES := cryptsetup-bin qemu-system-x86 qemu-utils debootstrap fdisk e2fsprogs \
 	xfsprogs btrfs-progs zstd cpio ovmf
 
-.PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo bench clean \
+.PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo clean \
 	lab-build lab-boot
 
 deps: apt venv
@@ -60,9 +60,6 @@ lab-build: deps
 
 lab-boot: deps
 	$(VENV)/bin/encryptrootfs-lab boot
-
-bench: deps
-	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
