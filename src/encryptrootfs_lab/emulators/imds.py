@@ -22,6 +22,8 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
+from .serving import serve_in_thread, stop_serving
+
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a URL path
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name
@@ -155,22 +157,14 @@ class ImdsEmulator:
         server.emulator = self
         self._port = int(server.server_address[1])
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-            name=f"imds-emulator-{self._port}",
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(server, f"imds-emulator-{self._port}")
         return self
 
     def stop(self) -> None:
         """Stop serving; start() again reuses the same port (for "IMDS gone, then back")."""
         server, thread = self._server, self._thread
         self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        stop_serving(server, thread)
 
     def __enter__(self) -> ImdsEmulator:
         return self.start()

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Optional
 
+from .serving import serve_in_thread, stop_serving
+
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
@@ -146,22 +148,14 @@ class KmsEmulator:
         )
         self._port = int(server.server_address[1])
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-            name=f"kms-emulator-{self._port}",
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(server, f"kms-emulator-{self._port}")
         return self
 
     def stop(self) -> None:
         """Stop serving; keys survive and start() listens on the same port again."""
         server, thread = self._server, self._thread
         self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        stop_serving(server, thread)
 
     def set_unreachable(self, unreachable: bool) -> None:
         """Connections refused while True; the same port serves again when set back."""
