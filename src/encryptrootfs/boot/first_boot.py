@@ -161,8 +161,12 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
         config, "get a new key from KMS",
         [("new data key from KMS", lambda: verified_new_key(provider, pre.luks_uuid))],
         outcome="Nothing on disk was changed; the next boot tries again.")
+    # What is on the disk so far, for an error that stops the boot half way.
+    done = "nothing was changed on disk"
     try:
         size = make_room(part, pre)
+        if pre.room.grow_partition_to or pre.room.shrink_fs_to:
+            done = f"only the room for the header was made ({pre.room.describe()})"
         # The token names keyslot 0: --init-only puts the first keyslot there.
         token = new_token(key.wrapped, 0, part)
         record = PlanRecord(
@@ -178,14 +182,20 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
             # 4096-byte encryption sectors are ~2x faster than 512 where the fs allows them.
             sector_size=4096 if pre.fs.max_sector >= 4096 else None,
         )
+        done = "the LUKS2 header was written, no data is encrypted yet"
         if slot != 0:
             token = new_token(key.wrapped, slot, part)
         store_token(part.path, token, key.plaintext)
+        done = "the data pass had started; cryptsetup resumes it"
         data_pass(part.path, key.plaintext)
         mapper = open_root(part.path, config, key.plaintext, token)
         if config.first_boot.grow:
             grow_root(part, config.mapper_name, key.plaintext)
         return mapper
+    except EncryptrootfsError as exc:
+        exc.message += (f" On {part.path} so far: {done}. The next boot finds its place and "
+                        "continues; nothing is lost.")
+        raise
     finally:
         key.wipe()
 
