@@ -6,9 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-# Host programs: cryptsetup for the header tier; QEMU, debootstrap and the mkfs tools for the lab.
+# Host programs: cryptsetup for the header tier; QEMU, debootstrap and the mkfs tools for the lab;
+# GRUB's images and tools, mkfs.vfat and mtools for the lab's disks that boot through GRUB.
 APT_PACKAGES := cryptsetup-bin qemu-system-x86 qemu-utils debootstrap fdisk e2fsprogs \
-	xfsprogs btrfs-progs zstd cpio ovmf
+	xfsprogs btrfs-progs zstd cpio ovmf grub-pc-bin grub-efi-amd64-bin dosfstools mtools
 
 .PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo clean \
 	lab-build lab-boot
@@ -60,6 +61,19 @@ lab-build: deps
 
 lab-boot: deps
 	$(VENV)/bin/encryptrootfs-lab boot
+
+# Benchmarks (issue 8): bench/results.json, bench/*.png and bench/RESULTS.md. Pieces one at a
+# time with `make bench ONLY=fleet` (initramfs, fleet, disk, boot); BENCH_ARGS=--small for a try.
+.PHONY: bench
+ONLY ?=
+BENCH_ARGS ?=
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: deps $(VENV)/.bench-installed
+	$(PY) -m bench $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,7 @@ import pytest
 
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
 from support.emulators import INSTANCE_ID, REGION
+from support.robustness import LEDGER, Case
 
 TESTS = Path(__file__).parent
 TIERS = ("unit", "header", "vm")
@@ -55,3 +56,35 @@ def imds(aws_isolated: None) -> Iterator[ImdsEmulator]:
 @pytest.fixture
 def key_arn(kms: KmsEmulator) -> str:
     return kms.create_key(alias="encryptrootfs-test")
+
+
+# --- the robustness ledger (tests/support/robustness.py) ---------------------------------------
+
+ROBUSTNESS_KEY = pytest.StashKey[Case]()
+ROBUSTNESS_REPORT = Path(".pytest_cache") / "encryptrootfs-robustness.json"
+
+
+@pytest.fixture
+def robustness(request: pytest.FixtureRequest) -> Case:
+    """This test is a case of the power-cut / fault / bad-input matrix; report bytes lost."""
+    case = LEDGER.open(request.node)
+    request.node.stash[ROBUSTNESS_KEY] = case
+    return case
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report: pytest.TestReport = yield
+    case = item.stash.get(ROBUSTNESS_KEY, None)
+    ran = report.when == "call" or report.outcome != "passed"
+    if case is not None and ran and case.outcome in (None, "passed"):
+        case.outcome = report.outcome
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not LEDGER.cases:
+        return
+    for line in LEDGER.lines():
+        terminalreporter.write_line(line)
+    LEDGER.write(Path(str(terminalreporter.config.rootpath)) / ROBUSTNESS_REPORT)

@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
-from .enroll import all_ok, enroll, find_tokens, require_luks2, verify
+from .enroll import ProviderFor, all_ok, enroll, enroll_copy, find_tokens, require_luks2, verify
 from .errors import EncryptrootfsError, ExitCode
 from .log import get_logger, setup_logging
-from .providers import provider_from_config
+from .providers import provider_for_key, provider_for_token, provider_from_config
 from .providers.base import wipe
 from .token import token_to_json
 
@@ -37,6 +37,13 @@ Commands for image builders and operators:
   enroll         add a KMS-wrapped key to an existing LUKS2 device
   token show     list the tokens and keyslots of a LUKS2 device
   token verify   unwrap every token through KMS and test its keyslot (opens nothing)
+  status         state, tokens, keyslots and last unlock of the root (or given devices)
+  rewrap         re-wrap a token's key for another KMS key or region
+  recovery-key   add or remove a typeable recovery passphrase (own Argon2id keyslot)
+  volumes        the configured data volumes: devices, state, what `volumes up` would do
+
+Run by a systemd unit in the real root on every boot:
+  volumes up     format blank data volumes, unlock ours, mount them ([[volumes]])
 
 Run by the initramfs on every boot:
   boot           encrypt the root on its first boot, unlock it on every later one
@@ -114,7 +121,42 @@ def _read_existing_key(args: argparse.Namespace) -> bytearray:
     return bytearray(sys.stdin.buffer.read())
 
 
+def _provider_for(config: Config) -> ProviderFor:
+    return lambda wrapped: provider_for_token(config, wrapped)
+
+
+def cmd_enroll_copy(args: argparse.Namespace) -> int:
+    config = _config(args)
+    new_provider = provider_for_key(config, args.key_id, args.region)
+    done = enroll_copy(args.device, _provider_for(config), new_provider,
+                       token_id=args.token_id)
+    result = {
+        "device": done.device,
+        "source_token_id": done.source_token_id,
+        "token_id": done.token_id,
+        "keyslots": [int(k) for k in done.keyslots],
+        "key_id": done.wrapped.key_id,
+        "region": done.wrapped.region,
+        "encryption_context": dict(done.wrapped.encryption_context),
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{done.device}: token {done.token_id} holds the key of token "
+              f"{done.source_token_id} wrapped by {done.wrapped.key_id} in "
+              f"{done.wrapped.region} (keyslots {','.join(done.keyslots)}); verified: unwraps "
+              "through KMS and opens the keyslots. Either token unlocks.")
+    return ExitCode.OK
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
+    if args.copy:
+        return cmd_enroll_copy(args)
+    if args.key_id or args.region or args.token_id is not None:
+        raise EncryptrootfsError(
+            "--key-id, --region and --token-id go with --copy; nothing was changed.",
+            hint="a plain enroll wraps with the configured key; set it in the configuration",
+        )
     provider = provider_from_config(_config(args))
     existing = _read_existing_key(args)
     try:
@@ -191,6 +233,195 @@ def cmd_token_verify(args: argparse.Namespace) -> int:
         for r in results:
             print(f"token {r.token_id} ({r.key_id}): {'OK' if r.ok else 'FAILED'}: {r.reason}")
     return ExitCode.OK if all_ok(results) else ExitCode.VERIFY
+
+
+# --- status / rewrap / recovery-key (operators) -------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import status, unlock_record
+
+    devices = list(args.devices) or [status.configured_root(_config(args))]
+    record = unlock_record.read(Path(args.record))
+    statuses = status.gather_status(devices, record)
+    if args.json:
+        _print_json(status.status_json(statuses))
+    else:
+        sys.stdout.write(status.status_text(statuses))
+    unreadable = any(s.state is status.VolumeState.UNREADABLE for s in statuses)
+    return ExitCode.DEVICE if unreadable else ExitCode.OK
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    from .rewrap import rewrap
+
+    config = _config(args)
+    new_provider = provider_for_key(config, args.key_id, args.region)
+    done = rewrap(args.device, _provider_for(config), new_provider, token_id=args.token_id)
+    result = {
+        "device": done.device,
+        "old_token_id": done.old_token_id,
+        "old_key_id": done.old_key_id,
+        "old_region": done.old_region,
+        "token_id": done.token_id,
+        "keyslots": [int(k) for k in done.keyslots],
+        "key_id": done.wrapped.key_id,
+        "region": done.wrapped.region,
+        "resumed": done.resumed,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{done.device}: token {done.token_id} now wraps the key of keyslot(s) "
+              f"{','.join(done.keyslots)} with {done.wrapped.key_id} in {done.wrapped.region} "
+              f"(verified); token {done.old_token_id} ({done.old_key_id} in {done.old_region}) "
+              "was removed. The volume key and the keyslots are unchanged.")
+    return ExitCode.OK
+
+
+def cmd_recovery_add(args: argparse.Namespace) -> int:
+    from .recovery import ENTROPY_BITS, add_recovery_key
+
+    config = _config(args)
+    added = add_recovery_key(args.device, _provider_for(config), iter_time_ms=args.iter_time)
+    try:
+        shown = added.passphrase.decode("ascii")
+        if args.json:
+            _print_json({"device": added.device, "keyslot": added.keyslot,
+                         "token_id": added.token_id, "kdf": "argon2id",
+                         "memory_kib": added.memory_kib, "recovery_key": shown})
+        else:
+            print(f"{added.device}: recovery key added in keyslot {added.keyslot} (Argon2id, "
+                  f"{added.memory_kib} KiB; token {added.token_id} records the keyslot).\n\n"
+                  f"    {shown}\n\n"
+                  f"This is the only time it is shown ({ENTROPY_BITS} bits). Write it down and "
+                  "keep it off this machine. It opens the disk when the key service cannot: at "
+                  "the boot prompt, or with `cryptsetup open` typed exactly as above.")
+        del shown
+    finally:
+        wipe(added.passphrase)
+    return ExitCode.OK
+
+
+def cmd_recovery_remove(args: argparse.Namespace) -> int:
+    from .recovery import remove_recovery_key
+
+    config = _config(args)
+    removed = remove_recovery_key(args.device, _provider_for(config))
+    if args.json:
+        _print_json({"device": removed.device, "keyslots": list(removed.keyslots),
+                     "token_ids": list(removed.token_ids)})
+    else:
+        slots = ", ".join(str(k) for k in removed.keyslots) or "none left"
+        print(f"{removed.device}: recovery key removed (keyslot {slots}); the KMS-wrapped "
+              "key still opens the device.")
+    return ExitCode.OK
+
+
+def _add_operator_parsers(sub: Any) -> None:
+    st = sub.add_parser(
+        "status", help="state, tokens, keyslots and last unlock of managed devices",
+        description="For the configured root (found as `encryptrootfs boot` finds it) or the "
+        "given devices: the state (encrypted, reencryption-pending with its progress, plain, "
+        "not-ours, unreadable), the tokens (provider, key, region, encryption context, "
+        "created), the keyslots and which token owns each, and the last unlock recorded by "
+        "the initramfs. Reads only; calls no key service. --json: docs/status.md.")
+    st.add_argument("devices", nargs="*", metavar="DEVICE",
+                    help="devices or image files (default: the configured root)")
+    from .unlock_record import DEFAULT_PATH
+
+    st.add_argument("--record", default=str(DEFAULT_PATH), metavar="PATH",
+                    help=f"the unlock record to read (default: {DEFAULT_PATH})")
+    _add_json(st)
+    st.set_defaults(func=cmd_status)
+
+    rw = sub.add_parser(
+        "rewrap", help="re-wrap a token's key for another KMS key or region",
+        description="Unwrap the token's key through KMS, wrap it under --key-id (in "
+        "--region), store the new token next to the old one, prove it unwraps and opens its "
+        "keyslots, then remove the old token. The volume key and keyslots are not touched; a "
+        "kill at any step leaves a device that unlocks. After a kill, run it again with "
+        "--token-id naming the old token. Update the configuration's key_id afterwards for "
+        "new enrolments.")
+    rw.add_argument("device", help="LUKS2 device or image file")
+    rw.add_argument("--key-id", required=True, metavar="KEY",
+                    help="the new KMS key (ARN, alias/... or key id)")
+    rw.add_argument("--region", metavar="REGION",
+                    help="the new key's region (default: from the ARN, else the configured one)")
+    rw.add_argument("--token-id", type=int, metavar="N",
+                    help="the token to re-wrap (needed when there are several)")
+    _add_json(rw)
+    rw.set_defaults(func=cmd_rewrap)
+
+    rk = sub.add_parser("recovery-key", help="a typeable recovery passphrase",
+                        description="Add or remove a recovery passphrase, for when the key "
+                        "service cannot be reached. Both are authorised by the KMS-wrapped key.")
+    rk_sub = rk.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    add = rk_sub.add_parser(
+        "add", help="add a recovery passphrase and print it once",
+        description="Make a 200-bit passphrase (8 groups of 5 characters, Crockford base32), "
+        "put it in a keyslot of its own (Argon2id, at most 64 MiB) and print it once. A token "
+        "of type encryptrootfs-recovery names the keyslot.")
+    add.add_argument("device", help="LUKS2 device or image file")
+    add.add_argument("--iter-time", type=int, default=2000, metavar="MS",
+                     help="Argon2id unlock time to aim for on this machine (default: 2000)")
+    _add_json(add)
+    add.set_defaults(func=cmd_recovery_add)
+    rm = rk_sub.add_parser(
+        "remove", help="remove the recovery passphrase's keyslot (and nothing else)",
+        description="Wipe the keyslot the encryptrootfs-recovery token names and remove the "
+        "token. cryptsetup first checks that the KMS-wrapped key opens another keyslot.")
+    rm.add_argument("device", help="LUKS2 device or image file")
+    _add_json(rm)
+    rm.set_defaults(func=cmd_recovery_remove)
+
+
+# --- data volumes ([[volumes]]) -----------------------------------------------------------------
+
+
+def cmd_volumes(args: argparse.Namespace) -> int:
+    from . import volumes
+
+    config = _config(args)
+    if args.subcommand == "up":
+        done, failed = volumes.volumes_up(config)
+        if args.json:
+            _print_json({"volumes": [r.as_dict() for r in done],
+                         "failed": [{"name": n, "error": e.message} for n, e in failed]})
+        else:
+            for r in done:
+                print(f"volume {r.name}: {r.action}" + (f", {r.mapper} on {r.mount}"
+                                                        if r.mapper else ""))
+        error = volumes.exit_failed(failed)
+        if error is not None:
+            raise error
+        return ExitCode.OK
+    views = volumes.view_volumes(config)
+    if args.json:
+        _print_json({"volumes": [v.as_dict() for v in views]})
+    else:
+        sys.stdout.write(volumes.views_text(views))
+    return ExitCode.OK
+
+
+def _add_volumes_parsers(sub: Any) -> None:
+    vol = sub.add_parser(
+        "volumes", help="data volumes: show them, or bring them up (`volumes up`)",
+        description="Without a subcommand: for each [[volumes]] entry, the devices its "
+        "selectors match, what is on them and what `volumes up` would do (format, unlock or "
+        "refuse, and why). Reads only; calls no key service. See docs/volumes.md.")
+    _add_json(vol)
+    vol.set_defaults(func=cmd_volumes, subcommand=None)
+    vol_sub = vol.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    up = vol_sub.add_parser(
+        "up", help="format blank volumes, unlock ours, mount them (run at boot by "
+        "encryptrootfs-volumes.service)",
+        description="For each [[volumes]] entry: create or assemble the RAID0 array, format "
+        "a blank device (LUKS2 with a KMS-wrapped key, then the filesystem), or unwrap the "
+        "key of one that has our token and open it, then mount it. A device that holds "
+        "anything else is refused with the reason and left alone. Safe to run again.")
+    _add_json(up)
+    up.set_defaults(func=cmd_volumes)
 
 
 # --- boot (runs in the initramfs) --------------------------------------------------------------
@@ -332,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--key-file", metavar="PATH",
                     help="file holding a key that opens the device today ('-' for stdin)")
     en.add_argument("--keyslot", type=int, metavar="N", help="keyslot number to use")
+    en.add_argument("--copy", action="store_true",
+                    help="instead: add a token holding the key of an existing token, wrapped "
+                    "by --key-id (in --region); it opens the same keyslots (reads no key)")
+    en.add_argument("--key-id", metavar="KEY", help="with --copy: the KMS key of the new copy")
+    en.add_argument("--region", metavar="REGION",
+                    help="with --copy: the new copy's region (default: from the ARN, else the "
+                    "configured one)")
+    en.add_argument("--token-id", type=int, metavar="N",
+                    help="with --copy: the token to copy (needed when there are several)")
     _add_json(en)
     en.set_defaults(func=cmd_enroll)
 
@@ -361,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
         "root is ready.")
     bt.set_defaults(func=cmd_boot)
     _add_install_parsers(sub)
+    _add_operator_parsers(sub)
+    _add_volumes_parsers(sub)
     return parser
 
 

@@ -122,6 +122,48 @@ class BootConfig:
     unlock_timeout: float = 300.0  # seconds of unwrap retries (network, IMDS, KMS) at boot
 
 
+class Raid(str, Enum):
+    """How the devices of a data volume are combined."""
+
+    NONE = "none"  # exactly one device
+    RAID0 = "raid0"  # one md RAID0 array across all of them (mdadm), encrypted as one
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class VolumeFilesystem(str, Enum):
+    """Filesystems a data volume is formatted with."""
+
+    EXT4 = "ext4"
+    XFS = "xfs"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """One ``[[volumes]]`` entry: local disks that are encrypted, formatted when blank, mounted.
+
+    ``devices`` are absolute /dev paths or globs (``/dev/disk/by-id/nvme-Amazon_EC2_NVMe_
+    Instance_Storage_*``); what they match at boot is what the volume is made of.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    mount: str
+    raid: Raid = Raid.NONE
+    filesystem: VolumeFilesystem = VolumeFilesystem.EXT4
+    mapper_name: str = ""  # "" in the constructor means: the volume's name
+    mount_options: tuple[str, ...] = ()
+    optional: bool = False  # no matching device at boot: skip (instance types without disks)
+
+    def __post_init__(self) -> None:
+        if not self.mapper_name:
+            object.__setattr__(self, "mapper_name", self.name)
+
+
 @dataclass(frozen=True)
 class Config:
     root: RootSelector = field(default_factory=RootSelector)
@@ -131,6 +173,7 @@ class Config:
     first_boot: FirstBootConfig = field(default_factory=FirstBootConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     source: str = "<defaults>"  # where the configuration was read from, for messages
+    volumes: tuple[VolumeConfig, ...] = ()  # [[volumes]]: data volumes, in the file's order
 
 
 class _Table:
@@ -300,6 +343,7 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         unlock_timeout=boot_table.seconds("unlock_timeout", BootConfig.unlock_timeout),
     )
     boot_table.finish()
+    volumes = _parse_volumes(top, mapper_name)
     top.finish()
     return Config(
         root=root,
@@ -309,6 +353,7 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         first_boot=first_boot,
         boot=boot,
         source=source,
+        volumes=volumes,
     )
 
 
@@ -434,3 +479,149 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
         imds_attempts=imds_attempts,
         imds_timeout=imds_timeout,
     )
+
+
+# --- [[volumes]] ----------------------------------------------------------------------------
+
+# Used as the md array's name and the default mapper name: short, no quoting needed anywhere.
+_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_MOUNT_OPTION = re.compile(r"^[^\s,]+$")
+# Folders the system needs before the volumes' unit runs (it waits for the network): a volume
+# mounted over one of them would hide what the running system already uses.
+_SYSTEM_MOUNTS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root", "/run",
+    "/sbin", "/sys", "/usr", "/var",
+})
+
+
+def _parse_volumes(top: _Table, root_mapper: str) -> tuple[VolumeConfig, ...]:
+    raw = top.get("volumes")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, Mapping) for v in raw):
+        raise top.error("volumes", "must be an array of tables ([[volumes]] sections), not "
+                        f"{_toml_type(raw)}")
+    volumes: list[VolumeConfig] = []
+    for index, entry in enumerate(raw):
+        volume = _parse_volume(_Table(entry, f"volumes[{index}]", top.source))
+        table = _Table(entry, f"volumes[{index}]", top.source)
+        for other in volumes:
+            if other.name == volume.name:
+                raise table.error("name", f"{volume.name!r} is already the name of another "
+                                  "volume")
+            if other.mapper_name == volume.mapper_name:
+                raise table.error("mapper_name", f"{volume.mapper_name!r} is already the "
+                                  f"mapper name of volume {other.name!r}")
+            if _nested(other.mount, volume.mount):
+                raise table.error(
+                    "mount", f"{volume.mount} and the mount of volume {other.name!r} "
+                    f"({other.mount}) are the same or one is inside the other; give each "
+                    "volume a folder of its own")
+        if volume.mapper_name == root_mapper:
+            raise table.error("mapper_name", f"{volume.mapper_name!r} is the root's mapper name "
+                              "([root] mapper_name)")
+        volumes.append(volume)
+    return tuple(volumes)
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or b.startswith(a + "/") or a.startswith(b + "/")
+
+
+def _parse_volume(table: _Table) -> VolumeConfig:
+    name = table.string("name")
+    if name is None:
+        raise table.error("name", "missing: give the volume a name (e.g. \"data\")")
+    if not _VOLUME_NAME.match(name):
+        raise table.error("name", "must be 1-32 characters of letters, digits, '_' or '-', "
+                          f"starting with a letter or digit, not {name!r}")
+    devices = _parse_selectors(table)
+
+    raid_value = table.string("raid", Raid.NONE.value) or Raid.NONE.value
+    try:
+        raid = Raid(raid_value)
+    except ValueError:
+        known = ", ".join(f'"{r.value}"' for r in Raid)
+        raise table.error("raid", f"must be one of {known}, not {raid_value!r}") from None
+    explicit = [d for d in devices if not _is_glob(d)]
+    if raid is Raid.NONE and len(devices) > 1:
+        raise table.error(
+            "devices", f'raid = "none" takes one device, and {len(devices)} are listed'
+            + (" (explicit paths)" if len(explicit) == len(devices) else "")
+            + '; list one, or set raid = "raid0" to combine them')
+
+    fs_value = table.string("filesystem", VolumeFilesystem.EXT4.value) or ""
+    try:
+        filesystem = VolumeFilesystem(fs_value)
+    except ValueError:
+        known = ", ".join(f'"{f.value}"' for f in VolumeFilesystem)
+        raise table.error("filesystem", f"must be one of {known}, not {fs_value!r}") from None
+
+    mount = table.string("mount")
+    if mount is None:
+        raise table.error("mount", "missing: the folder to mount the volume on (e.g. \"/data\")")
+    mount = _check_mount(table, mount)
+
+    mapper_name = table.string("mapper_name", name) or name
+    if not _MAPPER_NAME.match(mapper_name):
+        raise table.error(
+            "mapper_name", "must be 1-127 characters of letters, digits, '_', '.', '+' or '-', "
+            f"starting with a letter or digit, not {mapper_name!r}")
+
+    options = table.get("mount_options")
+    if options is None:
+        options = []
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise table.error("mount_options", 'must be a list of strings such as ["noatime"], not '
+                          f"{_toml_type(options)}")
+    for option in options:
+        if not _MOUNT_OPTION.match(option):
+            raise table.error("mount_options", "each option is one word without spaces or "
+                              f"commas (write [\"noatime\", \"nodev\"]), not {option!r}")
+    optional = table.boolean("optional", False)
+    table.finish()
+    return VolumeConfig(
+        name=name, devices=devices, mount=mount, raid=raid, filesystem=filesystem,
+        mapper_name=mapper_name, mount_options=tuple(options), optional=optional,
+    )
+
+
+def _is_glob(selector: str) -> bool:
+    return any(c in selector for c in "*?[")
+
+
+def _parse_selectors(table: _Table) -> tuple[str, ...]:
+    value = table.get("devices")
+    if value is None:
+        raise table.error("devices", "missing: list the disks, e.g. "
+                          '["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*"]')
+    if not isinstance(value, list) or not value:
+        raise table.error("devices", "must be a non-empty list of device paths or globs, not "
+                          + ("an empty list" if isinstance(value, list) else _toml_type(value)))
+    seen: list[str] = []
+    for index, item in enumerate(value):
+        where = f"devices[{index}]"
+        if not isinstance(item, str):
+            raise table.error(where, f"must be a string, not {_toml_type(item)}")
+        parts = item.split("/")
+        if (not item.startswith("/dev/") or any(c.isspace() for c in item)
+                or ".." in parts or "." in parts or item.endswith("/")):
+            raise table.error(where, "must be an absolute path under /dev/ (globs allowed), "
+                              f"without spaces, '.' or '..', not {item!r}")
+        if item in seen:
+            raise table.error(where, f"{item!r} is listed twice")
+        seen.append(item)
+    return tuple(seen)
+
+
+def _check_mount(table: _Table, mount: str) -> str:
+    parts = mount.split("/")
+    if (not mount.startswith("/") or any(c.isspace() for c in mount) or ".." in parts
+            or "." in parts or "//" in mount):
+        raise table.error("mount", "must be an absolute folder path without spaces, '.', '..' "
+                          f"or '//', not {mount!r}")
+    mount = mount.rstrip("/") or "/"
+    if mount in _SYSTEM_MOUNTS:
+        raise table.error("mount", f"{mount} is a system folder that is in use before the "
+                          "volumes are mounted; choose a folder of its own, e.g. /data")
+    return mount

@@ -39,6 +39,11 @@ DRACUT_CONF_TEXT = (
     "# module that encrypts the root on first boot and unlocks it on every later boot.\n"
     f'add_dracutmodules+=" {MODULE_NAME} "\n'
 )
+# The data volumes' unit runs in the real root (docs/volumes.md). Written under /etc like the
+# configuration; enabled only when the configuration has [[volumes]].
+UNITS_D = Path("etc/systemd/system")
+VOLUMES_UNIT = "encryptrootfs-volumes.service"
+VOLUMES_WANTED_BY = "remote-fs.target"
 MIN_PYTHON = (3, 9)
 BIN_DIRS = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin")
 SYSTEMD_DIRS = ("usr/lib/systemd", "lib/systemd")
@@ -64,6 +69,8 @@ class InstallResult:
     module: Change
     dracut_conf: Change
     initramfs: tuple[str, ...]  # kernel versions whose initramfs was regenerated
+    volumes_unit: Change = Change.SKIPPED  # encryptrootfs-volumes.service
+    volumes_enabled: bool = False  # enabled: the configuration has [[volumes]]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -72,7 +79,14 @@ class InstallResult:
             "module": self.module.value,
             "dracut_conf": self.dracut_conf.value,
             "initramfs_regenerated": list(self.initramfs),
+            "volumes_unit": self.volumes_unit.value,
+            "volumes_enabled": self.volumes_enabled,
         }
+
+
+def volumes_unit_source() -> Path:
+    """The data volumes' systemd unit shipped as package data."""
+    return Path(__file__).resolve().parent / "systemd" / VOLUMES_UNIT
 
 
 def _in_root(root: Path, path: Path) -> Path:
@@ -177,6 +191,36 @@ def install_dracut_conf(root: Path) -> Change:
     return _write_if_changed(_in_root(root, DRACUT_CONF), DRACUT_CONF_TEXT.encode(), 0o644)
 
 
+def install_volumes_unit(root: Path, config: Config) -> tuple[Change, bool]:
+    """Write the data volumes' unit; enable it exactly when ``config`` has [[volumes]].
+
+    Enabling is the symlink ``systemctl enable`` makes (no systemd needed in an image tree);
+    a configuration without volumes removes it, so the unit never runs for nothing.
+    """
+    units = _in_root(root, UNITS_D)
+    change = _write_if_changed(units / VOLUMES_UNIT, volumes_unit_source().read_bytes(), 0o644)
+    link = units / f"{VOLUMES_WANTED_BY}.wants" / VOLUMES_UNIT
+    target = Path("/") / UNITS_D / VOLUMES_UNIT
+    enabled = bool(config.volumes)
+    if enabled and not (link.is_symlink() and Path(os.readlink(link)) == target):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        change = change if change is not Change.UNCHANGED else Change.UPDATED
+    elif not enabled and (link.is_symlink() or link.exists()):
+        link.unlink()
+        change = change if change is not Change.UNCHANGED else Change.UPDATED
+    return change, enabled
+
+
+def _require_volumes_unit(config: Config) -> None:
+    if config.volumes and not volumes_unit_source().is_file():
+        raise EncryptrootfsError(
+            f"The configuration has [[volumes]] but {volumes_unit_source()} is missing from "
+            "this installation of encryptrootfs; nothing was changed.",
+            hint="reinstall encryptrootfs: its package data is incomplete")
+
+
 def installed_kernels(root: Path) -> list[str]:
     """Kernel versions with modules in ``root`` (each gets its own initramfs)."""
     modules = _in_root(root, Path("lib/modules"))
@@ -230,9 +274,18 @@ def install(
         raise EncryptrootfsError(f"{root} is not a folder; nothing was changed.")
     # Everything is checked before the first write: dracut's presence, then the config.
     _require_dracut(root)
-    config_change, _ = install_config(root, config_source)
+    if config_source is not None:
+        _require_volumes_unit(load_config(config_source))
+    config_change, config = install_config(root, config_source)
+    _require_volumes_unit(config)  # (a kept config was not written either)
     module_change = install_module(root)
     conf_change = install_dracut_conf(root)
+    unit_change, unit_enabled = Change.SKIPPED, False
+    if volumes_unit_source().is_file():
+        unit_change, unit_enabled = install_volumes_unit(root, config)
+    else:
+        log.warning("%s is not in this installation: the data volumes' unit was not "
+                    "installed (the configuration has no [[volumes]])", volumes_unit_source())
     done: tuple[str, ...] = ()
     if regenerate_initramfs:
         targets = list(kernels) if kernels else installed_kernels(root)
@@ -243,7 +296,8 @@ def install(
                 hint="install a kernel; its package runs dracut, which now includes the module",
             )
         done = regenerate(root, targets)
-    return InstallResult(root, config_change, module_change, conf_change, done)
+    return InstallResult(root, config_change, module_change, conf_change, done,
+                         unit_change, unit_enabled)
 
 
 # --------------------------------------------------------------------------------------------

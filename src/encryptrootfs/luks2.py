@@ -831,6 +831,62 @@ def add_keyslot(
     raise ToolError(f"cryptsetup added a keyslot to `{name}` but did not say which.")
 
 
+# A human passphrase gets Argon2id, capped so a small initramfs can afford to open it.
+RECOVERY_PBKDF = "argon2id"
+RECOVERY_MEMORY_KIB = 65536
+RECOVERY_ITER_TIME_MS = 2000  # cryptsetup's own default unlock time
+
+
+def add_passphrase_keyslot(
+    device: PathArg,
+    *,
+    existing_key: Secret,
+    passphrase: Secret,
+    memory_kib: int = RECOVERY_MEMORY_KIB,
+    iter_time_ms: int = RECOVERY_ITER_TIME_MS,
+    keyslot: Optional[int] = None,
+    header: Optional[PathArg] = None,
+) -> int:
+    """Add an Argon2id keyslot for a human ``passphrase``, authorised by ``existing_key``.
+
+    ``memory_kib`` is the most cryptsetup may use (its benchmark may pick less, never more);
+    ``iter_time_ms`` is the unlock time the benchmark aims for on this machine. The existing
+    key goes on stdin, the passphrase through a pipe as ``/dev/fd/N`` (read whole: no newline
+    is added or stripped). Returns the new keyslot's number.
+    """
+    name = _name(device)
+    if not 8 * 1024 <= memory_kib <= 4 * 1024 * 1024:
+        raise ValueError("memory_kib must be between 8 MiB and 4 GiB")
+    if iter_time_ms < 1:
+        raise ValueError("iter_time_ms must be positive")
+    with secret_fd(passphrase) as fd:
+        args = [
+            "-v", "luksAddKey", "--batch-mode",
+            "--pbkdf", RECOVERY_PBKDF, "--pbkdf-memory", str(memory_kib),
+            "--iter-time", str(iter_time_ms),
+            "--key-file", "-", "--new-keyfile", f"/dev/fd/{fd}",
+        ]
+        if keyslot is not None:
+            args += ["--key-slot", str(keyslot)]
+        try:
+            out = run(
+                [CRYPTSETUP, *args, *_header_args(header), name],
+                stdin=existing_key, env=_ENV, pass_fds=(fd,),
+            ).stdout
+        except CommandError as exc:
+            if exc.returncode == _EXIT_NO_KEY:
+                raise VerifyError(
+                    f"The existing key opens no keyslot of `{name}`; no keyslot was added."
+                ) from None
+            raise _explain(exc, name, "No keyslot was added.") from None
+    match = _KEYSLOT_CREATED.search(out.decode(errors="replace"))
+    if match:
+        return int(match.group(1))
+    if keyslot is not None:
+        return keyslot
+    raise ToolError(f"cryptsetup added a keyslot to `{name}` but did not say which.")
+
+
 def kill_keyslot(
     device: PathArg,
     keyslot: int,

@@ -146,13 +146,22 @@ def building(final: Path) -> Iterator[Path]:
             safe_remove_tree(tmp)
 
 
+# An entry used this recently may belong to a test session still running (sessions hold their
+# images for hours and touch them at every boot): never removed, whatever ``keep`` says.
+IN_USE_SECONDS = 3 * 3600
+
+
 def prune(folder: Path, keep: int) -> None:
-    """Keep the ``keep`` most recently used entries of ``folder`` (by mtime), remove the rest."""
+    """Keep the ``keep`` most recently used entries of ``folder`` (by mtime), remove the rest
+    that no session used in the last :data:`IN_USE_SECONDS`."""
     if not folder.is_dir():
         return
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    recent = time.time() - IN_USE_SECONDS
     for old in entries[keep:]:
+        if old.stat().st_mtime > recent:
+            continue
         with locked(f"{folder.name}-{old.name}"):
             if old.exists():
                 log.info("removing old cache entry %s", old)

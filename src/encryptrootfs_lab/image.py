@@ -44,11 +44,13 @@ log = get_logger("lab.image")
 
 SUITE = "bookworm"
 # Bump when the base recipe (configure_base) changes in a way the package lists do not show.
-BASE_VERSION = "1"
+BASE_VERSION = "2"  # 2: mdadm, its shutdown unit masked
 BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "cryptsetup", "python3", "e2fsprogs",
     "xfsprogs", "btrfs-progs", "util-linux", "fdisk", "iproute2", "ca-certificates", "procps",
     "cpio", "zstd", "attr",
+    # data volumes: RAID0 across instance-store disks (tests/vm/test_data_volumes.py)
+    "mdadm",
 )  # fmt: skip
 # debootstrap's resolver picks initramfs-tools for the kernel and that conflicts with dracut,
 # so the kernel and dracut come in a second stage with apt inside the chroot.
@@ -210,11 +212,16 @@ def _configure_base(root: Path) -> None:
     link = wants / "systemd-networkd.service"
     if not link.is_symlink():
         link.symlink_to("/lib/systemd/system/systemd-networkd.service")
-    # Timers that would fire during a test, and a wait-online that would stall the boot.
+    # Timers that would fire during a test, and a wait-online that would stall the boot;
+    # mdadm's shutdown unit waits out its 90 s stop timeout under TCG at every power-off
+    # (arrays the tests make are stopped by the kernel at power-off anyway), and its monthly
+    # check would fire mid-test.
     for unit in (
         "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
         "e2scrub_all.timer", "fstrim.timer", "e2scrub_reap.service",
         "systemd-networkd-wait-online.service",
+        "mdadm-shutdown.service", "mdcheck_start.timer", "mdcheck_continue.timer",
+        "mdmonitor-oneshot.timer",
     ):  # fmt: skip
         masked = root / "etc/systemd/system" / unit
         if not masked.is_symlink():

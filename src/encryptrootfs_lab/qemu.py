@@ -5,7 +5,10 @@ devices (qcow2 overlays per test over cached raw disks), a test script through f
 (``opt/erfs/script``, run by the guest's ``erfs-lab-runner``), the serial console in a log file
 and a second serial port as the results channel. ``-no-reboot`` and ``panic=-1`` make QEMU exit
 on power-off, reboot and panic; a timeout, "kill after T seconds" and "kill when the console
-matches" end it with SIGKILL (a power cut). Networking is QEMU user mode with ``restrict=on``:
+matches" end it with SIGKILL (a power cut). A boot with a ``firmware`` has no ``-kernel``: SeaBIOS
+or OVMF starts the boot loader on the first disk (see :mod:`encryptrootfs_lab.bootloader`) and
+``append`` reaches the boot loader's config as an SMBIOS OEM string. Networking is QEMU user mode
+with ``restrict=on``:
 the guest reaches nothing but the ``guestfwd`` addresses, each relayed to a port on the host's
 loopback by :mod:`encryptrootfs_lab.relay`.
 
@@ -23,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -45,10 +49,42 @@ KMS_ADDRESS = "169.254.169.250"
 # probing the i440fx floppy controller costs ~5 s.
 MODULE_BLACKLIST = "kvm,kvm_amd,kvm_intel,cfg80211,floppy"
 FW_CFG_SCRIPT = "opt/erfs/script"
+# Debian's ovmf package (4 MiB flash layout); each machine boots with its own copy of the vars.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# A firmware boot's extra kernel arguments travel as the one SMBIOS OEM string (type 11) with
+# this prefix; the lab's grub.cfg reads it with GRUB's smbios command (bootloader.grub_cfg).
+SMBIOS_APPEND_PREFIX = "erfs-append="
 POLL_SECONDS = 0.1
 
 # Process groups of every QEMU this process started (QEMU's pid == its group id).
 STARTED_GROUPS: set[int] = set()
+
+
+class Firmware(str, Enum):
+    """What starts a boot from the disk instead of QEMU's ``-kernel``."""
+
+    BIOS = "bios"  # SeaBIOS (QEMU's default): GRUB i386-pc in the MBR and the gap after it
+    UEFI = "uefi"  # OVMF: GRUB x86_64-efi at EFI/BOOT/BOOTX64.EFI on the ESP
+
+
+def kernel_cmdline(root_uuid: str, append: Sequence[str] = ()) -> str:
+    """The lab's kernel command line (``-append`` of a direct boot, grub.cfg of a disk boot)."""
+    return " ".join([
+        f"root=UUID={root_uuid}", "ro", "console=ttyS0,115200", "panic=-1",
+        # rd.emergency=poweroff: a failed initramfs (e.g. encryptrootfs failing closed)
+        # powers off, so QEMU exits at once instead of halting until the timeout.
+        "rd.shell=0", "rd.emergency=poweroff", f"modprobe.blacklist={MODULE_BLACKLIST}",
+        *append,
+    ])  # fmt: skip
+
+
+def smbios_append_value(append: Sequence[str]) -> str:
+    """``-smbios type=11,value=...`` for a firmware boot's extra kernel arguments.
+
+    QEMU's option parser ends a value at a comma, so commas are doubled.
+    """
+    return "type=11,value=" + (SMBIOS_APPEND_PREFIX + " ".join(append)).replace(",", ",,")
 
 
 class BootEnd(str, Enum):
@@ -86,10 +122,10 @@ class Forward:
 
 @dataclass(frozen=True)
 class BootSpec:
-    """Everything one boot needs."""
+    """Everything one boot needs. ``kernel``/``initrd`` are None for a ``firmware`` boot."""
 
-    kernel: Path
-    initrd: Path
+    kernel: Optional[Path]
+    initrd: Optional[Path]
     root_uuid: str
     drives: tuple[Drive, ...]
     script: Optional[str] = None
@@ -101,15 +137,20 @@ class BootSpec:
     kill_delay: float = 0.0
     memory_mib: int = 1024
     cpus: int = 2
+    # QEMU -rtc base=: the guest's clock at power-on (None: the host's time).
+    rtc_base: Optional[str] = None
+    # Disk write caching. "unsafe" ignores the guest's flushes (fast; right when the boot ends
+    # by itself, QEMU writes everything out on exit). A boot meant to be cut needs
+    # "writeback": QEMU keeps qcow2 metadata in memory until a flush, so with "unsafe" a kill
+    # would lose writes the guest had flushed, which no real disk does.
+    cache: str = "unsafe"
+    # None: QEMU loads kernel and initrd itself. Otherwise the firmware boots the first drive.
+    firmware: Optional[Firmware] = None
+    # UEFI only: this machine's copy of OVMF_VARS (its NVRAM; written by the firmware).
+    efi_vars: Optional[Path] = None
 
     def cmdline(self) -> str:
-        return " ".join([
-            f"root=UUID={self.root_uuid}", "ro", "console=ttyS0,115200", "panic=-1",
-            # rd.emergency=poweroff: a failed initramfs (e.g. encryptrootfs failing closed)
-            # powers off, so QEMU exits at once instead of halting until the timeout.
-            "rd.shell=0", "rd.emergency=poweroff", f"modprobe.blacklist={MODULE_BLACKLIST}",
-            *self.append,
-        ])  # fmt: skip
+        return kernel_cmdline(self.root_uuid, self.append)
 
 
 @dataclass(frozen=True)
@@ -216,6 +257,32 @@ def _relay_command(port: int) -> str:
     return f"{sys.executable} -m encryptrootfs_lab.relay {port}"
 
 
+def _boot_argv(spec: BootSpec) -> list[str]:
+    if spec.firmware is None:
+        if spec.kernel is None or spec.initrd is None:
+            raise LabError("A boot without a firmware needs a kernel and an initrd; QEMU was "
+                           "not started.", hint="give BootSpec kernel= and initrd=")  # fmt: skip
+        return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append",
+                spec.cmdline()]  # fmt: skip
+    if spec.kernel is not None or spec.initrd is not None:
+        raise LabError(f"A {spec.firmware.value} boot loads the kernel from the disk; QEMU was "
+                       "not started.", hint="leave BootSpec kernel and initrd at None")  # fmt: skip
+    if not spec.drives:
+        raise LabError("A firmware boot needs a disk to boot from; QEMU was not started.")
+    argv: list[str] = []
+    if spec.firmware is Firmware.UEFI:
+        if spec.efi_vars is None:
+            raise LabError("A UEFI boot needs its machine's copy of OVMF_VARS; QEMU was not "
+                           "started.", hint="give BootSpec efi_vars= (Machine does)")  # fmt: skip
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={spec.efi_vars}",
+        ]  # fmt: skip
+    if spec.append:
+        argv += ["-smbios", smbios_append_value(spec.append)]
+    return argv
+
+
 def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Path]) -> list[str]:
     netdev = (
         f"user,id=n0,restrict=on,net={GUEST_NET},host={GUEST_HOST},"
@@ -229,14 +296,17 @@ def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Pat
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max,-erms,-fsrm",
         "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-        "-nodefaults", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline(),
-        "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
+        "-nodefaults", "-display", "none", "-no-reboot", *_boot_argv(spec),
+        # romfile= (firmware boots): no iPXE; the firmware boots the disk and nothing else.
+        "-netdev", netdev,
+        "-device", "virtio-net-pci,netdev=n0" + (",romfile=" if spec.firmware else ""),
         "-device", "virtio-rng-pci",
         "-serial", f"file:{console}", "-serial", f"file:{results}",
     ]  # fmt: skip
+    if spec.rtc_base is not None:
+        argv += ["-rtc", f"base={spec.rtc_base}"]
     for i, d in enumerate(spec.drives):
-        opts = f"file={d.path},format={d.format},if=none,id=d{i},cache=unsafe"
+        opts = f"file={d.path},format={d.format},if=none,id=d{i},cache={spec.cache}"
         if d.readonly:
             opts += ",readonly=on"
         if d.snapshot:
@@ -246,6 +316,8 @@ def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Pat
             dev += f",logical_block_size={d.logical_sector},physical_block_size={d.logical_sector}"
         if d.serial:
             dev += f",serial={d.serial}"
+        if spec.firmware is not None and i == 0:
+            dev += ",bootindex=0"
         argv += ["-drive", opts, "-device", dev]
     if script is not None:
         argv += ["-fw_cfg", f"name={FW_CFG_SCRIPT},file={script}"]

@@ -10,11 +10,13 @@ string that tests can look for on the raw disk (it must vanish once the disk is 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 from .cache import building, cache_root, digest, locked, touch
 
@@ -115,3 +117,27 @@ def cached_tree() -> tuple[Path, Path]:
                 write_manifest(tmp / "tree", tmp / "manifest.json")
         touch(final)
     return final / "tree", final / "manifest.json"
+
+
+def bytes_lost(results: str, manifest: Path) -> Optional[int]:
+    """Bytes of the test tree's files that a guest's ``erfs-tree verify`` found missing or
+    changed (from its ``ERFS-TREE-BAD`` lines); None when no verification ran.
+
+    A lower bound when the verifier listed only the first 50 problems.
+    """
+    if "ERFS-TREE-OK" not in results and "ERFS-TREE-FAIL" not in results:
+        return None
+    sizes = {e["path"]: int(e.get("size", 0))
+             for e in json.loads(manifest.read_text())["entries"]}  # fmt: skip
+    # Paths may contain spaces: take the longest manifest path the line names.
+    by_length = sorted(sizes, key=len, reverse=True)
+    lost: dict[str, int] = {}
+    for line in results.splitlines():
+        _, sep, rest = line.partition("ERFS-TREE-BAD ")
+        if not sep:
+            continue
+        _, sep, rest = rest.partition(" path=")
+        path = next((p for p in by_length if rest.startswith(p + " ")), None)
+        if path is not None and not rest[len(path) + 1:].startswith("unexpected"):
+            lost[path] = sizes[path]
+    return sum(lost.values())

@@ -7,8 +7,6 @@ import base64
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from encryptrootfs.errors import ExitCode
 from encryptrootfs.run import run
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
+from support.cli import Cli, emulator_config
 from support.emulators import REGION
 
 HEADER_BYTES = 16 * 1024 * 1024
@@ -26,39 +25,7 @@ HEADER_BYTES = 16 * 1024 * 1024
 
 @pytest.fixture
 def config(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-[providers.aws_kms]
-key_id = "alias/encryptrootfs-test"
-endpoint_url = "{kms.url}"
-imds_endpoint = "{imds.url}"
-total_timeout = 20.0
-imds_attempts = 3
-imds_timeout = 1.0
-
-[providers.aws_kms.encryption_context]
-fleet = "web"
-""")
-    return path
-
-
-class Cli:
-    """Runs the real `encryptrootfs` command and keeps everything it printed."""
-
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.transcript: list[str] = []
-
-    def __call__(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent"
-        r = subprocess.run(
-            [sys.executable, "-m", "encryptrootfs", "--debug", "--config", str(self.config),
-             *args],
-            input=stdin.decode("latin-1"), capture_output=True, text=True, env=env,
-            timeout=120, check=False)
-        self.transcript += [r.stdout, r.stderr]
-        return r
+    return emulator_config(tmp_path / "config.toml", kms, imds, {"fleet": "web"})
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from encryptrootfs.boot import devices, first_boot, plan_record
 from encryptrootfs.boot.decide import Action, decide
 from encryptrootfs.boot.devices import Partition
 from encryptrootfs.boot.plan_record import REDUCE_DEVICE_SIZE, PlanRecord
+from encryptrootfs.config import parse_config
 from encryptrootfs.errors import RefusedError
 from encryptrootfs.providers.aws_kms import AwsKmsProvider
 from encryptrootfs.providers.base import NewKey
@@ -30,6 +31,9 @@ from support.emulators import provider
 
 MIB = 1024 * 1024
 SIZE = 96 * MIB
+# Only the retry budget of the boot matters here; the provider is built by the fixture.
+CONFIG = parse_config({"providers": {"aws_kms": {"key_id": "alias/encryptrootfs-test"}},
+                       "boot": {"unlock_timeout": 30}}, source="test")
 
 
 @pytest.fixture
@@ -87,7 +91,7 @@ def test_cut_between_header_and_token_is_finished_from_the_plan_record(
 
     part = probe(ext4.path)
     assert decide("x", part, first_boot_enabled=True).action is Action.FINISH_CUSTODY
-    assert first_boot.finish_custody(part, kms_provider) is True
+    assert first_boot.finish_custody(part, kms_provider, CONFIG) is True
 
     part = probe(ext4.path)
     assert part.luks is not None and part.luks.tokens
@@ -146,7 +150,7 @@ def test_torn_keyslot_area_falls_back_to_restoring_the_head(
 
     part = probe(ext4.path)
     assert decide("x", part, first_boot_enabled=True).action is Action.FINISH_CUSTODY
-    assert first_boot.finish_custody(part, kms_provider) is False
+    assert first_boot.finish_custody(part, kms_provider, CONFIG) is False
     first_boot.restore_head(part)
     part = probe(ext4.path)
     assert part.signature.type == "ext4"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -288,3 +289,25 @@ def test_token_naming_another_key_is_refused(
         p.unwrap(replace(new.wrapped, key_id=other))
     assert f"was not encrypted under {other}" in str(err.value)
     assert kms.requests_for("Decrypt")[-1].error_code == "IncorrectKeyException"
+
+
+@pytest.mark.parametrize(("offset", "aws_year"), [
+    (-3 * 365 * 86400, -3),  # this machine's clock years ahead
+    (+3 * 365 * 86400, +3),  # this machine's clock years behind
+])
+def test_a_clock_far_off_is_explained_as_a_clock_problem(
+    kms: KmsEmulator, imds: ImdsEmulator, key_arn: str, offset: int, aws_year: int,
+) -> None:  # fmt: skip
+    p = provider(kms, imds, key_arn)
+    new = p.new_key(LUKS_UUID)
+    kms.clock_offset_s = offset
+    with pytest.raises(KeyServiceError) as err:
+        p.unwrap(new.wrapped)
+    assert "the clock of this machine is probably wrong" in str(err.value)
+    # both clocks are named: this machine's and the one KMS goes by
+    assert f"KMS says {time.gmtime().tm_year + aws_year}-" in str(err.value)
+    assert f"it says {time.gmtime().tm_year}-" in str(err.value)
+    assert not err.value.retryable
+    assert kms.requests[-1].error_code == "InvalidSignatureException"
+    kms.clock_offset_s = 0.0
+    assert p.unwrap(new.wrapped) == new.plaintext

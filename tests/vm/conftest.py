@@ -80,6 +80,21 @@ def cloud() -> Iterator[EmulatedCloud]:
     assert not still, f"emulator ports still answering after the test: {still}"
 
 
+@pytest.fixture(scope="module")
+def module_cloud() -> Iterator[EmulatedCloud]:
+    """KMS + IMDS emulators shared by one test module (e.g. a disk encrypted once and booted
+    by every test: its wrapping key lives in these), with the lab images' key created."""
+    from encryptrootfs_lab.product import create_lab_key
+
+    with emulated_cloud() as c:
+        ports = [c.kms.port, c.imds.port]
+        EMULATOR_PORTS.extend(ports)
+        create_lab_key(c.kms)
+        yield c
+    still = [p for p in ports if _port_open(p)]
+    assert not still, f"emulator ports still answering after the module: {still}"
+
+
 @pytest.fixture
 def machines(request: pytest.FixtureRequest) -> Iterator[list[Machine]]:
     """Machines made by this test (for the failure report and the leak check)."""

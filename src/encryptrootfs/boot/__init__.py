@@ -50,13 +50,21 @@ def locate_root(
     deadline = clock() + timeout
     said = False
     while True:
-        root = find_root(spec, gather())
+        seen = gather()
+        root = find_root(spec, seen)
         if root is not None:
             return root
         if clock() >= deadline:
+            # An encrypted root is known by the filesystem UUID its token records: with the
+            # token unreadable, say so rather than only "not found".
+            damaged = "".join(
+                f" {p.path} is LUKS2 with an unreadable encryptrootfs token "
+                f"({'; '.join(p.luks.damaged)}): if that is the root, restore its header "
+                "from a backup or open it with its recovery key."
+                for p in seen if p.luks is not None and p.luks.damaged)
             raise DeviceError(
                 f"No partition matches the root selector `{spec}` after {timeout:g} s; "
-                "nothing was changed.",
+                f"nothing was changed.{damaged}",
                 hint="check root= on the kernel command line or [root] device in the "
                 "configuration")
         if not said:
@@ -106,7 +114,7 @@ def _apply(decision: Decision, config: Config) -> Optional[str]:
     if not wait_for_network(config, time.monotonic() + budget):
         say(f"no network after {budget:g} s; trying KMS anyway")
     if decision.action is Action.FINISH_CUSTODY:
-        if not first_boot.finish_custody(part, provider):
+        if not first_boot.finish_custody(part, provider, config):
             first_boot.restore_head(part)
         return _AGAIN
     # Action.ENCRYPT

@@ -133,9 +133,19 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
                 hint="unlock it by other means, or convert it with `cryptsetup convert`",
             )
         if p.luks.tokens:
+            skipped = "".join(f"; skipping {d}" for d in p.luks.damaged)
             if p.luks.reencryption_pending:
-                return Decision(Action.RESUME, p, "encryption of the root was interrupted")
-            return Decision(Action.UNLOCK, p, "the root is encrypted")
+                return Decision(Action.RESUME, p,
+                                "encryption of the root was interrupted" + skipped)
+            return Decision(Action.UNLOCK, p, "the root is encrypted" + skipped)
+        if p.luks.damaged:
+            raise RefusedError(
+                f"The root {p.path} is encrypted, but its encryptrootfs token cannot be read "
+                f"({'; '.join(p.luks.damaged)}), so there is no wrapped key to ask KMS for. "
+                "The root stays locked; nothing was changed.",
+                hint="restore the LUKS2 header from its backup (cryptsetup luksHeaderRestore), "
+                "or open the root with its recovery key and re-enroll",
+            )
         if (p.luks.reencryption_pending and p.record is not None
                 and p.record.luks_uuid == p.luks.uuid):
             return Decision(Action.FINISH_CUSTODY, p, "the LUKS2 header was written but the "

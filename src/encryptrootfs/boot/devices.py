@@ -15,7 +15,7 @@ from .. import luks2
 from ..errors import EncryptrootfsError
 from ..log import get_logger
 from ..run import run
-from ..token import KmsToken, token_from_json
+from ..token import KmsToken, TokenError, token_from_json
 from . import plan_record
 from .plan_record import PlanRecord
 
@@ -42,6 +42,10 @@ class LuksFacts:
     reencryption_pending: bool
     tokens: tuple[KmsToken, ...]  # ours only; foreign tokens are skipped
     keyslots: tuple[str, ...]
+    # Tokens of our type that cannot be read, as "token N: why". Skipped, never fatal here:
+    # the header may hold a good copy beside it, and a damaged token on some other disk must
+    # not stop the root's boot.
+    damaged: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,13 @@ def probe_signature(device: str) -> tuple[Signature, dict[str, str]]:
 def luks_facts(device: str) -> LuksFacts:
     header = luks2.read_header(device)
     tokens = []
-    for raw in header.tokens.values():
-        token = token_from_json(raw)
+    damaged = []
+    for token_id, raw in sorted(header.tokens.items(), key=lambda t: int(t[0])):
+        try:
+            token = token_from_json(raw)
+        except TokenError as exc:
+            damaged.append(f"token {token_id}: {exc.message}")
+            continue
         if token is not None:
             tokens.append(token)
     return LuksFacts(
@@ -114,6 +123,7 @@ def luks_facts(device: str) -> LuksFacts:
         reencryption_pending=header.reencryption_pending,
         tokens=tuple(tokens),
         keyslots=tuple(sorted(header.keyslots, key=int)),
+        damaged=tuple(damaged),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..errors import EncryptrootfsError, RefusedError
 from ..run import run
+from .console import say
 
 MOUNT_DIR = "/run/encryptrootfs/mnt"
 
@@ -61,6 +62,66 @@ def parse_btrfs_super(text: str) -> tuple[int, int]:
     return _field(text, "dev_item.total_bytes"), _field(text, "sectorsize")
 
 
+def _ranges(text: str) -> list[tuple[int, int]]:
+    """``"1-5, 9, 12-20"`` -> [(1, 5), (9, 9), (12, 20)] (dumpe2fs free lists)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        out.append((int(first), int(last or first)))
+    return out
+
+
+def ext4_tail_in_use(dumpe2fs: str, new_blocks: int) -> tuple[int, int]:
+    """(blocks in use at or after block ``new_blocks``, inodes in use in the block groups
+    that lie wholly past it), from the full ``dumpe2fs`` output.
+
+    Both zero means resize2fs can shrink to ``new_blocks`` without moving a block or an
+    inode: it only rewrites the superblocks, group descriptors and the last group's bitmaps.
+    """
+    per_group = _field(dumpe2fs, "Inodes per group")
+    used_blocks = used_inodes = 0
+    groups = re.finditer(
+        r"^Group \d+: \(Blocks (\d+)-(\d+)\).*?\n\s+Free blocks: ([^\n]*)\n"
+        r"\s+Free inodes: ([^\n]*)", dumpe2fs, re.MULTILINE | re.DOTALL)
+    for m in groups:
+        first, last = int(m.group(1)), int(m.group(2))
+        if last < new_blocks:
+            continue
+        start = max(first, new_blocks)
+        free = sum(max(0, min(b, last) - max(a, start) + 1) for a, b in _ranges(m.group(3)))
+        used_blocks += (last - start + 1) - free
+        if first >= new_blocks:
+            free_inodes = sum(b - a + 1 for a, b in _ranges(m.group(4)))
+            used_inodes += per_group - free_inodes
+    return used_blocks, used_inodes
+
+
+def check_shrink_in_place(fs_type: str, device: str, new_size: int) -> None:
+    """Refuse an ext4 shrink that would make resize2fs move data.
+
+    resize2fs moves blocks and inodes out of the cut-off tail with no ordering between the
+    copies and the pointer updates, so a power cut during such a move can lose data. When the
+    tail is free it only rewrites metadata, which ``e2fsck -p`` repairs after a cut. (btrfs
+    shrinks in the kernel, with copy-on-write transactions: safe either way.)
+    """
+    if fs_type != "ext4":
+        return
+    text = run(["dumpe2fs", device]).stdout.decode(errors="replace")
+    block_size = _field(text, "Block size")
+    blocks, inodes = ext4_tail_in_use(text, new_size // block_size)
+    if blocks or inodes:
+        raise RefusedError(
+            f"The last 32 MiB of the ext4 filesystem on {device} hold data ({blocks} blocks, "
+            f"{inodes} inodes); shrinking would make resize2fs move it, which a power cut "
+            "could corrupt, so encryptrootfs does not. Nothing was changed.",
+            hint="leave at least 32 MiB unpartitioned after the root partition in the image "
+            "(or enlarge the disk by 32 MiB); see docs/first-boot.md",
+        )
+
+
 def _mount(device: str, fs_type: str, *options: str) -> str:
     os.makedirs(MOUNT_DIR, exist_ok=True)
     opts = ",".join(options) if options else "defaults"
@@ -98,12 +159,36 @@ def geometry(fs_type: str, device: str) -> FsGeometry:
     raise RefusedError(f"{fs_type} cannot be converted in place; nothing was changed.")
 
 
+def ext4_has_errors(device: str) -> bool:
+    """The superblock says the filesystem has errors (the kernel found some, or a resize2fs
+    was cut: it sets the flag first and clears it last)."""
+    r = run(["dumpe2fs", "-h", device], check=False)
+    m = re.search(r"^Filesystem state:\s*(.*)$", r.stdout.decode(errors="replace"), re.MULTILINE)
+    return m is not None and "error" in m.group(1)
+
+
 def check_readonly(fs_type: str, device: str) -> None:
-    """A read-only consistency check; raises when the filesystem needs repair first."""
+    """A read-only consistency check; raises when the filesystem needs repair first.
+
+    One exception, ext4 marked as having errors: ``e2fsck -p`` makes the repairs that are safe
+    without a human (what every boot's fsck of the root does anyway). After a cut during the
+    metadata-only shrink (see check_shrink_in_place) that is all it takes.
+    """
     hint = "repair the filesystem from a rescue system, then boot again"
     if fs_type == "ext4":
         r = run(["e2fsck", "-n", "-f", device], check=False)
-        if r.returncode not in (0,):
+        if r.returncode != 0 and ext4_has_errors(device):
+            say(f"{device}: the ext4 superblock is marked with errors (an interrupted shrink "
+                "does that); repairing with `e2fsck -f -p`, as the boot's fsck would")
+            p = run(["e2fsck", "-f", "-p", device], check=False)
+            if p.returncode >= 4:
+                raise RefusedError(
+                    f"{device} has ext4 errors that `e2fsck -p` cannot repair without a "
+                    f"human (exit code {p.returncode}); it changed only what it could fix "
+                    "safely, and nothing else was changed.",
+                    hint="run `e2fsck -f` on it from a rescue system, then boot again")
+            r = run(["e2fsck", "-n", "-f", device], check=False)
+        if r.returncode != 0:
             raise RefusedError(f"e2fsck found problems on {device}; nothing was changed.",
                                hint=hint)
     elif fs_type == "xfs":
@@ -121,6 +206,8 @@ def shrink(fs_type: str, device: str, new_size: int) -> None:
             raise RefusedError(
                 f"e2fsck could not make {device} clean enough to shrink; nothing else was "
                 "changed.", hint="repair it with `e2fsck -f` from a rescue system")
+        say(f"{device}: resize2fs to {new_size // 1048576} MiB (the tail is free: no data "
+            "moves)")
         run(["resize2fs", device, f"{new_size // 1024}K"])
     elif fs_type == "btrfs":
         mnt = _mount(device, "btrfs")

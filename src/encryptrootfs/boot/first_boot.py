@@ -30,6 +30,7 @@ from ..providers.base import NewKey, WrappedKey, wipe
 from ..token import KmsToken, token_from_json, token_to_json, utc_now
 from ..tools import Need, missing
 from . import filesystems, partitions, plan_record
+from .breakpoints import stop_after
 from .console import say
 from .devices import Partition
 from .filesystems import FsGeometry
@@ -116,6 +117,8 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
     fs = filesystems.geometry(fs_type, part.path)
     table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
     room = plan_room(part, fs, partitions.free_after(table, part.path))
+    if room.shrink_fs_to is not None:
+        filesystems.check_shrink_in_place(fs_type, part.path, room.shrink_fs_to)
     return Preflight(fs, room, table, str(uuid_module.uuid4()))
 
 
@@ -161,12 +164,14 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
         config, "get a new key from KMS",
         [("new data key from KMS", lambda: verified_new_key(provider, pre.luks_uuid))],
         outcome="Nothing on disk was changed; the next boot tries again.")
+    stop_after("preflight")
     # What is on the disk so far, for an error that stops the boot half way.
     done = "nothing was changed on disk"
     try:
         size = make_room(part, pre)
         if pre.room.grow_partition_to or pre.room.shrink_fs_to:
             done = f"only the room for the header was made ({pre.room.describe()})"
+        stop_after("room")  # (also when no room had to be made)
         # The token names keyslot 0: --init-only puts the first keyslot there.
         token = new_token(key.wrapped, 0, part)
         record = PlanRecord(
@@ -175,6 +180,7 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
             head_sha256=plan_record.head_sha256(part.path), token=token_to_json(token),
         )
         plan_record.write(part.path, record)
+        stop_after("record")
         say(f"{part.path}: writing the LUKS2 header (no data is encrypted yet)")
         slot = luks2.reencrypt_encrypt_init(
             part.path, key.plaintext, uuid=pre.luks_uuid,
@@ -183,12 +189,16 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
             sector_size=4096 if pre.fs.max_sector >= 4096 else None,
         )
         done = "the LUKS2 header was written, no data is encrypted yet"
+        stop_after("header")
         if slot != 0:
             token = new_token(key.wrapped, slot, part)
         store_token(part.path, token, key.plaintext)
+        stop_after("token")
         done = "the data pass had started; cryptsetup resumes it"
         data_pass(part.path, key.plaintext)
+        stop_after("data")
         mapper = open_root(part.path, config, key.plaintext, token)
+        stop_after("open")
         if config.first_boot.grow:
             grow_root(part, config.mapper_name, key.plaintext)
         return mapper
@@ -211,7 +221,7 @@ def store_token(device: str, token: KmsToken, key: bytearray) -> int:
     return token_id
 
 
-def finish_custody(part: Partition, provider: KeyProvider) -> bool:
+def finish_custody(part: Partition, provider: KeyProvider, config: Config) -> bool:
     """The header exists but the token does not: import it from the plan record.
 
     Returns False when the keyslot does not open with the recorded key (its write was torn);
@@ -222,7 +232,10 @@ def finish_custody(part: Partition, provider: KeyProvider) -> bool:
     if token is None:
         raise RefusedError(f"The plan record on {part.path} holds no encryptrootfs token; "
                            "nothing was changed.")
-    key = provider.unwrap(token.wrapped)
+    key = with_kms_retries(
+        config, "unwrap the key of the plan record",
+        [("unwrap the plan record's key", lambda: provider.unwrap(token.wrapped))],
+        outcome="The header is written and no data is encrypted yet; the next boot continues.")
     try:
         if not luks2.test_keyslot(part.path, key, int(token.keyslots[0])):
             return False

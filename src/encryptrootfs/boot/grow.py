@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..luks2 import resize_device
 from ..run import Secret, run
 from . import filesystems, partitions
+from .breakpoints import stop_after
 from .console import say
 from .devices import Partition, probe_signature
 
@@ -22,6 +23,7 @@ def grow_root(part: Partition, mapper_name: str, key: Secret) -> None:
     if partitions.free_after(table, part.path) >= MIB:
         new_size = partitions.grow_to_end(part, table)
         say(f"{part.path}: partition grown to {new_size // MIB} MiB")
+        stop_after("grow")
     # Always bring the mapping and the filesystem up to the partition: cheap when they are
     # already there, and the only way to finish a grow cut after the partition step.
     resize_device(mapper_name, key)

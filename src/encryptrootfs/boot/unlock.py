@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+from .. import unlock_record
 from ..config import Config
 from ..errors import EncryptrootfsError, KeyServiceError
 from ..providers import provider_for_token
@@ -48,9 +49,13 @@ def with_kms_retries(
     attempt = 0
     delay = 1.0
     last: Optional[EncryptrootfsError] = None
+    # An attempt KMS refused for good (denied, context mismatch, disabled key) is dropped;
+    # the others (another wrapped copy, say) go on. When none is left, that is the answer.
+    alive = list(attempts)
+    final: list[KeyServiceError] = []
     while True:
         attempt += 1
-        for label, action in attempts:
+        for label, action in list(alive):
             try:
                 result = action()
                 say(f"{label}: done on attempt {attempt}")
@@ -59,7 +64,15 @@ def with_kms_retries(
                 last = exc
                 say(f"{label}: attempt {attempt} failed: {exc.message}")
                 if not exc.retryable:
-                    raise
+                    alive.remove((label, action))
+                    final.append(exc)
+        if not alive:
+            if len(final) == 1:
+                raise KeyServiceError(f"{final[0].message} {outcome}", hint=final[0].hint)
+            raise KeyServiceError(
+                f"Could not {what}: every wrapped copy was refused: "
+                + " / ".join(e.message for e in final) + f" {outcome}",
+                hint=final[0].hint)
         remaining = deadline - clock()
         if remaining <= 0:
             break
@@ -96,11 +109,19 @@ def unwrap_with_retries(
 def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
                     *, resume: bool = False) -> str:
     """Later boots: unwrap (with retries), finish an interrupted data pass if any, open."""
+    started = time.monotonic()
     key, token = unwrap_with_retries(config, tokens)
+    unwrapped = time.monotonic()
     try:
         if resume:
             data_pass(part.path, key)
+        opening = time.monotonic()
         mapper = open_root(part.path, config, key, token)
+        if part.luks is not None:
+            # For `encryptrootfs status`; the data pass is not part of the unlock's cost.
+            seconds = (unwrapped - started) + (time.monotonic() - opening)
+            unlock_record.write(unlock_record.record_for(
+                part.path, part.luks.uuid, mapper, token, seconds))
         if config.first_boot.grow:
             grow_root(part, config.mapper_name, key)
         return mapper

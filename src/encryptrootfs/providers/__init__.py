@@ -7,20 +7,23 @@ only the configured provider.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Union
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from ..errors import ConfigError
-from .base import KeyProvider, NewKey, ProviderCheck, ProviderName, WrappedKey
+from .base import KeyProvider, KeyWrapper, NewKey, ProviderCheck, ProviderName, WrappedKey
 
 if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = [
     "KeyProvider",
+    "KeyWrapper",
     "NewKey",
     "ProviderCheck",
     "ProviderName",
     "WrappedKey",
+    "provider_for_key",
     "provider_for_token",
     "provider_from_config",
     "provider_name",
@@ -64,3 +67,37 @@ def provider_for_token(config: Config, wrapped: WrappedKey) -> KeyProvider:
     configuration still unwraps.
     """
     return _REGISTRY[provider_name(wrapped.provider)](config)
+
+
+def provider_for_key(config: Config, key_id: Optional[str], region: Optional[str]) -> KeyWrapper:
+    """The configured provider, aimed at another key and/or region (rewrap, copies).
+
+    Only the key and the region change; how the service is reached (endpoint, credentials,
+    budgets) stays as configured. ``None`` keeps the configured value.
+    """
+    from .aws_kms import AwsKmsProvider
+
+    provider = provider_name(config.provider)
+    if provider is not ProviderName.AWS_KMS or config.aws_kms is None:
+        raise ConfigError(
+            "providers.aws_kms: missing: wrapping for another key needs a [providers.aws_kms] "
+            "table (how to reach KMS)"
+        )
+    aws = config.aws_kms
+    new_key = key_id or aws.key_id
+    if key_id and key_id.startswith("arn:"):
+        parts = key_id.split(":")
+        arn_region = parts[3] if len(parts) > 5 else ""
+        if region and arn_region and region != arn_region:
+            raise ConfigError(
+                f"--region {region} differs from the region in the key ARN ({arn_region}); "
+                "nothing was changed",
+                hint="drop --region or make them agree",
+            )
+        # A key ARN names its region; the configured one may be another region's.
+        region = region or arn_region or None
+    elif key_id and region is None:
+        # A bare alias or key id: resolved in the configured region (or IMDS's), as at enroll.
+        region = aws.region
+    return AwsKmsProvider(dataclasses.replace(aws, key_id=new_key, region=region or aws.region))
+

@@ -13,7 +13,9 @@ copy cannot be overwritten from Python and is dropped immediately.
 
 from __future__ import annotations
 
+import calendar
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,6 +78,23 @@ class KmsCall:
 
 class _OutOfTime(Exception):
     """The call's total time budget ran out before another attempt could start."""
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _service_time(aws_message: str) -> str:
+    """", KMS says <time>" from a signature-time error, which ends with AWS's own clock in
+    parentheses ("... (20261128T081000Z - 5 min.)"); only the timestamp is taken, never the
+    service's text."""
+    stamps = re.findall(r"\b(\d{8}T\d{6}Z)\b", aws_message)
+    if len(stamps) < 3:
+        return ""
+    try:
+        return f", KMS says {_utc(calendar.timegm(time.strptime(stamps[2], '%Y%m%dT%H%M%SZ')))}"
+    except ValueError:
+        return ""
 
 
 def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
@@ -142,7 +161,8 @@ def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
         if code in _CLOCK or "signature expired" in aws_message.lower():
             return KeyServiceError(
                 f"KMS rejected the request signature for {op} ({code}): the clock of this "
-                "machine is probably wrong.",
+                f"machine is probably wrong (it says {_utc(time.time())}"
+                f"{_service_time(aws_message)}).",
                 hint="check the system time (date -u; an RTC or NTP problem) and retry; "
                 + _NOTHING_CHANGED,
             )
@@ -238,6 +258,39 @@ class AwsKmsProvider:
         # The region comes from the token: the key lives where it was when the key was wrapped.
         return self._decrypt(
             wrapped.region, wrapped.key_id, wrapped.ciphertext, wrapped.encryption_context, deadline
+        )
+
+    def wrap(
+        self, plaintext: bytes | bytearray, encryption_context: Mapping[str, str]
+    ) -> WrappedKey:
+        """KMS Encrypt of a key that already exists, under the configured key and region.
+
+        Used to re-wrap (``encryptrootfs rewrap``) or copy a token's key for another key or
+        region; the context is passed as given (the token's own), so a key policy that
+        trusts the ``encryptrootfs:`` pairs keeps matching.
+        """
+        if len(plaintext) != VOLUME_KEY_BYTES:
+            raise ValueError(f"a wrapped key must be {VOLUME_KEY_BYTES} bytes")
+        deadline = self._clock() + self.config.total_timeout
+        region, _ = self._region(self._imds(deadline))
+        client = self._client(region, deadline)
+        call = self._call("Encrypt", self.config.key_id, region, client)
+        response = self._with_budget(
+            client,
+            call,
+            deadline,
+            lambda: client.encrypt(
+                KeyId=self.config.key_id,
+                Plaintext=bytes(plaintext),
+                EncryptionContext=dict(encryption_context),
+            ),
+        )
+        return WrappedKey(
+            provider=ProviderName.AWS_KMS,
+            key_id=str(response["KeyId"]),
+            region=region,
+            ciphertext=bytes(response["CiphertextBlob"]),
+            encryption_context=encryption_context,
         )
 
     def check(self) -> ProviderCheck:

@@ -121,3 +121,17 @@ class KeyProvider(Protocol):
     def check(self) -> ProviderCheck:
         """Credentials, region and a wrap/unwrap round trip, without touching any device."""
         ...
+
+
+class KeyWrapper(KeyProvider, Protocol):
+    """A provider that can also wrap a key it did not make (rewrap, copies of a token).
+
+    The key is the one a token already holds, so the new wrapped copy opens the same keyslots
+    and the volume key is never touched.
+    """
+
+    def wrap(self, plaintext: bytes | bytearray, encryption_context: Mapping[str, str]
+             ) -> WrappedKey:
+        """``plaintext`` wrapped under this provider's key, bound to ``encryption_context``."""
+        ...
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
 import io
 import json
 import re
@@ -43,6 +44,7 @@ _DATA_PLANE = frozenset(
     }
 )
 _CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/[0-9]{8}/([a-z0-9-]+)/kms/")
+_AMZ_DATE = "%Y%m%dT%H%M%SZ"
 _KEY_UUID_BYTES = 36  # moto's ciphertext blob starts with the key id as text
 
 
@@ -110,6 +112,10 @@ class KmsEmulator:
         self._injections: list[_Injection] = []
         self._denied: Optional[set[Optional[str]]] = None
         self._bucket: Optional[_TokenBucket] = None
+        # AWS refuses a request signed more than 5 minutes away from its own clock (moto does
+        # not check); None turns the check off.
+        self.max_clock_skew_s: Optional[float] = 300.0
+        self.clock_offset_s = 0.0  # how far the emulated AWS clock is ahead of this host's
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
         self._app: Optional[WsgiApp] = None
@@ -278,8 +284,10 @@ class KmsEmulator:
         scope = _CREDENTIAL_SCOPE.search(str(environ.get("HTTP_AUTHORIZATION", "")))
         region = scope.group(1) if scope else self.region
 
-        fault = self._fault_for(action, key_id, region) or self._wrong_key_fault(
-            action, named_key, blob_key, region
+        fault = (
+            self._clock_fault(str(environ.get("HTTP_X_AMZ_DATE", "")))
+            or self._fault_for(action, key_id, region)
+            or self._wrong_key_fault(action, named_key, blob_key, region)
         )
         if fault is not None:
             status, code, message = fault
@@ -342,6 +350,27 @@ class KmsEmulator:
         if action in _DATA_PLANE and key_id is not None:
             return self._key_state_fault(key_id, region)
         return None
+
+    def _clock_fault(self, amz_date: str) -> Optional[tuple[int, str, str]]:
+        """AWS's answer to a signature dated too far from now (a machine with a wrong clock)."""
+        skew = self.max_clock_skew_s
+        try:
+            signed = calendar.timegm(time.strptime(amz_date, _AMZ_DATE))
+        except ValueError:
+            return None
+        now = time.time() + self.clock_offset_s
+        if skew is None or abs(signed - now) <= skew:
+            return None
+        minutes = f"{skew / 60:g} min."
+        if signed < now:
+            limit = time.strftime(_AMZ_DATE, time.gmtime(now - skew))
+            return (400, "InvalidSignatureException",
+                    f"Signature expired: {amz_date} is now earlier than {limit} "
+                    f"({time.strftime(_AMZ_DATE, time.gmtime(now))} - {minutes})")
+        limit = time.strftime(_AMZ_DATE, time.gmtime(now + skew))
+        return (400, "InvalidSignatureException",
+                f"Signature not yet current: {amz_date} is still later than {limit} "
+                f"({time.strftime(_AMZ_DATE, time.gmtime(now))} + {minutes})")
 
     def _wrong_key_fault(
         self, action: str, key_id: Optional[str], blob_key: Optional[str], region: str

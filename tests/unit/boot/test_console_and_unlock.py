@@ -158,6 +158,37 @@ def test_second_token_is_tried_when_the_first_fails(
     assert used.wrapped.key_id == "b"
 
 
+def test_a_copy_refused_for_good_is_dropped_and_the_next_one_unlocks(
+    monkeypatch: pytest.MonkeyPatch, route: Path
+) -> None:
+    """Key A disabled (final), key B's region down once: B is retried, A never again."""
+    disabled = KeyServiceError("KMS refused Decrypt: the key a is disabled.", retryable=False)
+    down = KeyServiceError("region down", retryable=True)
+    provider = FakeProvider([disabled, down, b"x" * 64])
+    _patch(monkeypatch, provider)
+    clock = FakeClock()
+    _, used = unlock.unwrap_with_retries(CONFIG, [make_token("a"), make_token("b")],
+                                         clock=clock, sleep=clock.sleep, route_table=route)
+    assert used.wrapped.key_id == "b"
+    assert provider.calls == 3
+
+
+def test_every_copy_refused_for_good_fails_at_once_naming_each(
+    monkeypatch: pytest.MonkeyPatch, route: Path
+) -> None:
+    a = KeyServiceError("KMS denied Decrypt on a.", retryable=False)
+    b = KeyServiceError("KMS refused Decrypt: the key b is disabled.", retryable=False)
+    provider = FakeProvider([a, b])
+    _patch(monkeypatch, provider)
+    clock = FakeClock()
+    with pytest.raises(KeyServiceError) as e:
+        unlock.unwrap_with_retries(CONFIG, [make_token("a"), make_token("b")], clock=clock,
+                                   sleep=clock.sleep, route_table=route)
+    assert "every wrapped copy was refused" in e.value.message
+    assert "denied Decrypt on a" in e.value.message and "b is disabled" in e.value.message
+    assert provider.calls == 2 and clock.t == 0
+
+
 def test_no_network_is_said_and_bounded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

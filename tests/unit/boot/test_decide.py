@@ -185,3 +185,18 @@ def test_unknown_selector_tag_is_refused() -> None:
 def test_by_path_forms_are_normalised() -> None:
     assert normalise_spec("/dev/disk/by-uuid/abc") == "UUID=abc"
     assert normalise_spec("/dev/vda1") == "/dev/vda1"
+
+
+def test_a_damaged_token_alone_is_refused_with_the_damage_named() -> None:
+    facts = LuksFacts(LUKS_UUID, 2, False, (), ("0",),
+                      damaged=("token 0: the encryptrootfs token is malformed: ciphertext",))
+    with pytest.raises(RefusedError, match=r"cannot be read .*token 0: .*malformed"):
+        decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
+
+
+def test_a_damaged_token_beside_a_good_one_is_skipped_and_said() -> None:
+    facts = LuksFacts(LUKS_UUID, 2, False, (token(),), ("0",),
+                      damaged=("token 1: the encryptrootfs token is malformed: version",))
+    d = decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
+    assert d.action is Action.UNLOCK
+    assert "skipping token 1" in d.reason

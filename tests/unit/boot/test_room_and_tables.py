@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,3 +113,30 @@ def test_blkid_export_and_cmdline() -> None:
         "DEVNAME": "/dev/vda1", "TYPE": "ext4", "UUID": "abc"}
     assert cmdline_root("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro root=UUID=x quiet") == "UUID=x"
     assert cmdline_root("quiet") is None
+
+
+DUMPE2FS = (Path(__file__).resolve().parents[2] / "fixtures" / "ext4"
+            / "dumpe2fs-lab-root.txt").read_text()
+BLOCKS = 358400  # the fixture's block count (4 KiB blocks)
+SHRUNK = BLOCKS - 8192  # 32 MiB less
+
+
+def test_a_free_tail_shrinks_without_moving_anything() -> None:
+    assert filesystems.ext4_tail_in_use(DUMPE2FS, SHRUNK) == (0, 0)
+
+
+def test_data_blocks_in_the_tail_are_counted() -> None:
+    # Group 10 spans 327680-358399; say blocks 351000-351099 hold data.
+    text = DUMPE2FS.replace("  Free blocks: 327680-358399",
+                            "  Free blocks: 327680-350999, 351100-358399")
+    assert text != DUMPE2FS
+    assert filesystems.ext4_tail_in_use(text, SHRUNK) == (100, 0)
+    # ...whereas a shrink that cuts only after them would not touch them
+    assert filesystems.ext4_tail_in_use(text, 351100) == (0, 0)
+
+
+def test_inodes_in_use_in_a_removed_group_are_counted() -> None:
+    text = DUMPE2FS.replace("  Free inodes: 81601-89760", "  Free inodes: 81611-89760")
+    assert filesystems.ext4_tail_in_use(text, 327680) == (0, 10)
+    # a group that is only shortened keeps its inodes where they are
+    assert filesystems.ext4_tail_in_use(text, SHRUNK) == (0, 0)
