@@ -130,12 +130,22 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 f"{_fmt(sp['imports_s'], ' s')}, IMDS {_fmt(sp['imds_s'], ' s')}, KMS client "
                 f"{_fmt(sp['kms_client_s'], ' s')}, KMS Decrypt {_fmt(sp['kms_decrypt_s'], ' s')},"
                 f" cryptsetup open {_fmt(sp['cryptsetup_open_s'], ' s')}; network wait in the "
-                f"unit {_fmt(s['unit']['network_wait_s'], ' s')}.")
+                f"unit {_fmt(s['unit']['network_wait_s'], ' s')}. From the journal: unit start "
+                f"to Python's first line {_fmt(s['unit']['start_to_python_s'], ' s')}, then to "
+                f"the key unwrapped {_fmt(s['unit']['python_to_unwrapped_s'], ' s')}, then to "
+                f"the mapping {_fmt(s['unit']['open_s'], ' s')}. Argon2id as cryptsetup's "
+                "benchmark chose it in each guest: " + "; ".join(
+                    f"{g['unlock-open']['argon2_kdf'].get('memory', 0) // 1024} MiB, "
+                    f"{g['unlock-open']['argon2_kdf'].get('time')} iterations"
+                    for g in boot["guest_unlock"] if "unlock-open" in g) + ".")
         if not met:
-            note += (f" Missed by {s['ratio_unit_to_argon2'] - 0.2:.2f}: the keyslot itself is "
-                     "cheap (PBKDF2, 1000 iterations), the time is Python, botocore and the "
-                     "network round trips, all CPU-bound under TCG, while Argon2id's benchmark "
-                     "calibrates itself to the same slow CPU.")
+            cloud = sum(v or 0.0 for v in (sp["imds_s"], sp["kms_client_s"], sp["kms_decrypt_s"]))
+            note += (f" Missed by {s['ratio_unit_to_argon2'] - 0.2:.2f}: the keyslot is cheap "
+                     "(PBKDF2, 1000 iterations) and IMDS + KMS client + Decrypt take "
+                     f"{cloud:.2f} s; most of the unit's time passes before its first line "
+                     "(Python's start and the imports: botocore, urllib3 and the stdlib, "
+                     "CPU-bound under TCG), and `cryptsetup open` itself (dm table, udev) is "
+                     "about a second.")
         out.append(Verdict("3. unlock cost (unit start to /dev/mapper ready, vs Argon2id open)",
                            "ratio <= 0.2", value, met, note))
         over = s.get("overhead_without_network_s")
@@ -150,6 +160,14 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 f"{[round(b['startup'].get('total', 0), 1) for b in boot['plain_boots']]}, "
                 f"encrypted {[round(b['startup'].get('total', 0), 1) for b in boot['later_boots']]}"
                 " s (boots alternate; the spread is the shared host's noise).")
+        totals = [b["startup"].get("total", 0.0) for b in boot["plain_boots"]
+                  + boot["later_boots"]]  # fmt: skip
+        noise = max(totals) - min(totals) if totals else 0.0
+        if met4 and noise > 3.0:
+            note += (f" Met, but inside this run's noise: boots of one image differ by up to "
+                     f"{noise:.1f} s, more than the target; the initrd phase alone (where the "
+                     f"unit runs) grew by {s['encrypted']['initrd'] - s['plain']['initrd']:.1f} s "
+                     "and is the more telling number.")
         if not met4 and over is not None:
             note += (f" Missed by {over - 3.0:.1f} s: the unit's own time (Python, botocore, "
                      "IMDS, KMS, open) is on the critical path before the root can be mounted.")
@@ -293,7 +311,7 @@ def _plots(results: dict[str, Any]) -> None:
         parts = [("Python start", sp["python_start_s"]), ("imports", sp["imports_s"]),
                  ("IMDS", sp["imds_s"]), ("KMS client", sp["kms_client_s"]),
                  ("KMS Decrypt", sp["kms_decrypt_s"]), ("cryptsetup open", sp["cryptsetup_open_s"])]
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = plt.subplots(figsize=(6, 3.6))
         left = 0.0
         for label, v in parts:
             if v is not None:
@@ -305,7 +323,7 @@ def _plots(results: dict[str, Any]) -> None:
             ax.barh(["Argon2id open"], [s["argon2_open_s"]], color="black")
         ax.set_xlabel("seconds")
         ax.set_title("3. Unlock cost, split (later boot)")
-        ax.legend(fontsize=7, ncol=3, loc="lower right")
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
         save(fig, "unlock")
         fig, ax = plt.subplots(figsize=(6, 3))
         for label, key in (("plain image", "plain"), ("encrypted", "encrypted")):

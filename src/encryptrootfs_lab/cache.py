@@ -148,7 +148,7 @@ def building(final: Path) -> Iterator[Path]:
 
 # An entry used this recently may belong to a test session still running (sessions hold their
 # images for hours and touch them at every boot): never removed, whatever ``keep`` says.
-IN_USE_SECONDS = 3 * 3600
+IN_USE_SECONDS = 3600
 
 
 def prune(folder: Path, keep: int) -> None:

@@ -107,8 +107,17 @@ def machines(request: pytest.FixtureRequest) -> Iterator[list[Machine]]:
     assert not alive, f"QEMU process groups of this test still alive: {alive}"
 
 
+# Files this big in a passed test's folder are removed at once: a first boot rewrites the whole
+# root into its overlay (~1.5 GiB), and a session holds dozens of such tests on a disk with a
+# few tens of GiB free. A failed test keeps everything for the post-mortem.
+BIG_FILE_BYTES = 64 * 1024 * 1024
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
 @pytest.fixture
-def new_machine(machines: list[Machine], tmp_path: Path):  # type: ignore[no-untyped-def]
+def new_machine(
+    machines: list[Machine], tmp_path: Path, request: pytest.FixtureRequest
+):  # type: ignore[no-untyped-def]
     """``new_machine(image, disk, cloud=None) -> Machine`` with its own overlay in tmp_path."""
 
     def make(image: Image, disk: Disk, cloud: EmulatedCloud | None = None) -> Machine:
@@ -117,7 +126,12 @@ def new_machine(machines: list[Machine], tmp_path: Path):  # type: ignore[no-unt
         machines.append(m)
         return m
 
-    return make
+    yield make
+    report = request.node.stash.get(CALL_REPORT, None)
+    if report is not None and report.passed:
+        for f in tmp_path.rglob("*"):
+            if f.is_file() and f.stat().st_size >= BIG_FILE_BYTES:
+                f.unlink()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -126,6 +140,8 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
     if not report.failed:
         return
     for m in item.stash.get(BOOTS_KEY, []):

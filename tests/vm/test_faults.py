@@ -75,7 +75,7 @@ def plain_disk(encrypt_image: Image) -> Disk:
 def encrypted_disk(
     encrypt_image: Image, plain_disk: Disk, module_cloud: EmulatedCloud,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Disk:  # fmt: skip
+) -> Iterator[Disk]:  # fmt: skip
     """The plain disk after its first boot, flattened: every later-boot case starts here."""
     work = tmp_path_factory.mktemp("encrypted")
     _reset(module_cloud)
@@ -84,7 +84,8 @@ def encrypted_disk(
     assert r.ok and r.marker("TREE-OK") is not None, r.describe()
     flat = raw_view(m.overlay, "qcow2", work / "encrypted.raw")
     m.overlay.unlink()
-    return dataclasses.replace(plain_disk, path=flat, cached=False)
+    yield dataclasses.replace(plain_disk, path=flat, cached=False)
+    flat.unlink()  # 1.5 GiB
 
 
 def _with_header(disk: Disk, work: Path, edit: Callable[[Path], None]) -> Disk:
