@@ -783,26 +783,21 @@ def import_token_while_pending(
 _KEYSLOT_CREATED = re.compile(r"Key slot (\d+) created")
 
 
-def add_keyslot(
-    device: PathArg,
-    *,
+def _add_key(
+    name: str,
+    pbkdf_args: Sequence[str],
     existing_key: Secret,
-    new_key: Secret,
-    keyslot: Optional[int] = None,
-    header: Optional[PathArg] = None,
+    new_secret: Secret,
+    keyslot: Optional[int],
+    header: Optional[PathArg],
 ) -> int:
-    """Add a keyslot for ``new_key`` (PBKDF2, 1000 iterations), authorised by ``existing_key``.
-
-    The existing key goes on stdin, the new one through a pipe as ``/dev/fd/N``. Returns the
-    number of the new keyslot.
-    """
-    name = _name(device)
-    with secret_fd(new_key) as fd:
+    """``luksAddKey`` with the existing key on stdin and the new secret through a pipe as
+    ``/dev/fd/N`` (read whole: no newline added or stripped); returns the new keyslot."""
+    with secret_fd(new_secret) as fd:
         args = [
-            "-v", "luksAddKey", "--batch-mode",
-            "--pbkdf", PBKDF, "--pbkdf-force-iterations", str(PBKDF_ITERATIONS),
+            "-v", "luksAddKey", "--batch-mode", *pbkdf_args,
             "--key-file", "-", "--new-keyfile", f"/dev/fd/{fd}",
-        ]
+        ]  # fmt: skip
         if keyslot is not None:
             # Alone, --key-slot names the new slot in every 2.x (2.6 keeps that meaning when
             # --new-key-slot is absent); --new-key-slot exists only from 2.6.
@@ -831,6 +826,23 @@ def add_keyslot(
     raise ToolError(f"cryptsetup added a keyslot to `{name}` but did not say which.")
 
 
+def add_keyslot(
+    device: PathArg,
+    *,
+    existing_key: Secret,
+    new_key: Secret,
+    keyslot: Optional[int] = None,
+    header: Optional[PathArg] = None,
+) -> int:
+    """Add a keyslot for ``new_key`` (PBKDF2, 1000 iterations), authorised by ``existing_key``.
+
+    The existing key goes on stdin, the new one through a pipe as ``/dev/fd/N``. Returns the
+    number of the new keyslot.
+    """
+    pbkdf = ["--pbkdf", PBKDF, "--pbkdf-force-iterations", str(PBKDF_ITERATIONS)]
+    return _add_key(_name(device), pbkdf, existing_key, new_key, keyslot, header)
+
+
 # A human passphrase gets Argon2id, capped so a small initramfs can afford to open it.
 RECOVERY_PBKDF = "argon2id"
 RECOVERY_MEMORY_KIB = 65536
@@ -854,37 +866,13 @@ def add_passphrase_keyslot(
     key goes on stdin, the passphrase through a pipe as ``/dev/fd/N`` (read whole: no newline
     is added or stripped). Returns the new keyslot's number.
     """
-    name = _name(device)
     if not 8 * 1024 <= memory_kib <= 4 * 1024 * 1024:
         raise ValueError("memory_kib must be between 8 MiB and 4 GiB")
     if iter_time_ms < 1:
         raise ValueError("iter_time_ms must be positive")
-    with secret_fd(passphrase) as fd:
-        args = [
-            "-v", "luksAddKey", "--batch-mode",
-            "--pbkdf", RECOVERY_PBKDF, "--pbkdf-memory", str(memory_kib),
-            "--iter-time", str(iter_time_ms),
-            "--key-file", "-", "--new-keyfile", f"/dev/fd/{fd}",
-        ]
-        if keyslot is not None:
-            args += ["--key-slot", str(keyslot)]
-        try:
-            out = run(
-                [CRYPTSETUP, *args, *_header_args(header), name],
-                stdin=existing_key, env=_ENV, pass_fds=(fd,),
-            ).stdout
-        except CommandError as exc:
-            if exc.returncode == _EXIT_NO_KEY:
-                raise VerifyError(
-                    f"The existing key opens no keyslot of `{name}`; no keyslot was added."
-                ) from None
-            raise _explain(exc, name, "No keyslot was added.") from None
-    match = _KEYSLOT_CREATED.search(out.decode(errors="replace"))
-    if match:
-        return int(match.group(1))
-    if keyslot is not None:
-        return keyslot
-    raise ToolError(f"cryptsetup added a keyslot to `{name}` but did not say which.")
+    pbkdf = ["--pbkdf", RECOVERY_PBKDF, "--pbkdf-memory", str(memory_kib),
+             "--iter-time", str(iter_time_ms)]  # fmt: skip
+    return _add_key(_name(device), pbkdf, existing_key, passphrase, keyslot, header)
 
 
 def kill_keyslot(

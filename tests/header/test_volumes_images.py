@@ -38,7 +38,7 @@ from encryptrootfs.volumes import (
     probe_target,
 )
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
-from support.cli import Cli
+from support.cli import Cli, emulator_config
 
 MIB = 1024 * 1024
 
@@ -62,22 +62,9 @@ def _blank(path: Path, size: int = 32 * MIB) -> Path:
 
 
 def _config_file(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, volumes: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-[providers.aws_kms]
-key_id = "alias/encryptrootfs-test"
-endpoint_url = "{kms.url}"
-imds_endpoint = "{imds.url}"
-total_timeout = 20.0
-imds_attempts = 3
-imds_timeout = 1.0
-
-[providers.aws_kms.encryption_context]
-fleet = "web"
-
-[boot]
-unlock_timeout = 5
-{volumes}""")
+    path = emulator_config(tmp_path / "config.toml", kms, imds, {"fleet": "web"})
+    with path.open("a") as f:
+        f.write(f"\n[boot]\nunlock_timeout = 5\n{volumes}")
     return path
 
 
