@@ -95,8 +95,6 @@ def test_grown_size() -> None:
 def test_filesystem_parsers() -> None:
     assert filesystems.parse_dumpe2fs("Block count:              131072\nBlock size:  4096\n") \
         == (131072, 4096)
-    assert filesystems.parse_resize2fs_min(
-        "Estimated minimum size of the filesystem: 23456\n") == 23456
     assert filesystems.parse_xfs_db("dblocks = 65536\nblocksize = 4096\nsectsize = 512\n") \
         == (65536, 4096, 512)
     assert filesystems.parse_btrfs_super(
@@ -140,3 +138,14 @@ def test_inodes_in_use_in_a_removed_group_are_counted() -> None:
     assert filesystems.ext4_tail_in_use(text, 327680) == (0, 10)
     # a group that is only shortened keeps its inodes where they are
     assert filesystems.ext4_tail_in_use(text, SHRUNK) == (0, 0)
+
+
+def test_the_in_place_minimum_is_the_last_block_in_use() -> None:
+    # Group 9's backup superblock and descriptors (294912-295087) are the last blocks in use.
+    assert filesystems.ext4_in_place_min(DUMPE2FS) == 295088
+
+
+def test_a_group_with_inodes_in_use_is_kept_whole_enough() -> None:
+    text = DUMPE2FS.replace("  Free inodes: 81601-89760", "  Free inodes: 81611-89760")
+    # group 10 starts at 327680; resize2fs keeps it only with its overhead + 50 blocks
+    assert filesystems.ext4_in_place_min(text) == 327680 + 2 + 510 + 50 + 1 + 1 + 174
