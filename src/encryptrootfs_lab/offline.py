@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -81,17 +82,35 @@ def root_token(header: Path) -> dict[str, Any]:
     return dict(luks2.export_token(header, ids[0]))
 
 
-def unwrap(kms: KmsEmulator, region: str, token: dict[str, Any]) -> bytes:
-    """The token's plaintext key, unwrapped by the emulator (as the host, not the guest)."""
+def unwrap(kms: KmsEmulator, token: Mapping[str, Any]) -> bytes:
+    """The token's plaintext key, unwrapped by the emulator in the token's own region (as the
+    host, not the guest): what a test looks for on disks and in output."""
     import botocore.session
 
     client = botocore.session.get_session().create_client(
-        "kms", region_name=region, endpoint_url=kms.url,
+        "kms", region_name=str(token["region"]), endpoint_url=kms.url,
         # the emulator accepts any credentials
         aws_access_key_id="lab", aws_secret_access_key="lab")  # noqa: S106  # fmt: skip
-    out = client.decrypt(CiphertextBlob=base64.b64decode(token["ciphertext"]),
-                         EncryptionContext=token["encryption_context"])  # fmt: skip
+    out = client.decrypt(CiphertextBlob=base64.b64decode(str(token["ciphertext"])),
+                         EncryptionContext=dict(token["encryption_context"]))  # fmt: skip
     return bytes(out["Plaintext"])
+
+
+def root_key(image: Path, disk: Disk, kms: KmsEmulator, scratch: Path,
+             *, fmt: str = "qcow2") -> bytes:  # fmt: skip
+    """The key the root's token wraps, unwrapped by the emulator: what must be on no disk."""
+    from .layout import raw_view
+
+    raw = raw_view(image, fmt, scratch)
+    header = scratch.with_name(scratch.name + ".header")
+    try:
+        start, _ = partition_extent(raw, disk.root_partition)
+        _copy_range(raw, start, HEADER_BYTES, header)
+        return unwrap(kms, root_token(header))
+    finally:
+        header.unlink(missing_ok=True)
+        if raw != image:
+            raw.unlink(missing_ok=True)
 
 
 def volume_key(header: Path, passphrase: bytes, scratch: Path) -> bytes:
@@ -130,7 +149,7 @@ def fsck(fs: Filesystem, image: Path) -> FsckResult:
 
 
 def check_encrypted_root(
-    image: Path, disk: Disk, kms: KmsEmulator, region: str, scratch: Path,
+    image: Path, disk: Disk, kms: KmsEmulator, scratch: Path,
     *, fmt: str = "qcow2",
 ) -> FsckResult:  # fmt: skip
     """Decrypt the root partition of ``image`` (a disk of layout ``disk``) on the host and
@@ -151,7 +170,7 @@ def check_encrypted_root(
         if segment.encryption != "aes-xts-plain64":
             raise LabError(f"cannot decrypt {segment.encryption} on the host")
         length = size - segment.offset if segment.size is None else segment.size
-        passphrase = unwrap(kms, region, root_token(header))
+        passphrase = unwrap(kms, root_token(header))
         key = volume_key(header, passphrase, scratch)
         decrypt(raw, start + segment.offset, length, key, segment.sector_size or 512, plain)
         return fsck(disk.layout.fs, plain)

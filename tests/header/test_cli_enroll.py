@@ -17,6 +17,7 @@ from encryptrootfs.errors import ExitCode
 from encryptrootfs.run import run
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
+from encryptrootfs_lab.offline import unwrap
 from support.cli import Cli, emulator_config
 from support.emulators import REGION
 
@@ -42,20 +43,6 @@ def our_token(path: Path) -> tuple[int, dict[str, object]]:
     header = luks2.read_header(path)
     (token_id,) = header.token_ids(TOKEN_TYPE)
     return token_id, luks2.export_token(path, token_id)
-
-
-def plaintext_key(kms: KmsEmulator, token: dict[str, object]) -> bytes:
-    """What KMS unwraps the token to: the secret that must appear in no output."""
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "kms", region_name=REGION, endpoint_url=kms.url, aws_access_key_id="t",
-        aws_secret_access_key="t")
-    ctx = token["encryption_context"]
-    assert isinstance(ctx, dict)
-    out = client.decrypt(CiphertextBlob=base64.b64decode(str(token["ciphertext"])),
-                         EncryptionContext=ctx)
-    return bytes(out["Plaintext"])
 
 
 def test_enroll_show_verify_and_no_secret_anywhere(
@@ -95,7 +82,7 @@ def test_enroll_show_verify_and_no_secret_anywhere(
         d.encryption_context.get("encryptrootfs:luks_uuid") == header.uuid for d in decrypts)
 
     _, exported = our_token(luks_image.path)
-    secret = plaintext_key(kms, exported)
+    secret = unwrap(kms, exported)
     assert len(secret) == 64
     output = "\n".join(cli.transcript)
     for form in (secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(),

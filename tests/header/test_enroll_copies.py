@@ -3,7 +3,6 @@ in another region, names the same keyslot, and unlocks on its own."""
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from encryptrootfs import luks2
 from encryptrootfs.errors import ExitCode
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
+from encryptrootfs_lab.offline import unwrap
 from support.cli import Cli, emulator_config
 from support.emulators import REGION
 
@@ -29,18 +29,6 @@ def cli(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str) -> C
 def other_key(kms: KmsEmulator) -> str:
     return KmsEmulator(region=OTHER_REGION, account_id=kms.account_id).create_key(
         alias="encryptrootfs-other")
-
-
-def unwrapped(kms: KmsEmulator, token: dict[str, Any]) -> bytes:
-    """What KMS unwraps the token to, asked in the token's own region."""
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "kms", region_name=str(token["region"]), endpoint_url=kms.url, aws_access_key_id="t",
-        aws_secret_access_key="t")
-    out = client.decrypt(CiphertextBlob=base64.b64decode(str(token["ciphertext"])),
-                         EncryptionContext=token["encryption_context"])
-    return bytes(out["Plaintext"])
 
 
 def tokens(path: Path) -> dict[int, dict[str, Any]]:
@@ -69,7 +57,7 @@ def test_a_copy_in_another_region_wraps_the_same_key_for_the_same_keyslot(
     assert (old["region"], new["region"]) == (REGION, OTHER_REGION)
     assert new["keyslots"] == old["keyslots"]
     assert new["encryption_context"] == old["encryption_context"]
-    assert unwrapped(kms, old) == unwrapped(kms, new)  # one key, two wrappings
+    assert unwrap(kms, old) == unwrap(kms, new)  # one key, two wrappings
     assert luks2.read_header(luks_image.path).keyslots == keyslots_before
 
     r = cli("token", "verify", str(luks_image.path), "--json")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_enroll import plaintext_key
 
 from encryptrootfs import luks2
 from encryptrootfs.config import load_config
@@ -19,6 +18,7 @@ from encryptrootfs.rewrap import STEPS, planned
 from encryptrootfs.run import run
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
+from encryptrootfs_lab.offline import unwrap
 from support.cli import Cli, emulator_config
 from support.emulators import REGION
 
@@ -85,7 +85,7 @@ def test_rewrap_moves_the_token_to_the_new_key_and_nothing_else(
     assert decrypts and {d.key_id for d in decrypts} == {other_key}
 
     # The same key bytes, now only under the new KMS key; none of them in any output.
-    secret = plaintext_key(kms, old)
+    secret = unwrap(kms, old)
     out = "\n".join(cli.transcript)
     for form in (secret.hex(), base64.b64encode(secret).decode(), secret.decode("latin-1")):
         assert form not in out

@@ -9,7 +9,6 @@ tier does that); `volumes up` is only ever run here on images it must refuse.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -17,7 +16,6 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -38,6 +36,7 @@ from encryptrootfs.volumes import (
     probe_target,
 )
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
+from encryptrootfs_lab.offline import unwrap
 from support.cli import Cli, emulator_config
 
 MIB = 1024 * 1024
@@ -72,17 +71,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _kms_unwrap(kms: KmsEmulator, token: dict[str, Any]) -> bytes:
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "kms", region_name=str(token["region"]), endpoint_url=kms.url, aws_access_key_id="t",
-        aws_secret_access_key="t")
-    out = client.decrypt(CiphertextBlob=base64.b64decode(str(token["ciphertext"])),
-                         EncryptionContext=token["encryption_context"])
-    return bytes(out["Plaintext"])
-
-
 @pytest.fixture
 def volume_config(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str,
                   shm: Path) -> Config:
@@ -113,7 +101,7 @@ def test_a_blank_image_is_formatted_with_our_token_and_verifies(
         assert token["encryption_context"] == {"encryptrootfs:luks_uuid": header.uuid,
                                                "fleet": "web"}
         # The passphrase is the KMS data key: what KMS unwraps the token to opens the keyslot.
-        assert _kms_unwrap(kms, token) == bytes(key)
+        assert unwrap(kms, token) == bytes(key)
         assert luks2.test_keyslot(image, key, slot.id)
         # The volume key is luksFormat's own random key, not the KMS data key.
         dumped = run(["cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode",

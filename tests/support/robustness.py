@@ -31,6 +31,14 @@ class Case:
         """Record what the data check found (call after every check; the counts add up)."""
         self.bytes_lost = (self.bytes_lost or 0) + n
 
+    def disk_compared(self, unchanged: bool) -> None:
+        """A case whose disk must stay byte-identical: nothing lost when it did; when it did
+        not, how much user data suffered is not measured (the test fails on it anyway)."""
+        if unchanged:
+            self.lost(0)
+        else:
+            self.note("the disk changed; bytes of user data lost not measured")
+
     def note(self, text: str) -> None:
         self.notes.append(text)
 

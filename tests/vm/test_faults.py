@@ -141,7 +141,7 @@ def fails_closed(r: BootResult, m: Machine, before: str, tmp_path: Path, case: C
         assert cause.lower() in r.console.lower(), f"{cause!r} not on the console:\n" + \
             r.describe()  # fmt: skip
     after = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")
-    case.lost(0 if after == before else -1)
+    case.disk_compared(after == before)
     assert after == before, "the disk changed"
 
 

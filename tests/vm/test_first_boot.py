@@ -23,9 +23,9 @@ from encryptrootfs_lab.layout import (
     Filesystem,
     build_disks,
     disk_contains,
-    raw_view,
 )
 from encryptrootfs_lab.machine import Machine
+from encryptrootfs_lab.offline import root_key
 from encryptrootfs_lab.product import ENCRYPT, create_lab_key, inspect_script
 from encryptrootfs_lab.qemu import BootResult
 from encryptrootfs_lab.testtree import PLAINTEXT_MARKER
@@ -67,33 +67,6 @@ def _token_json(r: BootResult) -> dict[str, Any]:
 
 def _kms_actions(cloud: EmulatedCloud) -> list[str]:
     return [q.action for q in cloud.kms.requests]
-
-
-def _plaintext_key(cloud: EmulatedCloud, machine: Machine, scratch: Path) -> bytes:
-    """The wrapped key of the root, unwrapped by the emulator: what must be on no disk."""
-    import botocore.session
-
-    from encryptrootfs import luks2
-    from encryptrootfs.token import TOKEN_TYPE
-
-    raw = raw_view(machine.overlay, "qcow2", scratch)
-    try:
-        # The partition starts at 1 MiB; cryptsetup reads the header from an offset copy.
-        head = scratch.with_name("header.img")
-        with open(raw, "rb") as src, open(head, "wb") as dst:
-            src.seek(machine.disk.root_offset)
-            dst.write(src.read(16 * MIB))
-        header = luks2.read_header(head)
-        (token_id,) = header.token_ids(TOKEN_TYPE)
-        token = luks2.export_token(head, token_id)
-    finally:
-        raw.unlink(missing_ok=True)
-    client = botocore.session.get_session().create_client(
-        "kms", region_name=cloud.imds.region, endpoint_url=cloud.kms.url,
-        aws_access_key_id="t", aws_secret_access_key="t")  # fmt: skip
-    out = client.decrypt(CiphertextBlob=base64.b64decode(token["ciphertext"]),
-                         EncryptionContext=token["encryption_context"])  # fmt: skip
-    return bytes(out["Plaintext"])
 
 
 def _two_boots(
@@ -143,7 +116,7 @@ def _two_boots(
 def _assert_no_secret_on_disk(cloud: EmulatedCloud, m: Machine, marker: bytes,
                               tmp_path: Path) -> None:  # fmt: skip
     """Neither the plaintext key (raw, hex, base64) nor the plain marker is on the raw disk."""
-    key = _plaintext_key(cloud, m, tmp_path / "flat.img")
+    key = root_key(m.overlay, m.disk, cloud.kms, tmp_path / "flat.img")
     needles = [key, key.hex().encode(), base64.b64encode(key), marker]
     found = disk_contains(m.overlay, needles, scratch=tmp_path / "flat.img")
     assert not any(found.values()), {n[:12]: f for n, f in found.items()}
