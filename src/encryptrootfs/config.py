@@ -112,6 +112,10 @@ class FirstBootConfig:
     # After encrypting: grow the partition to the end of the disk, the mapping and the filesystem.
     # (Room for the header is made either way; this only decides whether the rest is used.)
     grow: bool = False
+    # When GRUB on the root's disk reads /boot from the root: move /boot to a plaintext
+    # partition of this size before encrypting (boot/boot_partition.py). False: refuse instead.
+    move_boot: bool = True
+    boot_partition_mib: int = 512
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class BootConfig:
 
     device_timeout: float = 90.0  # seconds for the root device to appear (systemd's default)
     unlock_timeout: float = 300.0  # seconds of unwrap retries (network, IMDS, KMS) at boot
+    # Ask on the console for the recovery key once KMS is failing (only when one is enrolled).
+    recovery_prompt: bool = True
+    prefer_regions: tuple[str, ...] = ()  # wrapped copies in these regions are tried first
 
 
 class Raid(str, Enum):
@@ -222,6 +229,16 @@ class _Table:
         if not value > 0 or value != value or value == float("inf"):
             raise self.error(key, f"must be a positive number of seconds, not {value}")
         return float(value)
+
+    def mib(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be a whole number of MiB, not {_toml_type(value)}")
+        if not low <= value <= high:
+            raise self.error(key, f"must be between {low} and {high} MiB, not {value}")
+        return int(value)
 
     def count(self, key: str, default: int) -> int:
         value = self.get(key)
@@ -335,12 +352,16 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     first_boot = FirstBootConfig(
         enabled=first_boot_table.boolean("enabled", True),
         grow=first_boot_table.boolean("grow", False),
+        move_boot=first_boot_table.boolean("move_boot", True),
+        boot_partition_mib=first_boot_table.mib("boot_partition_mib", 512, 64, 8192),
     )
     first_boot_table.finish()
     boot_table = top.table("boot") or _Table({}, "boot", source)
     boot = BootConfig(
         device_timeout=boot_table.seconds("device_timeout", BootConfig.device_timeout),
         unlock_timeout=boot_table.seconds("unlock_timeout", BootConfig.unlock_timeout),
+        recovery_prompt=boot_table.boolean("recovery_prompt", True),
+        prefer_regions=_parse_prefer_regions(boot_table),
     )
     boot_table.finish()
     volumes = _parse_volumes(top, mapper_name)
@@ -355,6 +376,22 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         source=source,
         volumes=volumes,
     )
+
+
+def _parse_prefer_regions(table: _Table) -> tuple[str, ...]:
+    value = table.get("prefer_regions")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise table.error("prefer_regions", 'must be a list of region names such as '
+                          f'["eu-west-1", "us-east-1"], not {_toml_type(value)}')
+    for region in value:
+        if not _REGION.match(region):
+            raise table.error("prefer_regions", f"{region!r} is not an AWS region name "
+                              "(e.g. eu-west-1)")
+    if len(set(value)) != len(value):
+        raise table.error("prefer_regions", "names a region twice")
+    return tuple(value)
 
 
 def _known_providers() -> str:

@@ -353,6 +353,10 @@ def check_tools(root: Path) -> list[CheckItem]:
         if required:
             items.append(CheckItem(f"tools ({need.value})", Status.MISSING,
                                    f"not installed: {names}", ExitCode.TOOL))
+        elif need is Need.BOOT:
+            items.append(CheckItem(f"tools ({need.value})", Status.WARNING,
+                                   f"not installed: {names}; a root whose /boot GRUB reads "
+                                   "from it is refused"))  # fmt: skip
         else:
             items.append(CheckItem(f"tools ({need.value})", Status.WARNING,
                                    f"not installed: {names}; {need.value} roots are refused"))

@@ -20,6 +20,7 @@ class Need(str, Enum):
     EXT4 = "ext4"
     XFS = "xfs"
     BTRFS = "btrfs"
+    BOOT = "boot"  # first boot: a plaintext /boot when GRUB reads it from the root
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ TOOLS: tuple[Tool, ...] = (
     Tool("xfs_growfs", "xfsprogs", "grow XFS", Need.XFS),
     Tool("xfs_db", "xfsprogs", "XFS geometry", Need.XFS),
     Tool("btrfs", "btrfs-progs", "shrink/grow btrfs", Need.BTRFS),
+    Tool("mkfs.ext4", "e2fsprogs", "the plaintext /boot partition", Need.BOOT),
+    Tool("chroot", "coreutils", "run the root's grub-mkconfig/grub-install", Need.BOOT),
+    Tool("cp", "coreutils", "copy /boot to its partition", Need.BOOT),
 )
 
 

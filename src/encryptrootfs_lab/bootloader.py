@@ -40,7 +40,7 @@ from encryptrootfs.log import get_logger
 from encryptrootfs.run import run
 
 from .cache import LabError, building, cache_root, digest, locked, prune, touch
-from .image import PLAIN, Image, base_key, build_image
+from .image import PLAIN, Image, base_key, build_image, grub_append_cfg
 from .layout import (
     MIB,
     ROOT_LABEL,
@@ -58,7 +58,7 @@ from .layout import (
     _Plan,
     _used_bytes,
 )
-from .qemu import SMBIOS_APPEND_PREFIX, Firmware, kernel_cmdline
+from .qemu import Firmware, kernel_cmdline
 from .testtree import cached_tree
 
 log = get_logger("lab.bootloader")
@@ -198,12 +198,8 @@ def grub_cfg(root_uuid: str, kver: str) -> str:
     return (
         "# encryptrootfs lab: written by encryptrootfs_lab.bootloader\n"
         + _serial_terminal()
-        + "set default=0\nset timeout=0\nset erfs_append=\"\"\n"
-        # offset 4 of an OEM-strings structure is its string count; with the lab's single string
-        # that is string number 1, which --get-string returns.
-        + "if smbios --type 11 --get-string 4 --set erfs_oem; then\n"
-        + f"  regexp --set 1:erfs_append '^{SMBIOS_APPEND_PREFIX}(.*)$' \"$erfs_oem\"\n"
-        + "fi\n"
+        + "set default=0\nset timeout=0\n"
+        + grub_append_cfg()
         + f"menuentry 'Debian GNU/Linux, with Linux {kver}' {{\n"
         + f"\tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n"
         + f"\techo 'Loading Linux {kver} ...'\n"

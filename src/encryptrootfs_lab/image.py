@@ -38,13 +38,14 @@ from .cache import (
     touch,
     tree_digest,
 )
+from .qemu import SMBIOS_APPEND_PREFIX, kernel_cmdline
 from .testtree import GUEST_MANIFEST, GUEST_TREE, cached_tree
 
 log = get_logger("lab.image")
 
 SUITE = "bookworm"
 # Bump when the base recipe (configure_base) changes in a way the package lists do not show.
-BASE_VERSION = "2"  # 2: mdadm, its shutdown unit masked
+BASE_VERSION = "3"  # 2: mdadm, its shutdown unit masked; 3: GRUB (debconf preseeded)
 BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "cryptsetup", "python3", "e2fsprogs",
     "xfsprogs", "btrfs-progs", "util-linux", "fdisk", "iproute2", "ca-certificates", "procps",
@@ -54,7 +55,21 @@ BASE_PACKAGES = (
 )  # fmt: skip
 # debootstrap's resolver picks initramfs-tools for the kernel and that conflicts with dracut,
 # so the kernel and dracut come in a second stage with apt inside the chroot.
-STAGE2_PACKAGES = ("linux-image-amd64", "dracut", "dracut-network", "dmsetup")
+# GRUB as a cloud image has it (issue 6): grub-pc for BIOS disks (grub-install, update-grub and
+# the kernel hook that runs it), the x86_64-efi modules for UEFI disks. The lab's disks are
+# made bootable by the host (bootloader.py); the guest's GRUB is what the product's first boot
+# and a kernel update inside the guest use.
+STAGE2_PACKAGES = ("linux-image-amd64", "dracut", "dracut-network", "dmsetup", "grub-pc",
+                   "grub-efi-amd64-bin")  # fmt: skip
+# grub-pc asks which disks to install to; an image build has none (the lab writes the boot
+# loader onto each disk), which these answers say without a prompt.
+GRUB_DEBCONF = (
+    "grub-pc grub-pc/install_devices multiselect \n"
+    "grub-pc grub-pc/install_devices_empty boolean true\n"
+)
+# What a second kernel package (the same ABI's cloud flavour) is called, for the kernel update
+# test: sort -V puts "-cloud-amd64" after "-amd64", so update-grub makes it the default entry.
+KERNEL_UPDATE_DIR = "var/cache/erfs-lab"
 GUEST_PYTHON = "python3.11"
 GUEST_SITE = f"usr/local/lib/{GUEST_PYTHON}/dist-packages"
 # The product's runtime dependencies, installed into the guest at the versions the host runs.
@@ -88,6 +103,9 @@ class ImageSpec:
     config_toml: Optional[str] = None
     lab_probe: bool = False
     extra_dracut_args: tuple[str, ...] = ()
+    # A second kernel package (.deb, the cloud flavour of the same ABI) in /var/cache/erfs-lab,
+    # for a kernel update inside a booted guest; downloaded from the Debian mirror at build.
+    kernel_update: bool = False
 
 
 PLAIN = ImageSpec()
@@ -254,7 +272,11 @@ def build_base(blog: Optional[BuildLog] = None) -> Path:
             policy = root / "usr/sbin/policy-rc.d"
             policy.write_text("#!/bin/sh\nexit 101\n")
             policy.chmod(0o755)
+            answers = root / "root/erfs-debconf"
+            answers.write_text(GRUB_DEBCONF)
             with chroot_mounts(root):
+                blog.run(["chroot", str(root), "debconf-set-selections", "/root/erfs-debconf"])
+                answers.unlink()
                 # INITRD=No: skips the kernel postinst's two dracut runs (~1 min each).
                 blog.run(
                     ["chroot", str(root), "apt-get", "install", "-y", "--no-install-recommends",
@@ -282,7 +304,7 @@ def product_key(spec: ImageSpec) -> str:
     return digest([
         "product", base_key(), spec.name, list(spec.dracut_modules),
         [list(c) for c in spec.chroot_commands], spec.config_toml, spec.lab_probe,
-        list(spec.extra_dracut_args), _dep_pins(),
+        list(spec.extra_dracut_args), spec.kernel_update, _dep_pins(), kernel_cmdline("UUID"),
         tree_digest(project / "src" / "encryptrootfs"),
         (project / "pyproject.toml").read_text(),
         tree_digest(_guest_data()),
@@ -359,6 +381,60 @@ def _install_lab_files(root: Path, spec: ImageSpec) -> None:
         (root / "etc/encryptrootfs/config.toml").write_text(spec.config_toml)
 
 
+def grub_append_cfg() -> str:
+    """grub.cfg lines that set ``$erfs_append`` to this boot's extra kernel arguments, read from
+    the SMBIOS OEM string QEMU gets (:func:`encryptrootfs_lab.qemu.smbios_append_value`)."""
+    # Offset 4 of an OEM-strings structure is its string count; with the lab's single string
+    # that is string number 1, which --get-string returns.
+    return (
+        "insmod smbios\ninsmod regexp\nset erfs_append=\"\"\n"
+        "if smbios --type 11 --get-string 4 --set erfs_oem; then\n"
+        f"  regexp --set 1:erfs_append '^{SMBIOS_APPEND_PREFIX}(.*)$' \"$erfs_oem\"\n"
+        "fi\n"
+    )
+
+
+def grub_defaults() -> str:
+    """/etc/default/grub.d/erfs-lab.cfg: what update-grub in the guest needs to write a grub.cfg
+    that boots the lab's way (serial console, the lab's kernel command line, no menu wait)."""
+    # root=UUID=... ro come from update-grub itself; the rest is the lab's command line, plus
+    # $erfs_append, which GRUB expands when the entry runs.
+    args = " ".join(kernel_cmdline("UUID").split()[2:]) + " \\$erfs_append"
+    return (
+        "# encryptrootfs lab (encryptrootfs_lab.image)\n"
+        "GRUB_TIMEOUT=0\nGRUB_DISABLE_RECOVERY=true\nGRUB_DISABLE_OS_PROBER=true\n"
+        "GRUB_DISABLE_SUBMENU=y\nGRUB_TERMINAL=serial\n"
+        "GRUB_SERIAL_COMMAND=\"serial --unit=0 --speed=115200\"\n"
+        f"GRUB_CMDLINE_LINUX_DEFAULT=\"\"\nGRUB_CMDLINE_LINUX=\"{args}\"\n"
+    )
+
+
+def _install_grub_config(root: Path) -> None:
+    defaults = root / "etc/default/grub.d"
+    defaults.mkdir(parents=True, exist_ok=True)
+    (defaults / "erfs-lab.cfg").write_text(grub_defaults())
+    script = root / "etc/grub.d/01_erfs_lab"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("#!/bin/sh\n# encryptrootfs lab: per-boot kernel arguments\ncat <<'EOF'\n"
+                      + grub_append_cfg() + "EOF\n")
+    script.chmod(0o755)
+
+
+def _download_kernel_update(root: Path, kver: str, blog: BuildLog) -> None:
+    """The cloud flavour of the image's kernel ABI as a .deb in /var/cache/erfs-lab."""
+    if not kver.endswith("-amd64"):
+        raise LabError(f"The image's kernel {kver} is not an -amd64 flavour; no update package.")
+    package = "linux-image-" + kver[: -len("amd64")] + "cloud-amd64"
+    folder = root / KERNEL_UPDATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    try:
+        blog.run(["chroot", str(root), "sh", "-c",
+                  f"cd /{KERNEL_UPDATE_DIR} && apt-get download {package}"])  # fmt: skip
+    finally:
+        (root / "etc/resolv.conf").unlink()
+
+
 def build_image(spec: ImageSpec = PLAIN) -> Image:
     """The product image for ``spec`` (cached); builds the base first when needed."""
     started = time.monotonic()
@@ -378,8 +454,11 @@ def build_image(spec: ImageSpec = PLAIN) -> Image:
             blog.run(["cp", "-a", "--reflink=auto", str(base), str(root)])
             _install_project(root, blog)
             _install_lab_files(root, spec)
+            _install_grub_config(root)
             kver = _kver(root)
             with chroot_mounts(root):
+                if spec.kernel_update:
+                    _download_kernel_update(root, kver, blog)
                 for command in spec.chroot_commands:
                     blog.run(["chroot", str(root), *command])
                 blog.run([

@@ -8,17 +8,21 @@ overlay never changes.
 :func:`encryptrootfs_lab.bootloader.build_boot_disk`) instead of QEMU's ``-kernel``; a UEFI
 machine keeps its own copy of the OVMF variables next to its overlay, as a real machine keeps
 its NVRAM.
+
+While a boot runs, :meth:`Machine.type_line` types on its serial console (a test's watcher
+thread answers a prompt it saw in the console log).
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .cache import cache_root, touch
+from .cache import LabError, cache_root, touch
 from .image import Image
 from .layout import Disk
 from .qemu import (
@@ -31,6 +35,7 @@ from .qemu import (
     boot,
     create_blank,
     create_overlay,
+    type_on,
 )
 
 
@@ -46,6 +51,8 @@ class Machine:
     boot_from_disk: Optional[Firmware] = None
     overlay: Path = field(init=False)
     efi_vars: Optional[Path] = field(init=False, default=None)
+    # The running boot's console socket (see type_line); None between boots.
+    console_socket: Optional[Path] = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +119,27 @@ class Machine:
         for entry in (self.image.folder, self.disk.path.parent):
             if entry.is_dir() and entry.parent.parent == cache_root():
                 touch(entry)
-        result = boot(spec, self.workdir, name or f"boot{len(self.boots) + 1}")
+        # A unix socket path has at most 108 bytes: a short folder of its own, not workdir.
+        folder = Path(tempfile.mkdtemp(prefix="erfs-con-"))
+        self.console_socket = folder / "console.sock"
+        try:
+            result = boot(spec, self.workdir, name or f"boot{len(self.boots) + 1}",
+                          console_socket=self.console_socket)
+        finally:
+            self.console_socket = None
+            shutil.rmtree(folder, ignore_errors=True)
         self.boots.append(result)
         return result
+
+    def type_line(self, line: str) -> None:
+        """Type ``line`` and Enter on the console of the boot that is running (from another
+        thread: :meth:`boot` blocks until the guest is off)."""
+        if "\n" in line or "\r" in line:
+            raise ValueError("one line at a time")
+        socket_path = self.console_socket
+        if socket_path is None:
+            raise LabError("No boot of this machine is running; nothing was typed.")
+        type_on(socket_path, line + "\n")
 
     def boot_twice(
         self, first: Optional[str], second: Optional[str], *, append: Sequence[str] = (),

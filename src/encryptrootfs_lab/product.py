@@ -21,7 +21,7 @@ INSTALL = ("/usr/local/sbin/encryptrootfs", "install", "--no-regenerate")
 
 
 def lab_config(*, grow: bool = False, unlock_timeout: float = 120.0,
-               extra: str = "") -> str:
+               extra: str = "", first_boot_extra: str = "") -> str:
     return f"""\
 # encryptrootfs lab image: the emulated cloud of encryptrootfs_lab.cloud
 [root]
@@ -40,7 +40,7 @@ fleet = "lab"
 [first_boot]
 enabled = true
 grow = {"true" if grow else "false"}
-
+{first_boot_extra}
 [boot]
 unlock_timeout = {unlock_timeout}
 {extra}"""

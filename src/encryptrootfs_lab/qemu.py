@@ -3,7 +3,8 @@
 A boot gets its kernel and initramfs with ``-kernel``/``-initrd``, its disks as virtio block
 devices (qcow2 overlays per test over cached raw disks), a test script through fw_cfg
 (``opt/erfs/script``, run by the guest's ``erfs-lab-runner``), the serial console in a log file
-and a second serial port as the results channel. ``-no-reboot`` and ``panic=-1`` make QEMU exit
+(and, while the boot runs, on a unix socket a test can type into) and a second serial port as
+the results channel. ``-no-reboot`` and ``panic=-1`` make QEMU exit
 on power-off, reboot and panic; a timeout, "kill after T seconds" and "kill when the console
 matches" end it with SIGKILL (a power cut). A boot with a ``firmware`` has no ``-kernel``: SeaBIOS
 or OVMF starts the boot loader on the first disk (see :mod:`encryptrootfs_lab.bootloader`) and
@@ -23,6 +24,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -283,7 +285,46 @@ def _boot_argv(spec: BootSpec) -> list[str]:
     return argv
 
 
-def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Path]) -> list[str]:
+def console_argv(console: Path, socket_path: Optional[Path]) -> list[str]:
+    """The first serial port: the guest's console, logged to ``console``.
+
+    With ``socket_path`` it is a chardev that also listens on that unix socket (``wait=off``:
+    the guest never waits for a client), so a test can type on the console (:func:`type_on`);
+    the log file gets every byte the guest writes either way, as ``-serial file:`` did.
+    """
+    if socket_path is None:
+        return ["-serial", f"file:{console}"]
+    for path in (console, socket_path):
+        if "," in str(path):
+            raise LabError(f"QEMU's option syntax cannot take the path {path} (a comma); "
+                           "QEMU was not started.", hint="use a work folder without commas")
+    return [
+        "-chardev", f"socket,id=con0,path={socket_path},server=on,wait=off,"
+                    f"logfile={console},logappend=off",
+        "-serial", "chardev:con0",
+    ]  # fmt: skip
+
+
+def type_on(socket_path: Path, text: str, *, settle: float = 1.0) -> None:
+    """Send ``text`` to the guest's console, as typed on its serial port (``\n`` is Enter).
+
+    One connection per call, closed after ``settle`` seconds so QEMU has taken every byte in
+    (it reads as fast as the UART's FIFO empties); nothing is read from it, so the console
+    output meanwhile goes only to the log file.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10.0)
+        try:
+            s.connect(str(socket_path))
+        except OSError as exc:
+            raise LabError(f"Cannot reach the guest's console at {socket_path}: {exc}; is the "
+                           "boot still running?") from None
+        s.sendall(text.encode())
+        time.sleep(settle)
+
+
+def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Path],
+              console_socket: Optional[Path] = None) -> list[str]:
     netdev = (
         f"user,id=n0,restrict=on,net={GUEST_NET},host={GUEST_HOST},"
         f"dhcpstart={GUEST_DHCP_START}"
@@ -301,7 +342,7 @@ def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Pat
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=n0" + (",romfile=" if spec.firmware else ""),
         "-device", "virtio-rng-pci",
-        "-serial", f"file:{console}", "-serial", f"file:{results}",
+        *console_argv(console, console_socket), "-serial", f"file:{results}",
     ]  # fmt: skip
     if spec.rtc_base is not None:
         argv += ["-rtc", f"base={spec.rtc_base}"]
@@ -358,8 +399,13 @@ def _classify(console: str, returncode: int) -> BootEnd:
     return BootEnd.POWEROFF
 
 
-def boot(spec: BootSpec, workdir: Path, name: str = "boot") -> BootResult:
-    """Run one boot to its end; returns how it ended and what it printed."""
+def boot(spec: BootSpec, workdir: Path, name: str = "boot",
+         console_socket: Optional[Path] = None) -> BootResult:
+    """Run one boot to its end; returns how it ended and what it printed.
+
+    ``console_socket``: where the console listens for typing (:func:`type_on`) while the boot
+    runs; a unix socket path must be short (108 bytes), so it lives outside ``workdir``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     console = workdir / f"{name}.console.log"
     results = workdir / f"{name}.results.log"
@@ -370,7 +416,9 @@ def boot(spec: BootSpec, workdir: Path, name: str = "boot") -> BootResult:
         script_path.write_text(spec.script)
     for p in (console, results):
         p.unlink(missing_ok=True)
-    argv = qemu_argv(spec, console, results, script_path)
+    if console_socket is not None:
+        console_socket.unlink(missing_ok=True)
+    argv = qemu_argv(spec, console, results, script_path, console_socket)
     (workdir / f"{name}.qemu-cmd").write_text(" ".join(argv) + "\n")
     pattern = re.compile(spec.kill_on_console) if spec.kill_on_console else None
     env = dict(os.environ)
@@ -414,6 +462,8 @@ def boot(spec: BootSpec, workdir: Path, name: str = "boot") -> BootResult:
             proc.kill()  # SIGKILL: to the guest this is a power cut
         proc.wait()
         _kill_group(proc.pid)
+        if console_socket is not None:
+            console_socket.unlink(missing_ok=True)
     wall = time.monotonic() - started
     console_text = _read_text(console)
     if end is None:

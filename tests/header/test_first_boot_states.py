@@ -172,3 +172,20 @@ def test_plan_record_that_matches_nothing_changes_nothing(
     with pytest.raises(RefusedError, match="nothing was changed"):
         decide("x", probe(ext4.path), first_boot_enabled=True)
     assert ext4.path.read_bytes() == before
+
+
+def test_ext4_with_a_journal_to_replay_is_repaired_before_the_read_only_check(
+    make_ext4_image: Any,
+) -> None:
+    """A boot cut while the /boot move had the root mounted leaves a journal to replay: the
+    next preflight replays it (e2fsck -p) and goes on, instead of refusing forever."""
+    from encryptrootfs.boot import filesystems
+
+    img = make_ext4_image(64 * 1024 * 1024)
+    run(["debugfs", "-w", "-R", "feature needs_recovery", str(img.path)])
+    header = run(["dumpe2fs", "-h", str(img.path)], check=False).stdout.decode()
+    assert "journal needs recovery" in (filesystems.ext4_unclean(header) or "")
+    filesystems.check_readonly("ext4", str(img.path))
+    after = run(["dumpe2fs", "-h", str(img.path)], check=False).stdout.decode()
+    assert filesystems.ext4_unclean(after) is None
+    assert run(["e2fsck", "-n", "-f", str(img.path)], check=False).returncode == 0

@@ -200,7 +200,8 @@ def test_check_of_a_ready_image(image: Path, capsys: pytest.CaptureFixture[str])
     code, items = _check(image, capsys)
     assert {n: i["status"] for n, i in items.items()} == {
         "python": "ok", "tools (luks)": "ok", "tools (partition)": "ok", "tools (ext4)": "ok",
-        "tools (xfs)": "ok", "tools (btrfs)": "ok", "dracut": "ok", "dracut module": "ok",
+        "tools (xfs)": "ok", "tools (btrfs)": "ok", "tools (boot)": "ok", "dracut": "ok",
+        "dracut module": "ok",
         "config": "ok", "root": "ok", "network": "ok"}
     assert code == ExitCode.OK
     assert items["python"]["detail"].startswith("3.11")

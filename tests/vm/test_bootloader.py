@@ -54,6 +54,8 @@ def _assert_booted_through_grub(r: BootResult, bd: BootDisk, m: Machine) -> None
     assert firmware is not None and firmware.value == bd.firmware.value, r.describe()
 
 
+# CI boots through GRUB (BIOS) in test_boot_partition.py; this one stays for test-all.
+@pytest.mark.slow
 def test_bios_grub_boots_ext4_root_on_msdos_and_survives_a_power_cut(
     plain_image: Image, machines: list[Machine], tmp_path: Path
 ) -> None:

@@ -2,6 +2,10 @@
 encryptrootfs-volumes.service on boot 1, and boot 2 unlocks it (KMS Decrypt only) and finds the
 file boot 1 wrote there.
 
+Twice: beside a root left plain (first-boot encryption off: the volume alone, ~3 min, in CI),
+and beside a root that boot 1 encrypts in place (root and volume each with their own key and
+context; the root's conversion makes it ~6 min, so `slow`).
+
 (The lab's base layer carries mdadm for this.)
 """
 
@@ -12,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from encryptrootfs_lab.cloud import EmulatedCloud
-from encryptrootfs_lab.image import Image, build_image
+from encryptrootfs_lab.image import Image, ImageSpec
 from encryptrootfs_lab.layout import DiskLayout, build_disks
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.product import create_lab_key, encrypt_spec, lab_config
@@ -31,9 +35,15 @@ filesystem = "ext4"
 mount = "/data"
 """
 SPEC = encrypt_spec("volumes", config=lab_config(extra=VOLUMES))
+_FIRST_BOOT_ON = "[first_boot]\nenabled = true\n"
+assert _FIRST_BOOT_ON in SPEC.config_toml
+PLAIN_ROOT_SPEC = encrypt_spec(
+    "volumes-plain-root",
+    config=SPEC.config_toml.replace(_FIRST_BOOT_ON, "[first_boot]\nenabled = false\n"))
 
 # `systemctl start` waits for the oneshot unit that boot already started (KMS retries included).
 REPORT = """\
+echo "ERFS-ROOTDEV $(lsblk -no TYPE "$(findmnt -no SOURCE /)")"
 systemctl start encryptrootfs-volumes.service || true
 echo "ERFS-UNIT $(systemctl is-active encryptrootfs-volumes.service)"
 echo "ERFS-MOUNT source=$(findmnt -no SOURCE /data) fstype=$(findmnt -no FSTYPE /data)"
@@ -45,19 +55,20 @@ BOOT1 = REPORT + f"echo {PROOF} > /data/proof && sync\n"
 BOOT2 = REPORT + 'echo "ERFS-PROOF $(cat /data/proof)"\n'
 
 
-@pytest.fixture(scope="module")
-def image() -> Image:
-    return build_image(SPEC)
-
-
 def _log(r: BootResult) -> str:
     return "\n".join(m.value for m in r.all("VOLLOG"))
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("root", [
+    "plain",
+    pytest.param("encrypted", marks=pytest.mark.slow),
+])  # fmt: skip
 def test_two_blank_disks_become_an_encrypted_raid0_that_survives_a_reboot(
-    image: Image, cloud: EmulatedCloud, new_machine: NewMachine
+    root: str, image_for: Callable[[ImageSpec], Image], cloud: EmulatedCloud,
+    new_machine: NewMachine,
 ) -> None:
+    image = image_for(SPEC if root == "encrypted" else PLAIN_ROOT_SPEC)
+    keys = 2 if root == "encrypted" else 1  # the volume's own, and the root's if encrypted
     (disk,) = build_disks([DiskLayout()], image)
     create_lab_key(cloud.kms)
     m = new_machine(image, disk, cloud)
@@ -72,6 +83,9 @@ def test_two_blank_disks_become_an_encrypted_raid0_that_survives_a_reboot(
     assert second.ok, second.describe()
 
     for r in (first, second):
+        rootdev = r.marker("ROOTDEV")
+        assert rootdev is not None and rootdev.value == ("crypt" if keys == 2 else "part"), \
+            r.describe()  # fmt: skip
         unit, mount, stack = r.marker("UNIT"), r.marker("MOUNT"), r.marker("STACK")
         assert unit is not None and unit.value == "active", r.describe()
         assert mount is not None and mount.fields() == {
@@ -85,11 +99,11 @@ def test_two_blank_disks_become_an_encrypted_raid0_that_survives_a_reboot(
     proof = second.marker("PROOF")
     assert proof is not None and proof.value == PROOF, second.describe()
 
-    # Boot 1: root and volume each made a key (GenerateDataKey + its Decrypt round trip);
-    # boot 2: only Decrypt (root and volume), never a new key.
-    assert boot1.count("GenerateDataKey") == 2, boot1
+    # Boot 1: the volume (and an encrypted root) each made a key (GenerateDataKey + its
+    # Decrypt round trip); boot 2: only Decrypt, never a new key.
+    assert boot1.count("GenerateDataKey") == keys, boot1
     actions2 = [q.action for q in cloud.kms.requests]
     assert actions2 and set(actions2) == {"Decrypt"}, actions2
     contexts = {q.encryption_context.get("encryptrootfs:luks_uuid")
                 for q in cloud.kms.requests if q.encryption_context}
-    assert len(contexts) == 2, contexts  # the root's UUID and the volume's
+    assert len(contexts) == keys, contexts  # the volume's UUID (and the root's)

@@ -183,27 +183,40 @@ def geometry(fs_type: str, device: str) -> FsGeometry:
     raise RefusedError(f"{fs_type} cannot be converted in place; nothing was changed.")
 
 
-def ext4_has_errors(device: str) -> bool:
-    """The superblock says the filesystem has errors (the kernel found some, or a resize2fs
-    was cut: it sets the flag first and clears it last)."""
-    r = run(["dumpe2fs", "-h", device], check=False)
-    m = re.search(r"^Filesystem state:\s*(.*)$", r.stdout.decode(errors="replace"), re.MULTILINE)
-    return m is not None and "error" in m.group(1)
+def ext4_unclean(dumpe2fs_header: str) -> Optional[str]:
+    """Why ``e2fsck -p`` must run before this ext4 can be checked read-only (None: it need not).
+
+    Marked with errors: the kernel found some, or a resize2fs was cut (it sets the flag first and
+    clears it last). A journal that needs recovery: the filesystem was mounted when the power
+    went (the /boot move mounts the root), and ``e2fsck -n`` does not replay journals.
+    """
+    state = re.search(r"^Filesystem state:\s*(.*)$", dumpe2fs_header, re.MULTILINE)
+    if state is not None and "error" in state.group(1):
+        return "the ext4 superblock is marked with errors (an interrupted shrink does that)"
+    features = re.search(r"^Filesystem features:\s*(.*)$", dumpe2fs_header, re.MULTILINE)
+    if features is not None and "needs_recovery" in features.group(1).split():
+        return "the ext4 journal needs recovery (the previous boot was cut while it was mounted)"
+    return None
 
 
 def check_readonly(fs_type: str, device: str) -> None:
     """A read-only consistency check; raises when the filesystem needs repair first.
 
-    One exception, ext4 marked as having errors: ``e2fsck -p`` makes the repairs that are safe
-    without a human (what every boot's fsck of the root does anyway). After a cut during the
-    metadata-only shrink (see check_shrink_in_place) that is all it takes.
+    One exception, ext4 that e2fsck must touch before it can be checked (see ext4_unclean):
+    ``e2fsck -p`` makes the repairs that are safe without a human (what every boot's fsck of the
+    root does anyway). After a cut during the metadata-only shrink (see check_shrink_in_place)
+    or while the /boot move had the root mounted, that is all it takes. XFS with a dirty log:
+    a mount replays it, as every boot's mount of the root would.
     """
     hint = "repair the filesystem from a rescue system, then boot again"
     if fs_type == "ext4":
-        r = run(["e2fsck", "-n", "-f", device], check=False)
-        if r.returncode != 0 and ext4_has_errors(device):
-            say(f"{device}: the ext4 superblock is marked with errors (an interrupted shrink "
-                "does that); repairing with `e2fsck -f -p`, as the boot's fsck would")
+        # Asked first, not only when `e2fsck -n` fails: it skips the journal and may find the
+        # filesystem without it consistent, while the files the last boot wrote (the /boot
+        # move's record) are still only in the journal.
+        header = run(["dumpe2fs", "-h", device], check=False)
+        why = ext4_unclean(header.stdout.decode(errors="replace"))
+        if why is not None:
+            say(f"{device}: {why}; repairing with `e2fsck -f -p`, as the boot's fsck would")
             p = run(["e2fsck", "-f", "-p", device], check=False)
             if p.returncode >= 4:
                 raise RefusedError(
@@ -211,11 +224,19 @@ def check_readonly(fs_type: str, device: str) -> None:
                     f"human (exit code {p.returncode}); it changed only what it could fix "
                     "safely, and nothing else was changed.",
                     hint="run `e2fsck -f` on it from a rescue system, then boot again")
-            r = run(["e2fsck", "-n", "-f", device], check=False)
+        r = run(["e2fsck", "-n", "-f", device], check=False)
         if r.returncode != 0:
             raise RefusedError(f"e2fsck found problems on {device}; nothing was changed.",
                                hint=hint)
     elif fs_type == "xfs":
+        r = run(["xfs_repair", "-n", device], check=False)
+        if r.returncode != 0 and b"log" in r.stderr + r.stdout:
+            say(f"{device}: the XFS log needs replaying (the previous boot was cut while it was "
+                "mounted); mounting it once to replay, as the boot's mount would")
+            target = "/run/encryptrootfs/mnt/xfs-replay"
+            os.makedirs(target, exist_ok=True)
+            run(["mount", "-t", "xfs", device, target], hint=hint)
+            run(["umount", target])
         run(["xfs_repair", "-n", device], hint=hint)
     elif fs_type == "btrfs":
         run(["btrfs", "check", "--readonly", device], hint=hint)

@@ -3,6 +3,8 @@
 The order is the design (DESIGN.md invariants 1-6):
 
 1. preflight      read-only: tools, filesystem, room for the header, KMS key usable, clock
+   (/boot)        when GRUB reads /boot from the root: a plaintext /boot partition first
+                  (:mod:`encryptrootfs.boot.boot_partition`; the root is still plain)
 2. make room      grow the partition into free space after it, else shrink the filesystem
 3. plan record    the wrapped key and the head's hash, durable before the header is written
 4. header         ``reencrypt --encrypt --init-only`` (no data is encrypted yet)
@@ -29,7 +31,8 @@ from ..providers import KeyProvider
 from ..providers.base import NewKey, WrappedKey, wipe
 from ..token import KmsToken, token_from_json, token_to_json, utc_now
 from ..tools import Need, missing
-from . import filesystems, partitions, plan_record
+from . import boot_partition, devices, filesystems, partitions, plan_record
+from .boot_partition import BootMove
 from .breakpoints import stop_after
 from .console import say
 from .devices import Partition
@@ -95,6 +98,7 @@ class Preflight:
     room: RoomPlan
     table: partitions.Table
     luks_uuid: str
+    boot: Optional[BootMove] = None  # /boot to move out of the root first (boot_partition.py)
 
 
 def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -> Preflight:
@@ -116,10 +120,30 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
     filesystems.check_readonly(fs_type, part.path)
     fs = filesystems.geometry(fs_type, part.path)
     table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
-    room = plan_room(part, fs, partitions.free_after(table, part.path))
+    move = boot_partition.plan(part, devices.gather(), table,
+                               config.first_boot.boot_partition_mib)  # fmt: skip
+    free = partitions.free_after(table, part.path)
+    if move is not None:
+        if not config.first_boot.move_boot:
+            raise RefusedError(
+                f"GRUB on {part.disk} reads /boot from the root {part.path}; once encrypted the "
+                "machine would not boot, and [first_boot] move_boot is false. Nothing was "
+                "changed.", hint="set move_boot = true, or give the image a separate /boot")
+        lacking = missing(Need.BOOT)
+        if lacking:
+            raise ToolError(
+                f"GRUB reads /boot from the root {part.path}, and moving it needs "
+                f"{', '.join(t.name for t in lacking)}, which the initramfs lacks; nothing was "
+                "changed.", hint="install e2fsprogs and coreutils in the image, then rebuild "
+                "the initramfs with `encryptrootfs install`")
+        if not any(boot_partition.partition_number(e.node, part.disk) == move.number
+                   for e in table.entries):  # fmt: skip
+            # The header's room comes from the space before the new partition.
+            free = min(free, move.start_bytes - (part.start + part.size))
+    room = plan_room(part, fs, free)
     if room.shrink_fs_to is not None:
         filesystems.check_shrink_in_place(fs_type, part.path, room.shrink_fs_to)
-    return Preflight(fs, room, table, str(uuid_module.uuid4()))
+    return Preflight(fs, room, table, str(uuid_module.uuid4()), move)
 
 
 def make_room(part: Partition, pre: Preflight) -> int:
@@ -168,6 +192,11 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
     # What is on the disk so far, for an error that stops the boot half way.
     done = "nothing was changed on disk"
     try:
+        if pre.boot is not None:
+            done = ("the /boot move had started (GRUB boots the root's own /boot until it "
+                    "completes)")
+            boot_partition.move(part, pre.boot, pre.table)
+            done = "/boot was moved to its own partition"
         size = make_room(part, pre)
         if pre.room.grow_partition_to or pre.room.shrink_fs_to:
             done = f"only the room for the header was made ({pre.room.describe()})"

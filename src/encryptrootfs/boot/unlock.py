@@ -5,21 +5,35 @@ Each unwrap attempt has the provider's own budget (``total_timeout``); around it
 repeated with backoff until ``[boot] unlock_timeout`` has passed, with one console line per
 attempt that says why. Past the budget the boot stops: the root is never mounted unencrypted
 and nothing on disk has changed.
+
+When the header also holds a recovery key (``encryptrootfs recovery-key add``) and
+``[boot] recovery_prompt`` is on, the retries run on a thread of their own: once a whole round
+of attempts has failed (each attempt already had its own retries and budget, so KMS is
+clearly failing, not just slow), or KMS refused for good, the console asks for the recovery
+key through systemd's password agents while the retries go on. Whichever comes first opens
+the root; KMS answering withdraws the question. After the budget the retries stop and the
+question stays, so a person at the console can still open the root: the root stays locked
+until then.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar, Union
 
-from .. import unlock_record
+from .. import luks2, unlock_record
 from ..config import Config
-from ..errors import EncryptrootfsError, KeyServiceError
+from ..enroll import order_tokens
+from ..errors import EncryptrootfsError, KeyServiceError, VerifyError
+from ..log import get_logger
 from ..providers import provider_for_token
 from ..providers.base import wipe
+from ..recovery import normalise, recovery_tokens
 from ..token import KmsToken
+from . import ask_password
 from .console import say
 from .devices import Partition
 from .grow import grow_root
@@ -27,6 +41,11 @@ from .network import wait_for_network
 from .volume import data_pass, open_root
 
 T = TypeVar("T")
+log = get_logger("boot.unlock")
+
+
+class RetriesStopped(Exception):
+    """``with_kms_retries`` was told to stop (the root was opened another way)."""
 
 
 def with_kms_retries(
@@ -38,10 +57,16 @@ def with_kms_retries(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     route_table: Optional[Path] = None,
+    stop: Optional[threading.Event] = None,
+    on_round_failed: Optional[Callable[[EncryptrootfsError], None]] = None,
 ) -> T:
     """The result of the first of ``attempts`` that succeeds, round after round, until the
     boot budget; one console line per failed attempt. Errors KMS says are final (access
-    denied, context mismatch, disabled key) are raised at once."""
+    denied, context mismatch, disabled key) are raised at once.
+
+    ``on_round_failed`` hears the last error after every round in which all attempts failed
+    (the recovery prompt starts on the first); ``stop`` set ends the retries between two
+    attempts with :class:`RetriesStopped`."""
     budget = config.boot.unlock_timeout
     deadline = clock() + budget
     if not wait_for_network(config, deadline, clock=clock, sleep=sleep, route_table=route_table):
@@ -56,11 +81,18 @@ def with_kms_retries(
     while True:
         attempt += 1
         for label, action in list(alive):
+            if stop is not None and stop.is_set():
+                raise RetriesStopped()
             try:
                 result = action()
-                say(f"{label}: done on attempt {attempt}")
+                if stop is None or not stop.is_set():
+                    say(f"{label}: done on attempt {attempt}")
                 return result
             except KeyServiceError as exc:
+                if stop is not None and stop.is_set():
+                    # The root is open already: nothing more to say (and a thread that still
+                    # writes to the console while the boot process exits could block its exit).
+                    raise RetriesStopped() from None
                 last = exc
                 say(f"{label}: attempt {attempt} failed: {exc.message}")
                 if not exc.retryable:
@@ -73,6 +105,9 @@ def with_kms_retries(
                 f"Could not {what}: every wrapped copy was refused: "
                 + " / ".join(e.message for e in final) + f" {outcome}",
                 hint=final[0].hint)
+        assert last is not None
+        if on_round_failed is not None:
+            on_round_failed(last)
         remaining = deadline - clock()
         if remaining <= 0:
             break
@@ -92,25 +127,52 @@ def unwrap_with_retries(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     route_table: Optional[Path] = None,
+    stop: Optional[threading.Event] = None,
+    on_round_failed: Optional[Callable[[EncryptrootfsError], None]] = None,
 ) -> tuple[bytearray, KmsToken]:
     """The key of the first token that unwraps, trying each in order, until the boot budget."""
 
     def unwrap(token: KmsToken) -> Callable[[], tuple[bytearray, KmsToken]]:
         return lambda: (provider_for_token(config, token.wrapped).unwrap(token.wrapped), token)
 
-    attempts = [(f"unwrap with {t.wrapped.key_id} ({t.wrapped.region})", unwrap(t))
-                for t in tokens]
+    attempts = [(copy_label(t), unwrap(t)) for t in tokens]
     return with_kms_retries(
         config, "unwrap the root key", attempts, clock=clock, sleep=sleep,
-        route_table=route_table,
+        route_table=route_table, stop=stop, on_round_failed=on_round_failed,
         outcome="The root stays locked and nothing on disk was changed.")
+
+
+def copy_label(token: KmsToken) -> str:
+    return f"unwrap with {token.wrapped.key_id} ({token.wrapped.region})"
+
+
+def ordered_copies(config: Config, tokens: Sequence[KmsToken]) -> list[KmsToken]:
+    """The wrapped copies in the order the boot tries them: ``[boot] prefer_regions`` first,
+    then header order. Said on the console when there is a choice."""
+    ordered = order_tokens(tokens, config.boot.prefer_regions)
+    if len(ordered) > 1:
+        say("wrapped copies, in the order tried: " + ", ".join(
+            f"{t.wrapped.region} ({t.wrapped.key_id})" for t in ordered))
+    return ordered
 
 
 def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
                     *, resume: bool = False) -> str:
-    """Later boots: unwrap (with retries), finish an interrupted data pass if any, open."""
+    """Later boots: unwrap (with retries), finish an interrupted data pass if any, open.
+
+    With ``[boot] recovery_prompt`` (the default) and a recovery key enrolled, the console
+    asks for the recovery key as soon as a whole round of unwrap attempts has failed, while
+    the retries go on in the background: whichever comes first opens the root.
+    """
+    ordered = ordered_copies(config, tokens)
     started = time.monotonic()
-    key, token = unwrap_with_retries(config, tokens)
+    if config.boot.recovery_prompt:
+        won = unwrap_or_recover(part, config, ordered, resume=resume)
+        if isinstance(won, str):
+            return won
+        key, token = won
+    else:
+        key, token = unwrap_with_retries(config, ordered)
     unwrapped = time.monotonic()
     try:
         if resume:
@@ -127,3 +189,206 @@ def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
         return mapper
     finally:
         wipe(key)
+
+
+# --------------------------------------------------------------------------------------------
+# KMS in the background, the recovery key on the console
+
+
+Unwrapped = tuple[bytearray, KmsToken]
+# (stop, on_round_failed) -> the unwrapped key: unwrap_with_retries with its tokens
+Unwrapper = Callable[[threading.Event, Callable[[EncryptrootfsError], None]], Unwrapped]
+
+
+class KmsRace:
+    """The KMS unwrap on a thread of its own, and what it has come to so far.
+
+    Only the boot's main thread opens the root; this thread only unwraps. A key that arrives
+    after the root was opened with the recovery key is wiped (``abandon``).
+    """
+
+    def __init__(self, unwrap: Unwrapper) -> None:
+        self._unwrap = unwrap
+        self._cond = threading.Condition()
+        self.stop = threading.Event()
+        self.got_key = threading.Event()
+        self._key: Optional[Unwrapped] = None
+        self.error: Optional[BaseException] = None
+        self.failing: Optional[EncryptrootfsError] = None  # the first failed round's last error
+        self.finished = False
+        self.prompting = False
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name="kms-unwrap", daemon=True)
+
+    def start(self) -> KmsRace:
+        self._thread.start()
+        return self
+
+    def _round_failed(self, exc: EncryptrootfsError) -> None:
+        with self._cond:
+            if self.failing is None:
+                self.failing = exc
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        try:
+            result = self._unwrap(self.stop, self._round_failed)
+        except RetriesStopped:
+            result = None
+        except BaseException as exc:  # handed to the main thread, which raises it
+            with self._cond:
+                self.error = exc
+                self.finished = True
+                prompting = self.prompting
+                self._cond.notify_all()
+            if prompting and isinstance(exc, EncryptrootfsError):
+                say(f"{exc.message} The recovery key typed on the console still opens it.")
+            return
+        with self._cond:
+            if result is not None and self._abandoned:
+                wipe(result[0])
+            elif result is not None:
+                self._key = result
+                self.got_key.set()
+            self.finished = True
+            self._cond.notify_all()
+
+    def wait_for_news(self, timeout: Optional[float] = None) -> None:
+        """Until a key, a final error, or a first failed round."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.finished or self.failing is not None, timeout)
+
+    def wait_finished(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.finished)
+
+    def take_key(self) -> Optional[Unwrapped]:
+        with self._cond:
+            key, self._key = self._key, None
+            return key
+
+    def start_prompting(self) -> None:
+        """From now on a final KMS failure is said on the console by this thread."""
+        with self._cond:
+            self.prompting = True
+
+    def abandon(self) -> None:
+        """The root is open another way: stop retrying, wipe a key that is or will be here."""
+        self.stop.set()
+        with self._cond:
+            self._abandoned = True
+            if self._key is not None:
+                wipe(self._key[0])
+                self._key = None
+
+
+def recovery_keyslots(device: str) -> tuple[int, ...]:
+    """The keyslots named by ``encryptrootfs-recovery`` tokens (the only ones the prompt
+    tries); () when there are none or the header cannot be read."""
+    try:
+        header = luks2.read_header(device)
+    except EncryptrootfsError as exc:
+        log.debug("cannot read the header of %s for a recovery key: %s", device, exc)
+        return ()
+    slots = {s for _, named in recovery_tokens(header) for s in named
+             if str(s) in header.keyslots}
+    return tuple(sorted(slots))
+
+
+def open_with_recovery_key(part: Partition, config: Config, passphrase: bytearray,
+                           slots: Sequence[int], *, resume: bool = False
+                           ) -> Optional[tuple[str, int]]:
+    """(mapper, keyslot) when ``passphrase`` opens one of ``slots``; None when it opens none.
+
+    The passphrase reaches cryptsetup on stdin only. With a data pass pending, the keyslot is
+    tested first, the pass finished, then the root opened.
+    """
+    for slot in slots:
+        try:
+            if resume:
+                if not luks2.test_keyslot(part.path, passphrase, slot):
+                    continue
+                data_pass(part.path, passphrase)
+            mapper = luks2.open_device(part.path, config.mapper_name, passphrase, keyslot=slot)
+        except VerifyError:
+            continue  # not this keyslot's passphrase
+        return mapper, slot
+    return None
+
+
+AskPassword = Callable[[ask_password.Question, threading.Event], Optional[bytearray]]
+
+
+def unwrap_or_recover(
+    part: Partition,
+    config: Config,
+    tokens: Sequence[KmsToken],
+    *,
+    resume: bool = False,
+    unwrap: Optional[Unwrapper] = None,
+    ask: AskPassword = ask_password.ask,
+    slots_of: Callable[[str], tuple[int, ...]] = recovery_keyslots,
+) -> Union[Unwrapped, str]:
+    """The KMS key (``(key, token)``), or the mapper path when the recovery key opened the
+    root first.
+
+    KMS runs in the background from the start. When a whole round of attempts has failed (or
+    KMS refused for good) and the header has a recovery key, the console asks for it, and goes
+    on asking after a wrong one; KMS answering first withdraws the question. Without a
+    recovery key this is :func:`unwrap_with_retries`: the same retries, the same error.
+    """
+    if unwrap is None:
+        def unwrap(stop: threading.Event,
+                   failed: Callable[[EncryptrootfsError], None]) -> Unwrapped:
+            return unwrap_with_retries(config, tokens, stop=stop, on_round_failed=failed)
+    race = KmsRace(unwrap).start()
+    race.wait_for_news()
+    key = race.take_key()
+    if key is not None:
+        return key
+    slots = slots_of(part.path)
+    if not slots:
+        race.wait_finished()
+        key = race.take_key()
+        if key is not None:
+            return key
+        assert race.error is not None
+        raise race.error
+    race.start_prompting()
+    why = race.error if race.error is not None else race.failing
+    reason = why.message if isinstance(why, EncryptrootfsError) else str(why)
+    say(f"{part.path}: KMS is failing ({reason}); asking for the recovery key on the console"
+        + ("" if race.finished else "; KMS retries go on in the background"))
+    question = ask_password.Question(
+        f"Recovery key for {part.path} (the root, {config.mapper_name}):",
+        id=f"encryptrootfs:{part.path}")
+    while True:
+        typed = ask(question, race.got_key)
+        if typed is None:
+            key = race.take_key()
+            if key is not None:
+                say("KMS answered; the recovery key prompt was withdrawn")
+                return key
+            continue
+        try:
+            passphrase = normalise(typed)
+        except ValueError as exc:
+            say(f"That is not a recovery key ({exc}); try again.")
+            continue
+        finally:
+            wipe(typed)
+        try:
+            say(f"{part.path}: trying the recovery key")
+            opened = open_with_recovery_key(part, config, passphrase, slots, resume=resume)
+            if opened is None:
+                say(f"That recovery key does not open {part.path}; try again.")
+                continue
+            mapper, slot = opened
+            race.abandon()
+            say(f"{part.path}: opened with the recovery key (keyslot {slot}) as {mapper}")
+            if config.first_boot.grow:
+                grow_root(part, config.mapper_name, passphrase)
+            return mapper
+        finally:
+            wipe(passphrase)
+

@@ -60,6 +60,10 @@ class KmsRequest:
     )
     status: int = 200
     error_code: Optional[str] = None
+    region: Optional[str] = None  # from the request's SigV4 credential scope
+    # The key ``key_id`` resolves to (alias, key id or ARN alike), None when it names no key:
+    # "which key was used" without caring how the client spelled it.
+    key_arn: Optional[str] = None
 
 
 @dataclass
@@ -183,9 +187,11 @@ class KmsEmulator:
 
         return kms_backends[self.account_id][region or self.region]
 
-    def create_key(self, alias: Optional[str] = None, *, description: str = "") -> str:
-        """A new symmetric ENCRYPT_DECRYPT key; returns its ARN."""
-        backend = self._backend()
+    def create_key(self, alias: Optional[str] = None, *, description: str = "",
+                   region: Optional[str] = None) -> str:  # fmt: skip
+        """A new symmetric ENCRYPT_DECRYPT key (in ``region``, default this emulator's);
+        returns its ARN."""
+        backend = self._backend(region)
         key = backend.create_key(
             None, "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT",
             description or "encryptrootfs emulator key", None,
@@ -292,7 +298,7 @@ class KmsEmulator:
         if fault is not None:
             status, code, message = fault
             payload = json.dumps({"__type": code, "message": message}).encode()
-            self._record(action, key_id, context, status, code)
+            self._record(action, key_id, context, status, code, region)
             start_response(
                 f"{status} {'Bad Request' if status == 400 else 'Error'}",
                 [
@@ -324,7 +330,7 @@ class KmsEmulator:
         if status >= 400:
             err = _json_object(response)
             error_code = str(err.get("__type") or err.get("Code") or err.get("code") or "Unknown")
-        self._record(action, key_id, context, status, error_code)
+        self._record(action, key_id, context, status, error_code, region)
         return [response]
 
     def _fault_for(
@@ -406,6 +412,16 @@ class KmsEmulator:
             return 400, "KMSInvalidStateException", f"{key.arn} is pending deletion."
         return None
 
+    def _arn_of(self, key_id: Optional[str], region: str) -> Optional[str]:
+        if key_id is None:
+            return None
+        try:
+            backend = self._backend(region)
+            key = backend.keys.get(backend.any_id_to_key_id(key_id))
+        except Exception:
+            return None
+        return None if key is None else str(key.arn)
+
     def _record(
         self,
         action: str,
@@ -413,9 +429,11 @@ class KmsEmulator:
         context: Mapping[str, str],
         status: int,
         code: Optional[str],
+        region: str,
     ) -> None:
         frozen = MappingProxyType(dict(context))
-        entry = KmsRequest(time.time(), action, key_id, frozen, status, code)
+        entry = KmsRequest(time.time(), action, key_id, frozen, status, code, region,
+                           self._arn_of(key_id, region))  # fmt: skip
         with self._lock:
             self.requests.append(entry)
 

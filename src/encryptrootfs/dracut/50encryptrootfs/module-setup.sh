@@ -36,7 +36,13 @@ depends() {
             _net=network
         fi
     fi
-    echo systemd dm rootfs-block "$_net"
+    # The recovery key prompt is answered through systemd's console password agent; dracut
+    # 056 and later have a module for it (older ones: install() below adds the agent itself).
+    local _ask=
+    for _handler in "$dracutbasedir"/modules.d/[0-9][0-9]systemd-ask-password; do
+        [[ -d $_handler ]] && _ask=systemd-ask-password
+    done
+    echo systemd dm rootfs-block "$_net" $_ask
     return 0
 }
 
@@ -46,6 +52,8 @@ installkernel() {
     # sha256 for PBKDF2), whatever the host uses today: at image build time nothing is
     # encrypted yet, so host-only detection (dracut's crypt module) would find none of them.
     hostonly='' instmods dm_mod dm_crypt crypto-xts crypto-aes crypto-sha256 crypto-ecb
+    # The first boot may mount the ESP (vfat) to point GRUB's stub at a new /boot.
+    hostonly='' instmods vfat nls_cp437 nls_ascii nls_iso8859-1 nls_utf8
 }
 
 # called by dracut
@@ -94,6 +102,21 @@ install() {
     chmod 0755 "${initdir}$systemdutildir/system-generators/encryptrootfs-generator"
     inst_multiple systemd-escape
     $SYSTEMCTL -q --root "$initdir" enable encryptrootfs.service
+
+    # The recovery key prompt (`python3 -m encryptrootfs boot` asks through the ask-password
+    # protocol when KMS is failing): the console agent, started by its path unit as soon as a
+    # question is written to /run/systemd/ask-password.
+    inst_multiple -o \
+        "$systemdsystemunitdir"/systemd-ask-password-console.path \
+        "$systemdsystemunitdir"/systemd-ask-password-console.service \
+        "$systemdsystemunitdir"/sysinit.target.wants/systemd-ask-password-console.path
+    if inst_multiple systemd-tty-ask-password-agent \
+        && [[ -e ${initdir}$systemdsystemunitdir/systemd-ask-password-console.path ]]; then
+        [[ -e ${initdir}$systemdsystemunitdir/sysinit.target.wants/systemd-ask-password-console.path ]] \
+            || $SYSTEMCTL -q --root "$initdir" add-wants sysinit.target systemd-ask-password-console.path
+    else
+        dwarn "encryptrootfs: no systemd console password agent: the recovery key prompt cannot be answered"
+    fi
 
     if dracut_module_included systemd-networkd; then
         inst_simple "$moddir/90-encryptrootfs.network" "$systemdnetwork/90-encryptrootfs.network"

@@ -1,0 +1,154 @@
+"""The pure parts of moving /boot out of the root (encryptrootfs.boot.boot_partition)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from encryptrootfs.boot import boot_partition as bp
+from encryptrootfs.boot.filesystems import ext4_unclean
+from encryptrootfs.boot.partitions import MIB, Table, TableEntry
+from encryptrootfs.config import ConfigError, parse_config
+from encryptrootfs.errors import RefusedError
+
+ROOT = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+BOOT = "6f1c3a52-7a44-4f0e-9d36-2f6a6b7f6e01"
+
+DEBIAN_STUB = (f"search.fs_uuid {ROOT} root\nset prefix=($root)'/boot/grub'\n"
+               "configfile $prefix/grub.cfg\n")
+RHEL_STUB = (
+    f"search --no-floppy --fs-uuid --set=dev {ROOT}\n"
+    "set prefix=($dev)/boot/grub2\nexport $prefix\nconfigfile $prefix/grub.cfg\n"
+)
+
+
+def test_debian_stub_searches_the_new_boot_and_drops_the_boot_folder_from_the_prefix() -> None:
+    assert bp.retarget_stub(DEBIAN_STUB, ROOT, BOOT) == (
+        f"search.fs_uuid {BOOT} root\nset prefix=($root)'/grub'\nconfigfile $prefix/grub.cfg\n")
+
+
+def test_rhel_stub_is_retargeted_the_same_way() -> None:
+    assert bp.retarget_stub(RHEL_STUB, ROOT.upper(), BOOT) == (
+        f"search --no-floppy --fs-uuid --set=dev {BOOT}\n"
+        "set prefix=($dev)/grub2\nexport $prefix\nconfigfile $prefix/grub.cfg\n")
+
+
+def test_a_stub_for_another_filesystem_or_already_retargeted_is_left_alone() -> None:
+    other = DEBIAN_STUB.replace(ROOT, "0000aaaa-0000-0000-0000-000000000000")
+    assert bp.retarget_stub(other, ROOT, BOOT) is None
+    done = bp.retarget_stub(DEBIAN_STUB, ROOT, BOOT)
+    assert done is not None and bp.retarget_stub(done, ROOT, BOOT) is None
+
+
+def test_fstab_gets_one_boot_line_before_the_esp_and_a_rerun_replaces_it() -> None:
+    fstab = ("# static\nUUID=r / ext4 defaults 0 1\nUUID=E /boot/efi vfat umask=0077 0 0\n")
+    once = bp.fstab_with_boot(fstab, BOOT)
+    lines = once.splitlines()
+    assert lines[0] == "# static"
+    assert lines[2].startswith(f"UUID={BOOT} /boot ext4 ")
+    assert lines[3].startswith("UUID=E /boot/efi ")
+    again = bp.fstab_with_boot(once, "11111111-2222-3333-4444-555555555555")
+    assert again.count(" /boot ext4 ") == 1 and BOOT not in again
+    assert bp.fstab_mounts(once)["/boot"] == f"UUID={BOOT}"
+    assert bp.fstab_with_boot("", BOOT).startswith(f"UUID={BOOT} /boot ")
+
+
+def test_fstab_mounts_ignores_comments_and_normalises_trailing_slashes() -> None:
+    text = "#UUID=x /boot ext4 defaults 0 2\nUUID=y /boot/ ext4 defaults 0 2\n\nnone\n"
+    assert bp.fstab_mounts(text) == {"/boot": "UUID=y"}
+
+
+@pytest.mark.parametrize(("names", "expected"), [
+    (["vmlinuz-6.1.0-50-amd64", "initrd.img-6.1.0-50-amd64"], True),
+    (["grub2", "loader"], True),
+    (["efi"], False),
+    ([], False),
+])  # fmt: skip
+def test_holds_kernels(names: list[str], expected: bool) -> None:
+    assert bp.holds_kernels(names) is expected
+
+
+def test_mbr_with_grub_boot_img_is_recognised_and_an_empty_protective_mbr_is_not() -> None:
+    mbr = bytearray(512)
+    mbr[510:] = b"\x55\xaa"
+    assert not bp.mbr_has_grub(bytes(mbr))
+    text = b"GRUB \x00Geom\x00Hard Disk\x00Read\x00 Error"  # where boot.img has it
+    mbr[0x180:0x180 + len(text)] = text
+    assert bp.mbr_has_grub(bytes(mbr))
+    mbr[510:] = b"\x00\x00"
+    assert not bp.mbr_has_grub(bytes(mbr))
+
+
+def _table(label: str, root_sectors: int, disk_sectors: int, *more: TableEntry) -> Table:
+    entries = (TableEntry("/dev/vda1", 2048, root_sectors), *more)
+    return Table(label, 512, disk_sectors - 34 if label == "gpt" else disk_sectors - 1, entries)
+
+
+def test_the_new_partition_goes_at_the_end_of_the_free_space_leaving_the_header_room() -> None:
+    # root 1 GiB at 1 MiB, disk 2 GiB: /boot (256 MiB) ends at the last whole MiB before the
+    # GPT's backup header.
+    table = _table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024)
+    start, size = bp.place(table, "/dev/vda1", 256 * MIB)
+    assert size * 512 == 256 * MIB
+    assert (start * 512) % MIB == 0
+    assert start + size <= table.last_usable + 1
+    assert (start + size) * 512 > table.last_usable * 512 - MIB
+    # a partition after the free space limits it
+    other = TableEntry("/dev/vda2", 3 * 1024 * 1024, 2048)
+    start2, _ = bp.place(_table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024, other), "/dev/vda1",
+                         256 * MIB)  # fmt: skip
+    assert start2 + 256 * MIB // 512 <= other.start
+
+
+def test_no_room_for_boot_and_header_is_refused_with_how_much_to_leave() -> None:
+    # 200 MiB free after the root: 256 MiB /boot + 32 MiB header room do not fit.
+    table = _table("dos", 2 * 1024 * 1024, 2 * 1024 * 1024 + 2048 + 200 * 2048)
+    with pytest.raises(RefusedError) as info:
+        bp.place(table, "/dev/vda1", 256 * MIB)
+    assert "only 200 MiB free after the root" in info.value.message
+    assert "Nothing was changed" in info.value.message
+    assert info.value.hint is not None and "289 MiB" in info.value.hint
+
+
+def test_partition_numbers_and_nodes() -> None:
+    table = _table("dos", 2048, 8192, TableEntry("/dev/vda2", 4096, 100))
+    assert bp.free_number(table, "/dev/vda") == 3
+    assert bp.partition_node("/dev/vda", 3) == "/dev/vda3"
+    assert bp.partition_node("/dev/nvme0n1", 2) == "/dev/nvme0n1p2"
+    assert bp.partition_number("/dev/nvme0n1p12", "/dev/nvme0n1") == 12
+    full = _table("dos", 2048, 9000, *(TableEntry(f"/dev/vda{n}", 4096 + n * 100, 50)
+                                       for n in (2, 3, 4)))  # fmt: skip
+    with pytest.raises(RefusedError, match="no free partition number"):
+        bp.free_number(full, "/dev/vda")
+
+
+def test_the_record_round_trips_through_json() -> None:
+    move = bp.BootMove(number=2, start=4096, size=524288, sector_size=512, fs_uuid=BOOT,
+                       loaders=("bios-grub", "esp-stub"),
+                       stubs=(bp.EspStub("/dev/vda15", "EFI/debian/grub.cfg"),))  # fmt: skip
+    data = move.to_json()
+    assert data["version"] == 1 and data["done"] is False
+    assert bp.BootMove.from_json(data) == move
+    assert move.start_bytes == 4096 * 512
+
+
+def test_ext4_that_needs_journal_recovery_or_has_errors_is_named() -> None:
+    clean = "Filesystem state:         clean\nFilesystem features:      has_journal extent\n"
+    assert ext4_unclean(clean) is None
+    journal = clean.replace("extent", "extent needs_recovery")
+    assert "journal needs recovery" in (ext4_unclean(journal) or "")
+    errors = clean.replace("clean", "clean with errors")
+    assert "marked with errors" in (ext4_unclean(errors) or "")
+
+
+def test_boot_partition_config_is_validated() -> None:
+    base: dict[str, Any] = {"root": {"device": "UUID=x"},
+                            "providers": {"aws_kms": {"key_id": "alias/k"}}}  # fmt: skip
+    config = parse_config({**base, "first_boot": {"boot_partition_mib": 256,
+                                                  "move_boot": False}}, source="t")  # fmt: skip
+    assert config.first_boot.boot_partition_mib == 256 and config.first_boot.move_boot is False
+    defaults = parse_config(base, source="t").first_boot
+    assert defaults.boot_partition_mib == 512 and defaults.move_boot is True
+    with pytest.raises(ConfigError, match="boot_partition_mib"):
+        parse_config({**base, "first_boot": {"boot_partition_mib": 16}}, source="t")

@@ -1,0 +1,97 @@
+"""``[boot] prefer_regions``: the order the boot tries the wrapped copies, and which one won."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from encryptrootfs import unlock_record
+from encryptrootfs.boot import unlock
+from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
+from encryptrootfs.config import Config, parse_config
+from encryptrootfs.errors import KeyServiceError
+from encryptrootfs.providers.base import ProviderName, WrappedKey
+from encryptrootfs.token import KmsToken
+
+
+def token(region: str) -> KmsToken:
+    return KmsToken(("0",), WrappedKey(ProviderName.AWS_KMS, f"arn:{region}", region, b"c", {}))
+
+
+US, EU, AP = token("us-east-1"), token("eu-west-1"), token("ap-south-1")
+
+
+def config(prefer: list[str]) -> Config:
+    return parse_config({"providers": {"aws_kms": {"key_id": "alias/root"}},
+                         "boot": {"prefer_regions": prefer, "unlock_timeout": 30}},
+                        source="test")
+
+
+def part(tokens: tuple[KmsToken, ...]) -> Partition:
+    return Partition(
+        path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=0, size=1 << 30,
+        disk_size=1 << 31, logical_sector=512, partuuid="", partlabel="",
+        signature=Signature("crypto_LUKS", "u", "", "2"),
+        luks=LuksFacts("u", 2, False, tokens, ("0",)))
+
+
+@pytest.mark.parametrize(("prefer", "expected"), [
+    ([], [US, EU, AP]),
+    (["eu-west-1"], [EU, US, AP]),
+    (["ap-south-1", "eu-west-1"], [AP, EU, US]),
+    (["sa-east-1"], [US, EU, AP]),  # a region no copy is in changes nothing
+])
+def test_preferred_regions_come_first_then_header_order(
+    prefer: list[str], expected: list[KmsToken], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="encryptrootfs"):
+        assert unlock.ordered_copies(config(prefer), [US, EU, AP]) == expected
+    order = ", ".join(f"{t.wrapped.region} (arn:{t.wrapped.region})" for t in expected)
+    assert f"wrapped copies, in the order tried: {order}" in caplog.text
+
+
+def test_a_single_copy_is_not_announced(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="encryptrootfs"):
+        assert unlock.ordered_copies(config(["eu-west-1"]), [US]) == [US]
+    assert "in the order tried" not in caplog.text
+
+
+class RegionalKms:
+    """A provider whose regions in ``down`` do not answer; records the order of calls."""
+
+    def __init__(self, down: set[str]) -> None:
+        self.down = down
+        self.calls: list[str] = []
+
+    def unwrap(self, wrapped: WrappedKey) -> bytearray:
+        self.calls.append(wrapped.region)
+        if wrapped.region in self.down:
+            raise KeyServiceError(f"KMS in {wrapped.region} did not answer.", retryable=True)
+        return bytearray(b"k" * 64)
+
+
+@pytest.mark.parametrize(("prefer", "down", "calls", "won"), [
+    (["eu-west-1"], set(), ["eu-west-1"], "eu-west-1"),
+    (["eu-west-1"], {"eu-west-1"}, ["eu-west-1", "us-east-1"], "us-east-1"),
+    ([], set(), ["us-east-1"], "us-east-1"),
+])
+def test_the_boot_tries_copies_in_the_configured_order_and_records_the_winner(
+    prefer: list[str], down: set[str], calls: list[str], won: str,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    kms = RegionalKms(down)
+    monkeypatch.setattr(unlock, "provider_for_token", lambda cfg, wrapped: kms)
+    monkeypatch.setattr(unlock, "wait_for_network", lambda *a, **k: True)
+    opened: list[Any] = []
+    monkeypatch.setattr(unlock, "open_root",
+                        lambda dev, cfg, key, tok: opened.append(tok) or "/dev/mapper/root")
+    records: list[unlock_record.UnlockRecord] = []
+    monkeypatch.setattr(unlock_record, "write", lambda rec: records.append(rec) or True)
+    with caplog.at_level("INFO", logger="encryptrootfs"):
+        mapper = unlock.unwrap_and_open(part((US, EU)), config(prefer), [US, EU])
+    assert mapper == "/dev/mapper/root"
+    assert kms.calls == calls
+    assert [t.wrapped.region for t in opened] == [won]
+    assert records[0].region == won
+    assert f"unwrap with arn:{won} ({won}): done on attempt 1" in caplog.text
