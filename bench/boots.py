@@ -197,6 +197,22 @@ def summarize(plain: list[dict[str, Any]], later: list[dict[str, Any]],
         "kms_decrypt_s": guest_median("unlock-kms", "kms_s"),
         "cryptsetup_open_s": med["open_s"],
     }
+    # What the unit does before its first line, re-run in the real root (unlock_bench.py): the
+    # rest of the journal's "unit start to Python's first line" is the initrd's own waiting
+    # (udev's coldplug queue drained by `udevadm settle`) and contention with other units.
+    before: dict[str, Optional[float]] = {}
+    for key in ("import_cli_s", "import_boot_s", "load_config_s", "udev_settle_idle_s",
+                "locate_root_s", "decide_s", "process_s"):
+        before[key] = _median([g["unlock-bootpath"]["median"][key] for g in guest
+                               if key in g.get("unlock-bootpath", {}).get("median", {})])
+    groups = [g["unlock-bootpath"]["boot_imports_self_us_by_group"] for g in guest
+              if "unlock-bootpath" in g]  # fmt: skip
+    if groups:
+        before["imports_ours_s"] = _median([g.get("encryptrootfs", 0) / 1e6 for g in groups])
+        before["imports_all_s"] = _median([sum(g.values()) / 1e6 for g in groups])
+    process, at_boot = before.get("process_s"), med["start_to_python_s"]
+    if process is not None and at_boot is not None:
+        before["unexplained_at_boot_s"] = at_boot - process
     argon2 = guest_median("unlock-open", "argon2_keyslot_open_s")
     token_open = guest_median("unlock-open", "token_keyslot_open_s")
     plain_total, enc_total = phase(plain, "total"), phase(later, "total")
@@ -204,7 +220,7 @@ def summarize(plain: list[dict[str, Any]], later: list[dict[str, Any]],
         else None  # fmt: skip
     net = med["network_wait_s"] or 0.0
     return {
-        "unit": med, "split": split,
+        "unit": med, "split": split, "before_first_line": before,
         "argon2_open_s": argon2, "token_keyslot_open_s": token_open,
         "ratio_unit_to_argon2": med["unit_s"] / argon2 if med["unit_s"] and argon2 else None,
         "ratio_open_to_argon2": token_open / argon2 if token_open and argon2 else None,

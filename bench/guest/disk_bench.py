@@ -243,6 +243,159 @@ def baseline_2016(dev: str, script: str) -> dict[str, Any]:
     return out
 
 
+def _dm_io(dev: str) -> dict[str, int]:
+    """Sectors read and written on ``dev`` so far (/sys/block/*/stat): the I/O a pass caused."""
+    fields = Path(f"/sys/block/{os.path.basename(dev)}/stat").read_text().split()
+    return {"read_sectors": int(fields[2]), "reads": int(fields[0]),
+            "write_sectors": int(fields[6]), "writes": int(fields[4])}  # fmt: skip
+
+
+def timed(argv: list[str], stdin: bytes | None = None,
+          env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``argv`` once: wall seconds, the child's user/system CPU seconds, exit code."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    done = subprocess.run(argv, input=stdin, capture_output=True, check=False, env=env)
+    seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"seconds": seconds, "rc": done.returncode,
+            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+            "err": done.stderr.decode(errors="replace")[-400:]}  # fmt: skip
+
+
+def _with_io(dev: str, argv: list[str], stdin: bytes | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    before = _dm_io(dev)
+    out = timed(argv, stdin, env)
+    after = _dm_io(dev)
+    out["read_mib"] = (after["read_sectors"] - before["read_sectors"]) * 512 / MIB
+    out["write_mib"] = (after["write_sectors"] - before["write_sectors"]) * 512 / MIB
+    out["ios"] = after["reads"] + after["writes"] - before["reads"] - before["writes"]
+    return out
+
+
+def engine_limits(dev: str) -> dict[str, Any]:
+    """What dm-crypt does in this guest on ``dev``: write, read, and the in-place copy (read the
+    plain block, write it encrypted at the same offset: the data pass's work without any of its
+    crash safety), plus cryptsetup's own cipher benchmark (the kernel crypto API from user space,
+    no disk)."""
+    name = "erfsbenchlim"
+    sh("cryptsetup", "open", "--type", "plain", "--cipher", CIPHER[0], "--key-size", CIPHER[1],
+       "--sector-size", "4096", "--key-file", "/dev/urandom", "--keyfile-size", "64", dev, name)
+    mapped = f"/dev/mapper/{name}"
+    count = str(size_bytes(mapped) // (4 * MIB))
+    out: dict[str, Any] = {"mib": int(count) * 4}
+    try:
+        for label, argv in (
+            ("write", ["dd", "if=/dev/zero", f"of={mapped}", "bs=4M", f"count={count}",
+                       "oflag=direct", "conv=fsync", "status=none"]),
+            ("read", ["dd", f"if={mapped}", "of=/dev/null", "bs=4M", f"count={count}",
+                      "iflag=direct", "status=none"]),
+            ("inplace", ["dd", f"if={dev}", f"of={mapped}", "bs=4M", f"count={count}",
+                         "iflag=direct", "oflag=direct", "conv=fsync,notrunc", "status=none"]),
+        ):  # fmt: skip
+            drop_caches()
+            result = _with_io(dev, argv)
+            result["mib_s"] = out["mib"] / result["seconds"]
+            out[label] = result
+    finally:
+        sh("cryptsetup", "close", name)
+    bench = sh("cryptsetup", "benchmark", "--cipher", CIPHER[0], "--key-size", CIPHER[1],
+               check=False)  # fmt: skip
+    speeds = re.search(r"aes-xts\s+\d+b\s+([\d.]+) MiB/s\s+([\d.]+) MiB/s", bench.stdout)
+    if speeds:
+        out["cryptsetup_benchmark_mib_s"] = {"encrypt": float(speeds.group(1)),
+                                             "decrypt": float(speeds.group(2))}  # fmt: skip
+    out["openssl_xts_mib_s"] = openssl_xts()
+    # The same with OpenSSL's AES-NI code switched off: under TCG, emulated AES instructions
+    # can be slower than table-based AES; on real hardware AES-NI is the fast path.
+    out["openssl_xts_no_aesni_mib_s"] = openssl_xts(NO_AESNI)
+    out["cpu_has_aes"] = " aes " in Path("/proc/cpuinfo").read_text()
+    return out
+
+
+# OPENSSL_ia32cap mask that clears the AES-NI (bit 57) and PCLMULQDQ (bit 33) capability bits.
+NO_AESNI = {"OPENSSL_ia32cap": "~0x200000200000000"}
+
+
+def openssl_xts(env: dict[str, str] | None = None) -> float | None:
+    """OpenSSL's AES-256-XTS on 4096-byte blocks, one thread: the cipher that cryptsetup (linked
+    against libcrypto) uses when it encrypts in its own process."""
+    done = subprocess.run(["openssl", "speed", "-seconds", "3", "-bytes", "4096", "-evp",
+                           "aes-256-xts"], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    found = re.search(r"^AES-256-XTS\s+([\d.]+)k", done.stdout, re.MULTILINE | re.IGNORECASE)
+    return float(found.group(1)) * 1000 / MIB if found else None
+
+
+def variant_pass(dev: str, variant: dict[str, Any]) -> dict[str, Any]:
+    """One encryption of ``dev`` as the first boot does it (header with a pending encryption,
+    32 MiB data shift, 4096-byte sectors), the data pass run with the variant's options."""
+    sh("wipefs", "-qa", dev, check=False)
+    key = os.urandom(64)
+    init = ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--init-only",
+            "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+            "--key-file", "-", "--reduce-device-size", str(REDUCE), "--sector-size", "4096",
+            *variant.get("init", []), dev]  # fmt: skip
+    out: dict[str, Any] = {"name": variant["name"], "online": bool(variant.get("online")),
+                           "options": [*variant.get("init", []), *variant.get("resume", [])]}
+    env = {**os.environ, **variant["env"]} if variant.get("env") else None
+    done = timed(init, key)
+    if done["rc"] != 0:
+        out.update(ok=False, stage="init", err=done["err"])
+        return out
+    pending = sh("cryptsetup", "luksDump", dev, check=False).stdout
+    for field in ("Resilience", "Direction", "Hash"):
+        found = re.search(rf"^\s*{field}:\s*(\S+)", pending, re.MULTILINE)
+        out[field.lower()] = found.group(1) if found else None
+    target = [dev]
+    if variant.get("online"):
+        opened = timed(["cryptsetup", "open", "--key-file", "-", dev, "erfsbenchon"], key)
+        if opened["rc"] != 0:
+            out.update(ok=False, stage="open", err=opened["err"])
+            return out
+        target = ["--active-name", "erfsbenchon"]
+    drop_caches()
+    resume = ["cryptsetup", "reencrypt", "--resume-only", "--batch-mode", "--key-file", "-",
+              *variant.get("resume", []), *target]  # fmt: skip
+    try:
+        done = _with_io(dev, resume, key, env)
+    finally:
+        if variant.get("online"):
+            sh("cryptsetup", "close", "erfsbenchon", check=False)
+    dump = sh("cryptsetup", "luksDump", dev, check=False).stdout
+    mib = (size_bytes(dev) - REDUCE) / MIB
+    out.update(done, ok=done["rc"] == 0 and "reencrypt" not in dump.split("Keyslots:")[-1][:400],
+               stage="resume", mib=mib, mib_s=mib / done["seconds"])  # fmt: skip
+    return out
+
+
+VARIANTS: tuple[dict[str, Any], ...] = (
+    {"name": "product"},
+    # The hotzone of a data-shift encryption is the shift itself: same I/O count if ignored.
+    {"name": "hotzone 1 MiB", "resume": ["--hotzone-size", "1M"]},
+    {"name": "hotzone 64 MiB", "resume": ["--hotzone-size", "64M"]},
+    # The resilience is fixed when the header is written (a resume refuses another one); the
+    # luksDump after the init says which one cryptsetup took (datashift: the others are not
+    # offered for an encryption that moves the data, as tried in development).
+    {"name": "resilience checksum", "init": ["--resilience", "checksum"]},
+    {"name": "resilience datashift-checksum", "init": ["--resilience", "datashift-checksum"]},
+    {"name": "online (opened with dm-crypt first)", "online": True},
+    # Diagnostic, never for the product: where cryptsetup's own cipher spends its time.
+    {"name": "product, OpenSSL without AES-NI", "env": NO_AESNI},
+    {"name": "product again"},
+)
+
+
+def variants(dev: str, names: list[str] | None) -> None:
+    zero_fill(dev)
+    emit("engine", **engine_limits(dev))
+    for variant in VARIANTS:
+        if names is None or variant["name"] in names:
+            emit("variant", **variant_pass(dev, variant))
+    emit("engine-after", **engine_limits(dev))
+
+
 def main(config: dict[str, Any]) -> None:
     from encryptrootfs.log import setup_logging
 
@@ -258,6 +411,8 @@ def main(config: dict[str, Any]) -> None:
         raw2 = raw_write(dev)
         emit("throughput", size_mib=item["size_mib"], fill_s=fill_s, raw=[raw1, raw2],
              product=product)  # fmt: skip
+    if config.get("variants"):
+        variants(device(config["variants"]["serial"]), config["variants"].get("names"))
     mem = config.get("memory")
     if mem:
         dev = device(mem["serial"])

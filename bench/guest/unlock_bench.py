@@ -57,6 +57,80 @@ def python_costs(rounds: int) -> dict[str, Any]:
             "importtime_top_us": biggest}  # fmt: skip
 
 
+BOOT_STEPS = r"""
+import json, sys, time
+t0 = time.monotonic()
+import encryptrootfs.cli
+t1 = time.monotonic()
+from encryptrootfs.boot import boot, locate_root, root_spec
+from encryptrootfs.boot import devices
+from encryptrootfs.boot.decide import decide
+t2 = time.monotonic()
+from encryptrootfs.config import load_config
+config = load_config()
+t3 = time.monotonic()
+devices.wait_for_udev(30)
+t4 = time.monotonic()
+spec = root_spec(config)
+root = locate_root(spec, 30)
+t5 = time.monotonic()
+decision = decide(spec, root, first_boot_enabled=config.first_boot.enabled)
+t6 = time.monotonic()
+print(json.dumps({"import_cli_s": t1 - t0, "import_boot_s": t2 - t1, "load_config_s": t3 - t2,
+                  "udev_settle_idle_s": t4 - t3, "locate_root_s": t5 - t4, "decide_s": t6 - t5,
+                  "action": str(decision.action), "modules": sorted(sys.modules)}))
+"""
+
+
+def boot_path_costs(rounds: int) -> dict[str, Any]:
+    """What the unit does before its first console line, measured in the real root with the
+    unit's interpreter flags: the interpreter, the imports of ``encryptrootfs boot`` (its
+    ``-X importtime`` trace, grouped), reading the config, ``udevadm settle`` (idle here: at boot
+    it also waits for the coldplug events still queued), finding the root (blkid and the LUKS2
+    header through cryptsetup) and deciding. Whatever the unit took beyond these at boot is
+    the initrd's contention (udev's coldplug, networkd, the other units on two vCPUs)."""
+    flags = [sys.executable, "-I", "-B"]
+    steps: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        start = time.monotonic()
+        done = subprocess.run([*flags, "-c", BOOT_STEPS], capture_output=True, text=True,
+                              check=True)  # fmt: skip
+        step = json.loads(done.stdout)
+        step["process_s"] = time.monotonic() - start
+        steps.append(step)
+    modules: list[str] = steps[-1].pop("modules")
+    for step in steps[:-1]:
+        step.pop("modules", None)
+    # The boot path's imports, module by module (self time, median of the traces: one trace
+    # under TCG has stalls of a few hundred ms), grouped by package: what a lazier import could
+    # save and what is third-party.
+    per_module: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        trace = subprocess.run([*flags, "-X", "importtime", "-c", "import encryptrootfs.cli; "
+                                "import encryptrootfs.boot"], capture_output=True, text=True,
+                               check=True).stderr  # fmt: skip
+        for line in trace.splitlines():
+            parts = [p.strip() for p in line.split("|")]
+            if len(parts) == 3 and parts[1].isdigit():
+                per_module.setdefault(parts[2], []).append(int(parts[0].split(":")[1]))
+    groups: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    for name, values in per_module.items():
+        self_us = int(statistics.median(values))
+        top = name.split(".")[0]
+        group = top if top in ("encryptrootfs", "botocore", "urllib3") else "stdlib"
+        groups[group] = groups.get(group, 0) + self_us
+        if top == "encryptrootfs":
+            ours[name] = self_us
+    keys = [k for k in steps[0] if isinstance(steps[0][k], float)]
+    return {"median": {k: statistics.median(s[k] for s in steps) for k in keys},
+            "all": steps, "action": steps[0]["action"],
+            "boot_imports_self_us_by_group": groups,
+            "ours_self_us": dict(sorted(ours.items(), key=lambda kv: -kv[1])),
+            "botocore_loaded_before_first_line": any(m.startswith("botocore") for m in modules),
+            "modules_loaded": len(modules)}  # fmt: skip
+
+
 def kms_costs(rounds: int) -> dict[str, Any]:
     from encryptrootfs import luks2
     from encryptrootfs.config import load_config
@@ -130,6 +204,7 @@ def open_costs(serial: str, rounds: int) -> dict[str, Any]:
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     emit("unlock-python", **python_costs(rounds + 2))
+    emit("unlock-bootpath", **boot_path_costs(rounds + 1))
     emit("unlock-kms", **kms_costs(rounds))
     emit("unlock-open", **open_costs("unlk", rounds))
 

@@ -11,16 +11,21 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
-from .enroll import ProviderFor, all_ok, enroll, enroll_copy, find_tokens, require_luks2, verify
 from .errors import EncryptrootfsError, ExitCode
 from .log import get_logger, setup_logging
 from .providers import provider_for_key, provider_for_token, provider_from_config
 from .providers.base import wipe
 from .token import token_to_json
+
+if TYPE_CHECKING:
+    from .enroll import ProviderFor
+
+# Operator commands import what they need when they run: the initramfs runs only ``boot``, and
+# every module it does not import is time saved before the root is unlocked (see bench/).
 
 log = get_logger("cli")
 
@@ -126,6 +131,8 @@ def _provider_for(config: Config) -> ProviderFor:
 
 
 def cmd_enroll_copy(args: argparse.Namespace) -> int:
+    from .enroll import enroll_copy
+
     config = _config(args)
     new_provider = provider_for_key(config, args.key_id, args.region)
     done = enroll_copy(args.device, _provider_for(config), new_provider,
@@ -157,6 +164,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "--key-id, --region and --token-id go with --copy; nothing was changed.",
             hint="a plain enroll wraps with the configured key; set it in the configuration",
         )
+    from .enroll import enroll
+
     provider = provider_from_config(_config(args))
     existing = _read_existing_key(args)
     try:
@@ -184,6 +193,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_token_show(args: argparse.Namespace) -> int:
+    from .enroll import find_tokens, require_luks2
+
     header = require_luks2(args.device)
     tokens = []
     for found in find_tokens(header):
@@ -222,6 +233,8 @@ def cmd_token_show(args: argparse.Namespace) -> int:
 
 
 def cmd_token_verify(args: argparse.Namespace) -> int:
+    from .enroll import all_ok, verify
+
     provider = provider_from_config(_config(args))
     results = verify(args.device, provider)
     if args.json:
