@@ -108,6 +108,9 @@ def _comes_up_encrypted(r: BootResult, m: Machine) -> None:
         r.describe()  # fmt: skip
 
 
+# test-all only: a whole first boot for this module, ~7 min of CI's vm budget (rewrap's
+# kill-at-every-step safety is proven in the header tier, tests/header/test_rewrap.py).
+@pytest.mark.slow
 def test_after_rewrap_the_next_boot_decrypts_with_the_new_key_only(
     image: Image, encrypted_disk: Disk, cloud2: EmulatedCloud, lab_key: str,
     new_machine: NewMachine,
