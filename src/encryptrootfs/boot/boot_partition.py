@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 from ..errors import DeviceError, RefusedError
 from ..log import get_logger
-from ..run import run, which
+from ..run import run
 from . import partitions
 from .breakpoints import stop_after
 from .console import say
@@ -61,7 +61,7 @@ PART_TYPE = {"gpt": "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "dos": "83"}
 # e2fsprogs profiles turn it on.
 MKFS_OPTIONS = ("-O", "^metadata_csum_seed")
 # What mounting the root read-only needs so that inspecting it writes nothing at all.
-_RO_OPTIONS = {"ext4": "ro,noload", "xfs": "ro,norecovery", "btrfs": "ro"}
+_RO_OPTIONS = {"ext4": "ro,noload", "xfs": "ro,norecovery", "btrfs": "ro,rescue=nologreplay"}
 _CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "HOME": "/root"}
 
 
@@ -436,8 +436,7 @@ def _chroot_mounts(root: Path, boot_node: str) -> Iterator[None]:
 
 
 def _chroot(root: Path, *argv: str) -> None:
-    if which("chroot") is None:
-        raise DeviceError("The initramfs has no chroot; nothing of GRUB was changed.")
+    # (the preflight has checked that the initramfs has chroot: tools.Need.BOOT)
     run(["chroot", str(root), *argv], env=_CHROOT_ENV,
         hint="the root is still plain and GRUB still boots the old /boot; see the output above")
 

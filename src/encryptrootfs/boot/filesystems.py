@@ -233,10 +233,8 @@ def check_readonly(fs_type: str, device: str) -> None:
         if r.returncode != 0 and b"log" in r.stderr + r.stdout:
             say(f"{device}: the XFS log needs replaying (the previous boot was cut while it was "
                 "mounted); mounting it once to replay, as the boot's mount would")
-            target = "/run/encryptrootfs/mnt/xfs-replay"
-            os.makedirs(target, exist_ok=True)
-            run(["mount", "-t", "xfs", device, target], hint=hint)
-            run(["umount", target])
+            _mount(device, "xfs")
+            _umount()
         run(["xfs_repair", "-n", device], hint=hint)
     elif fs_type == "btrfs":
         run(["btrfs", "check", "--readonly", device], hint=hint)
