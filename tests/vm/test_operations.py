@@ -136,7 +136,7 @@ def test_after_rewrap_the_next_boot_decrypts_with_the_new_key_only(
     assert all(q.key_arn != old for q in cloud.kms.requests), seen
 
 
-# test-all only: CI's vm budget keeps rewrap from this module (same first boot, ~3.5 min each).
+# test-all only, like rewrap above (same first boot; ~3.5 min each).
 @pytest.mark.slow
 def test_with_the_first_region_down_the_copy_in_the_second_unlocks(
     image: Image, encrypted_disk: Disk, cloud2: EmulatedCloud, lab_key: str,

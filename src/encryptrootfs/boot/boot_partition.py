@@ -273,9 +273,12 @@ def _read_record(root: Path) -> Optional[BootMove]:
     try:
         return BootMove.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
-        raise RefusedError(f"The /boot move record {path.name} in the root is unreadable "
-                           f"({exc}); nothing was changed.",
-                           hint=f"inspect /{RECORD} in the root") from exc
+        raise RefusedError(
+            f"The /boot move record /{RECORD} in the root is unreadable ({exc}). An earlier "
+            "boot had started moving /boot; the root is still plain, and this boot changed "
+            "nothing.",
+            hint=f"from a rescue system, check the root's /etc/fstab and the disk's partitions, "
+            f"then delete /{RECORD} so that the next boot plans the move again") from exc
 
 
 def _esp_stubs(part: Partition, siblings: Sequence[Partition]) -> list[EspStub]:
