@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -90,6 +91,8 @@ class AwsKmsConfig:
     key_id: str
     region: Optional[str] = None  # None: the token's region, or IMDS placement/region
     endpoint_url: Optional[str] = None  # None: botocore's endpoint rules for the region
+    # region -> KMS URL for that region; wins over endpoint_url (the fallback for the others).
+    endpoints: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     encryption_context: Mapping[str, str] = field(default_factory=lambda: frozen_context({}))
     bind_instance_id: bool = False
     imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
@@ -102,6 +105,7 @@ class AwsKmsConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encryption_context", frozen_context(self.encryption_context))
+        object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,40 @@ def _check_url(table: _Table, key: str, value: str) -> str:
     return value.rstrip("/")
 
 
+# AWS's own KMS host names carry the region they serve (kms.eu-west-1.amazonaws.com,
+# vpce-....kms.eu-west-1.vpce.amazonaws.com); other hosts (proxies) may say anything.
+_AWS_HOST_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
+
+
+def _parse_endpoints(aws_table: _Table) -> dict[str, str]:
+    """``[providers.aws_kms.endpoints]``: region name -> the KMS URL for that region."""
+    table = aws_table.table("endpoints")
+    if table is None:
+        return {}
+    endpoints: dict[str, str] = {}
+    for region, value in table.data.items():
+        table.seen.add(region)
+        if not _REGION.match(region):
+            raise table.error(
+                region, f"{region!r} is not an AWS region name: each key of this table is a "
+                'region and its value the KMS URL for it, e.g. "eu-west-1" = "https://..."')
+        if not isinstance(value, str) or not value.strip():
+            what = "an empty string" if isinstance(value, str) else _toml_type(value)
+            raise table.error(region, f"must be the KMS URL for {region} as a string, not {what}")
+        url = _check_url(table, region, value)
+        host = (urlsplit(url).hostname or "").lower()
+        if host.endswith(_AWS_HOST_SUFFIXES):
+            named = [label for label in host.split(".") if _REGION.match(label)]
+            if named and region not in named:
+                # KMS in one region neither serves another region's keys nor accepts a
+                # request signed for another region: every call through it would fail.
+                raise table.error(
+                    region, f"{url!r} is an AWS endpoint in {named[0]}, not in {region}; "
+                    f"give {region} a URL of its own region")
+        endpoints[region] = url
+    return endpoints
+
+
 def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
     key_id = table.string("key_id")
     if key_id is None:
@@ -461,6 +499,7 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
     endpoint_url = table.string("endpoint_url")
     if endpoint_url is not None:
         endpoint_url = _check_url(table, "endpoint_url", endpoint_url)
+    endpoints = _parse_endpoints(table)
     imds_endpoint = _check_url(
         table, "imds_endpoint", table.string("imds_endpoint", DEFAULT_IMDS_ENDPOINT) or ""
     )
@@ -506,6 +545,7 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
         key_id=key_id,
         region=region,
         endpoint_url=endpoint_url,
+        endpoints=endpoints,
         encryption_context=context,
         bind_instance_id=bind_instance_id,
         imds_endpoint=imds_endpoint,

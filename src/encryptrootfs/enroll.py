@@ -105,7 +105,8 @@ def enroll(
                 raise VerifyError(
                     "KMS returned a different key on unwrap; nothing was changed on "
                     f"{device}.",
-                    hint="check that the endpoint really is AWS KMS (endpoint_url)",
+                    hint="check that the endpoint really is AWS KMS (providers.aws_kms."
+                    "endpoints / endpoint_url)",
                 )
         finally:
             wipe(unwrapped)
@@ -304,7 +305,8 @@ def wrap_copy(key: bytearray, source: FoundToken, new_provider: KeyWrapper) -> W
         if not same_key(back, key):
             raise VerifyError(
                 "KMS returned a different key on unwrap of the new copy; nothing was changed.",
-                hint="check that the endpoint really is AWS KMS (endpoint_url)",
+                hint="check that the endpoint really is AWS KMS (providers.aws_kms."
+                    "endpoints / endpoint_url)",
             )
     finally:
         wipe(back)

@@ -20,7 +20,7 @@ from .errors import DeviceError, EncryptrootfsError
 from .log import get_logger
 from .run import run
 from .token import TOKEN_TYPE, token_from_json
-from .unlock_record import UnlockRecord
+from .unlock_record import UnlockMethod, UnlockRecord
 
 log = get_logger("status")
 
@@ -31,6 +31,15 @@ STATUS_SCHEMA_VERSION = 1
 # The token that records a recovery passphrase's keyslot (see recovery.py); defined here so
 # status does not need the recovery module.
 RECOVERY_TOKEN_TYPE = "encryptrootfs-recovery"  # noqa: S105 - a LUKS2 token type, not a secret
+
+
+# Under a recovery-key unlock: what it means and what to look at. The boot's console output
+# (`journalctl -b`) has the line that says why KMS was failing.
+RECOVERY_UNLOCK_ADVICE = (
+    "KMS did not unwrap the root key on this boot (unreachable, or it refused), so a person",
+    "opened the root with the recovery key. Check the instance role, the key policy and the",
+    "network path to KMS; `journalctl -b` shows the line that says why KMS was failing.",
+)
 
 
 class VolumeState(str, Enum):
@@ -336,7 +345,11 @@ def status_text(statuses: Sequence[DeviceStatus]) -> str:
                 else ", no token"
             lines.append(f"  keyslot {k.id}: {k.type} {k.kdf or ''} {cost}".rstrip() + owner)
         u = s.last_unlock
-        if u is not None:
+        if u is not None and u.method is UnlockMethod.RECOVERY_KEY:
+            lines.append(f"  last unlock: {u.unlocked_at}, {u.seconds:.2f} s, recovery key "
+                         f"typed at the console, keyslot {u.keyslot}")
+            lines.extend("    " + line for line in RECOVERY_UNLOCK_ADVICE)
+        elif u is not None:
             lines.append(f"  last unlock: {u.unlocked_at}, {u.seconds:.2f} s, key {u.key_id} "
                          f"({u.region}), keyslot {u.keyslot}")
         elif s.state in (VolumeState.ENCRYPTED, VolumeState.REENCRYPTION_PENDING):

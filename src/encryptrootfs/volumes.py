@@ -492,7 +492,8 @@ def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> b
             if not hmac.compare_digest(bytes(back), bytes(new.plaintext)):
                 raise VerifyError("KMS returned a different key on unwrap; nothing was written "
                                   f"to {device}.",
-                                  hint="check that the endpoint really is AWS KMS (endpoint_url)")
+                                  hint="check that the endpoint really is AWS KMS "
+                                  "(providers.aws_kms.endpoints / endpoint_url)")
         finally:
             wipe(back)
         log.info("volume %s: formatting %s as LUKS2 %s", volume.name, device, luks_uuid)

@@ -18,7 +18,7 @@ from encryptrootfs.errors import DeviceError, RefusedError
 from encryptrootfs.providers.base import ProviderName, WrappedKey
 from encryptrootfs.status import TokenKind, VolumeState
 from encryptrootfs.token import KmsToken
-from encryptrootfs.unlock_record import UnlockRecord, UnlockRecordError
+from encryptrootfs.unlock_record import UnlockMethod, UnlockRecord, UnlockRecordError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "luks2"
 ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -47,6 +47,11 @@ def record(luks_uuid: str) -> UnlockRecord:
     return UnlockRecord(device="/dev/vda1", luks_uuid=luks_uuid, mapper="/dev/mapper/root",
                         unlocked_at="2026-11-28T05:00:00Z", seconds=1.84, provider="aws-kms",
                         key_id=ARN, region="eu-west-1", keyslot=0, attempts=2)
+
+
+def recovery_record(luks_uuid: str) -> UnlockRecord:
+    return unlock_record.recovery_record_for("/dev/vda1", luks_uuid, "/dev/mapper/root", 1,
+                                             95.2049, unlocked_at="2026-11-28T05:01:35Z")
 
 
 # --- reencryption progress --------------------------------------------------------------------
@@ -136,6 +141,25 @@ def test_last_unlock_belongs_to_the_device_with_that_luks_uuid() -> None:
     assert "last unlock: not recorded" in status.status_text([other])
 
 
+def test_a_recovery_key_unlock_is_shown_with_what_it_means_and_what_to_check() -> None:
+    h = with_tokens(header("pbkdf2-fresh"), {"0": kms_token(["0"])})
+    s = status.summarise_header("/dev/x", h, record=recovery_record(h.uuid))
+    text = status.status_text([s])
+    assert ("  last unlock: 2026-11-28T05:01:35Z, 95.20 s, recovery key typed at the console, "
+            "keyslot 1\n") in text
+    assert "KMS did not unwrap the root key on this boot" in text
+    assert "Check the instance role, the key policy and the" in text
+    assert "key None" not in text and "(None)" not in text
+    # A KMS unlock says nothing of the kind.
+    kms = status.status_text([status.summarise_header("/dev/x", h, record=record(h.uuid))])
+    assert "recovery key" not in kms and "KMS did not unwrap" not in kms
+    (d,) = status.status_json([s])["devices"]
+    assert d["last_unlock"]["method"] == "recovery-key"
+    assert d["last_unlock"]["keyslot"] == 1 and d["last_unlock"]["version"] == 2
+    assert [d["last_unlock"][k] for k in ("provider", "key_id", "region", "attempts")] == [
+        None, None, None, None]
+
+
 def test_json_has_the_documented_fields_for_every_device() -> None:
     h = with_tokens(header("pbkdf2-fresh"), {"0": kms_token(["0"])})
     doc = status.status_json([
@@ -153,9 +177,11 @@ def test_json_has_the_documented_fields_for_every_device() -> None:
                                            "created", "error"}
     assert set(encrypted["keyslots"][0]) == {"id", "type", "kdf", "iterations", "memory_kib",
                                              "token_ids"}
-    assert set(encrypted["last_unlock"]) == {"version", "device", "luks_uuid", "mapper",
-                                             "unlocked_at", "seconds", "provider", "key_id",
-                                             "region", "keyslot", "attempts"}
+    assert set(encrypted["last_unlock"]) == {"version", "method", "device", "luks_uuid",
+                                             "mapper", "unlocked_at", "seconds", "provider",
+                                             "key_id", "region", "keyslot", "attempts"}
+    assert (encrypted["last_unlock"]["method"], encrypted["last_unlock"]["version"]) == (
+        "kms", 1)
     assert [d["state"] for d in doc["devices"]] == ["encrypted", "plain", "unreadable"]
     json.dumps(doc)  # serialisable as is
 
@@ -200,6 +226,32 @@ def test_unlock_record_round_trip_is_atomic_and_world_readable(tmp_path: Path) -
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+def test_both_methods_round_trip_each_as_the_oldest_version_that_holds_it(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "last-unlock.json"
+    for written, version in ((record("u"), 1), (recovery_record("u"), 2)):
+        assert unlock_record.write(written, path)
+        assert json.loads(path.read_text())["version"] == version
+        assert unlock_record.read(path) == written
+    back = unlock_record.read(path)
+    assert back is not None and back.method is UnlockMethod.RECOVERY_KEY
+    assert (back.keyslot, back.seconds, back.provider, back.key_id, back.region,
+            back.attempts) == (1, 95.205, None, None, None, None)
+
+
+def test_a_record_from_before_the_method_field_is_a_kms_unlock(tmp_path: Path) -> None:
+    path = tmp_path / "last-unlock.json"
+    # Exactly what encryptrootfs wrote before there was a `method` field.
+    path.write_text(json.dumps({
+        "version": 1, "device": "/dev/vda1", "luks_uuid": "u", "mapper": "/dev/mapper/root",
+        "unlocked_at": "2026-11-28T05:00:00Z", "seconds": 1.84, "provider": "aws-kms",
+        "key_id": ARN, "region": "eu-west-1", "keyslot": 0, "attempts": 2}))
+    back = unlock_record.read(path)
+    assert back is not None and back.method is UnlockMethod.KMS
+    assert back == record("u")
+
+
 def test_record_for_takes_what_the_token_says() -> None:
     token = KmsToken(("3",), WrappedKey(ProviderName.AWS_KMS, ARN, "us-east-1", b"x"))
     r = unlock_record.record_for("/dev/vda1", "u", "/dev/mapper/root", token, 1.23456,
@@ -218,8 +270,15 @@ def test_unlock_record_write_failure_is_reported_not_raised(tmp_path: Path) -> N
 @pytest.mark.parametrize(("content", "problem"), [
     ("{", "not valid JSON"),
     ("[]", "not a JSON object"),
-    ('{"version": 2}', "has version 2"),
+    ('{"version": 3}', "has version 3; this encryptrootfs reads version 2"),
     ('{"version": 1, "device": "/dev/x"}', "luks_uuid must be a non-empty string"),
+    (json.dumps({**record("u").as_dict(), "method": "tpm"}),
+     'method must be one of kms, recovery-key, not "tpm"'),
+    (json.dumps({**record("u").as_dict(), "method": None}), "method must be one of"),
+    (json.dumps({**recovery_record("u").as_dict(), "key_id": ARN}),
+     "key_id must be null for a recovery-key unlock"),
+    (json.dumps({**record("u").as_dict(), "region": None}),
+     "region must be a non-empty string"),
 ])
 def test_a_damaged_or_newer_unlock_record_is_a_sentence(tmp_path: Path, content: str,
                                                         problem: str) -> None:

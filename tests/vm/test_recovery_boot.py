@@ -37,6 +37,12 @@ echo "ERFS-RECOVERY $(encryptrootfs recovery-key add {ROOT} --iter-time 1000 --j
 | tr -d '\\n ')"
 """
 
+# What `encryptrootfs status` reports about this boot's unlock (the initramfs's record).
+STATUS = """\
+echo "ERFS-LASTUNLOCK $(encryptrootfs status /dev/vda1 --json | python3 -c \
+'import json,sys; print(json.dumps(json.load(sys.stdin)["devices"][0]["last_unlock"]))')"
+"""
+
 
 @pytest.fixture(scope="module")
 def image() -> Image:
@@ -104,7 +110,7 @@ def test_recovery_key_typed_on_the_console_opens_the_root_when_kms_is_unreachabl
     kms_cloud.kms.clear_log()
     typed: list[str] = []
     watcher = answer_prompts(m, "recovery", [WRONG_KEY, key.upper().replace("-", "")], typed)
-    r = m.boot(inspect_script(), timeout=900, name="recovery")
+    r = m.boot(inspect_script() + STATUS, timeout=900, name="recovery")
     watcher.join(timeout=5)
 
     assert len(typed) == 2, f"typed {typed}\n" + r.describe()
@@ -123,3 +129,9 @@ def test_recovery_key_typed_on_the_console_opens_the_root_when_kms_is_unreachabl
     # the key typed never shows: not on the console, not in the initrd's journal
     for shown in (key, key.upper().replace("-", ""), key.replace("-", "")):
         assert shown not in console and shown not in r.results, "the recovery key was shown"
+    # the boot's unlock record says a person opened it with the recovery key
+    last = r.marker("LASTUNLOCK")
+    assert last is not None, r.describe()
+    record = json.loads(last.value)
+    assert record["method"] == "recovery-key" and record["key_id"] is None, record
+    assert record["device"] == ROOT and record["keyslot"] != 0, record

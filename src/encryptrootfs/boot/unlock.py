@@ -337,6 +337,7 @@ def unwrap_or_recover(
     on asking after a wrong one; KMS answering first withdraws the question. Without a
     recovery key this is :func:`unwrap_with_retries`: the same retries, the same error.
     """
+    started = time.monotonic()  # for the unlock record of a recovery-key unlock
     if unwrap is None:
         def unwrap(stop: threading.Event,
                    failed: Callable[[EncryptrootfsError], None]) -> Unwrapped:
@@ -384,8 +385,14 @@ def unwrap_or_recover(
                 say(f"That recovery key does not open {part.path}; try again.")
                 continue
             mapper, slot = opened
+            seconds = time.monotonic() - started
             race.abandon()
             say(f"{part.path}: opened with the recovery key (keyslot {slot}) as {mapper}")
+            if part.luks is not None:
+                # For `encryptrootfs status`: a boot the recovery key opened means KMS failed,
+                # which the operator should look into. Best effort, as on the KMS path.
+                unlock_record.write(unlock_record.recovery_record_for(
+                    part.path, part.luks.uuid, mapper, slot, seconds))
             if config.first_boot.grow:
                 grow_root(part, config.mapper_name, passphrase)
             return mapper

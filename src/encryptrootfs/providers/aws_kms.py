@@ -65,6 +65,26 @@ _CREDENTIAL_SOURCES = {
 
 
 @dataclass(frozen=True)
+class KmsEndpoint:
+    """Where a region's KMS requests go, and which setting chose that address."""
+
+    url: Optional[str]  # None: botocore's endpoint rules for the region
+    setting: str  # e.g. providers.aws_kms.endpoints.eu-west-1; "" for botocore's rules
+
+
+def kms_endpoint(config: AwsKmsConfig, region: str) -> KmsEndpoint:
+    """The endpoint of KMS in ``region``: ``endpoints[region]``, else ``endpoint_url``, else
+    botocore's rules. Every KMS client is made through this, so a wrapped copy in a second
+    region goes to that region's URL (a VPC endpoint without private DNS serves one region)."""
+    url = config.endpoints.get(region)
+    if url is not None:
+        return KmsEndpoint(url, f"providers.aws_kms.endpoints.{region}")
+    if config.endpoint_url is not None:
+        return KmsEndpoint(config.endpoint_url, "providers.aws_kms.endpoint_url")
+    return KmsEndpoint(None, "")
+
+
+@dataclass(frozen=True)
 class KmsCall:
     """What a KMS call was trying to do; enough to explain its failure."""
 
@@ -74,6 +94,17 @@ class KmsCall:
     endpoint: str
     max_attempts: int
     total_timeout: float
+    endpoint_setting: str = ""  # the setting that chose ``endpoint``; "": botocore's rules
+
+
+def _endpoint_origin(call: KmsCall) -> str:
+    """Where ``call.endpoint`` came from, for hints."""
+    if call.endpoint_setting:
+        return f"{call.endpoint} is set by {call.endpoint_setting}"
+    return (
+        f"{call.endpoint} is botocore's address for {call.region} "
+        f"(providers.aws_kms.endpoints.{call.region} or endpoint_url can name another)"
+    )
 
 
 class _OutOfTime(Exception):
@@ -201,7 +232,7 @@ def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
         return KeyServiceError(
             f"could not reach KMS at {call.endpoint} ({budget}).",
             hint="check the network in this boot stage, DNS, routes, security groups and any "
-            "VPC endpoint or endpoint_url; " + _NOTHING_CHANGED,
+            f"VPC endpoint; {_endpoint_origin(call)}; " + _NOTHING_CHANGED,
             retryable=True,
         )
     if isinstance(error, bx.ReadTimeoutError):
@@ -213,8 +244,8 @@ def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
     if isinstance(error, (bx.SSLError, bx.ConnectionClosedError, bx.HTTPClientError)):
         return KeyServiceError(
             f"the connection to KMS at {call.endpoint} failed during {op}: {type(error).__name__}.",
-            hint="check the clock (TLS certificates), proxies and the endpoint; "
-            + _NOTHING_CHANGED,
+            hint="check the clock (TLS certificates), proxies and the endpoint "
+            f"({_endpoint_origin(call)}); " + _NOTHING_CHANGED,
             retryable=True,
         )
     return KeyServiceError(
@@ -361,7 +392,8 @@ class AwsKmsProvider:
             wipe(plaintext)
             raise KeyServiceError(
                 f"KMS returned a {len(plaintext)}-byte data key instead of {VOLUME_KEY_BYTES}.",
-                hint="check endpoint_url points at AWS KMS; " + _NOTHING_CHANGED,
+                hint=f"check that AWS KMS answers there ({_endpoint_origin(call)}); "
+                + _NOTHING_CHANGED,
             )
         wrapped = WrappedKey(
             provider=ProviderName.AWS_KMS,
@@ -402,6 +434,7 @@ class AwsKmsProvider:
             endpoint=str(client.meta.endpoint_url),
             max_attempts=self.config.max_attempts,
             total_timeout=self.config.total_timeout,
+            endpoint_setting=kms_endpoint(self.config, region).setting,
         )
 
     def _with_budget(
@@ -551,7 +584,7 @@ class AwsKmsProvider:
         client = session.create_client(
             "kms",
             region_name=region,
-            endpoint_url=cfg.endpoint_url,
+            endpoint_url=kms_endpoint(cfg, region).url,
             config=BotoConfig(
                 connect_timeout=cfg.connect_timeout,
                 read_timeout=cfg.read_timeout,

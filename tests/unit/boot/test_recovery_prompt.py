@@ -2,7 +2,8 @@
 
 The KMS side is a scripted unwrapper (it reports a failed round, then waits for the test to
 let it answer or give up); the console is a scripted ``ask``; cryptsetup is a fake
-``luks2.open_device`` that knows one passphrase for one keyslot.
+``luks2.open_device`` that knows one passphrase for one keyslot; the unlock record is kept in
+a list (``written``) instead of /run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import pytest
 
-from encryptrootfs import luks2
+from encryptrootfs import luks2, unlock_record
 from encryptrootfs.boot import unlock
 from encryptrootfs.boot.ask_password import Question
 from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
@@ -94,6 +95,14 @@ class ScriptedConsole:
         return bytearray(step.encode())
 
 
+@pytest.fixture(autouse=True)
+def written(monkeypatch: pytest.MonkeyPatch) -> list[unlock_record.UnlockRecord]:
+    """The unlock records the boot wrote (never the host's /run)."""
+    records: list[unlock_record.UnlockRecord] = []
+    monkeypatch.setattr(unlock_record, "write", lambda rec: records.append(rec) or True)
+    return records
+
+
 @pytest.fixture
 def cryptsetup(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """A fake ``luks2.open_device``: RIGHT opens RECOVERY_SLOT; returns what was tried."""
@@ -160,6 +169,24 @@ def test_wrong_key_is_said_and_asked_again_then_the_right_one_opens(
     assert kms.delivered is not None and bytes(kms.delivered) == bytes(64)
 
 
+def test_the_recovery_key_opening_the_root_is_recorded_for_status(
+    cryptsetup: list[tuple[str, int]], written: list[unlock_record.UnlockRecord],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A clock read at the start of the unlock (100.0) and when the root is open (195.25).
+    ticks = iter([100.0, 195.25])
+    monkeypatch.setattr(unlock, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    won = race(ScriptedKms(), ScriptedConsole([WRONG, RIGHT]), slots=(3, RECOVERY_SLOT))
+    assert won == "/dev/mapper/root"
+    (rec,) = written  # one record, for the key that opened: not for the wrong one
+    assert rec.method is unlock_record.UnlockMethod.RECOVERY_KEY
+    assert (rec.device, rec.luks_uuid, rec.mapper, rec.keyslot) == (
+        PART.path, "u", "/dev/mapper/root", RECOVERY_SLOT)
+    assert (rec.provider, rec.key_id, rec.region, rec.attempts) == (None, None, None, None)
+    assert rec.seconds == 95.25 and rec.unlocked_at.endswith("Z")
+    assert RIGHT not in repr(rec.as_dict()) and RIGHT.replace("-", "") not in repr(rec)
+
+
 def test_text_that_is_no_recovery_key_is_refused_without_cryptsetup(
     cryptsetup: list[tuple[str, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -172,7 +199,8 @@ def test_text_that_is_no_recovery_key_is_refused_without_cryptsetup(
 
 
 def test_kms_coming_back_withdraws_the_question(
-    cryptsetup: list[tuple[str, int]], caplog: pytest.LogCaptureFixture
+    cryptsetup: list[tuple[str, int]], caplog: pytest.LogCaptureFixture,
+    written: list[unlock_record.UnlockRecord],
 ) -> None:
     kms = ScriptedKms()
     console = ScriptedConsole([lambda: kms.answer(b"x" * 64)])
@@ -181,6 +209,7 @@ def test_kms_coming_back_withdraws_the_question(
     assert isinstance(won, tuple) and bytes(won[0]) == b"x" * 64
     assert console.withdrawn == 1 and cryptsetup == []
     assert "KMS answered; the recovery key prompt was withdrawn" in caplog.text
+    assert written == []  # the KMS unlock's record is unwrap_and_open's, once it has opened
 
 
 def test_kms_giving_up_keeps_the_question_and_says_so(
