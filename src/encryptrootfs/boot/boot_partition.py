@@ -41,10 +41,11 @@ from typing import Any, Optional
 from ..errors import DeviceError, RefusedError
 from ..log import get_logger
 from ..run import run
-from . import partitions
+from . import filesystems, partitions
 from .breakpoints import stop_after
 from .console import say
 from .devices import Partition
+from .filesystems import FsGeometry
 from .partitions import MIB, Table
 from .plan_record import REDUCE_DEVICE_SIZE
 
@@ -93,6 +94,8 @@ class BootMove:
     grub_mkconfig: str = "grub-mkconfig"
     grub_install: str = "grub-install"
     grub_cfg: str = "/boot/grub/grub.cfg"
+    root_size: Optional[int] = None  # sectors: the root partition shrinks to this first
+    fs_size: Optional[int] = None  # bytes: and before that the root filesystem
     done: bool = False
 
     @property
@@ -113,7 +116,12 @@ class BootMove:
             stubs=tuple(EspStub(str(s["device"]), str(s["path"])) for s in data["stubs"]),
             grub_mkconfig=str(data["grub_mkconfig"]), grub_install=str(data["grub_install"]),
             grub_cfg=str(data["grub_cfg"]), done=bool(data["done"]),
+            root_size=_opt_int(data.get("root_size")), fs_size=_opt_int(data.get("fs_size")),
         )  # fmt: skip
+
+
+def _opt_int(value: Any) -> Optional[int]:
+    return None if value is None else int(value)
 
 
 # --- pure parts --------------------------------------------------------------------------------
@@ -189,29 +197,50 @@ def retarget_stub(text: str, root_uuid: str, boot_uuid: str) -> Optional[str]:
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
-def place(table: Table, root_node: str, size_bytes: int) -> tuple[int, int]:
-    """(start, size) in sectors of a new partition at the end of the free space after the root.
+@dataclass(frozen=True)
+class Placement:
+    """Where the new /boot goes, and what the root gives up for it when free space is short."""
 
-    The root keeps the space between itself and the new partition: the header's 32 MiB and,
-    later, growth. Refuses when the free space cannot hold both.
-    """
+    start: int  # sectors
+    size: int  # sectors
+    root_size: Optional[int] = None  # sectors: the root partition shrinks to this
+    fs_size: Optional[int] = None  # bytes: the root filesystem shrinks to this first
+
+
+def place(table: Table, root_node: str, size_bytes: int, fs: Optional[FsGeometry] = None
+          ) -> Placement:  # fmt: skip
+    """A new partition at the end of the free space after the root (the root keeps the header's
+    32 MiB before it and can grow up to it later); when that space is too small and ``fs`` can
+    shrink, the room comes from the root's tail: filesystem, then partition, shrink. Refuses
+    otherwise, saying how much to leave."""
     free = partitions.free_after(table, root_node)
     entry = next(e for e in table.entries if e.node == root_node)
-    root_end = (entry.start + entry.size) * table.sector_size
-    region_end = root_end + free
-    start = (region_end - size_bytes) // MIB * MIB
-    if start - root_end < REDUCE_DEVICE_SIZE:
-        needed = size_bytes + REDUCE_DEVICE_SIZE + MIB
-        raise RefusedError(
-            f"GRUB reads /boot from the root {root_node}, so a {size_bytes // MIB} MiB "
-            f"plaintext /boot partition must be made before encrypting, but there are only "
-            f"{free // MIB} MiB free after the root (it needs {needed // MIB} MiB with the "
-            "LUKS2 header's room). Nothing was changed.",
-            hint=f"leave at least {needed // MIB} MiB unpartitioned after the root partition "
-            "(cloud disks larger than the image have it), or set [first_boot] "
-            "boot_partition_mib lower",
-        )
-    return start // table.sector_size, size_bytes // table.sector_size
+    ss = table.sector_size
+    root_start = entry.start * ss
+    root_end = (entry.start + entry.size) * ss
+    start = (root_end + free - size_bytes) // MIB * MIB
+    if start - root_end >= REDUCE_DEVICE_SIZE:
+        return Placement(start // ss, size_bytes // ss)
+    fs_size = None
+    if fs is not None and fs.min_size is not None:
+        fs_size = (start - root_start - REDUCE_DEVICE_SIZE) // fs.block_size * fs.block_size
+    if fs is not None and fs_size is not None and fs.min_size is not None \
+            and fs_size >= fs.min_size and start > root_start:  # fmt: skip
+        return Placement(start // ss, size_bytes // ss, (start - root_start) // ss,
+                         min(fs_size, fs.size))  # fmt: skip
+    needed = size_bytes + REDUCE_DEVICE_SIZE + MIB
+    how = "" if fs is None or fs.min_size is None else (
+        f", and the filesystem cannot give up {(root_end - start + REDUCE_DEVICE_SIZE) // MIB} "
+        f"MiB of its tail (it needs {fs.min_size // MIB} MiB)")
+    raise RefusedError(
+        f"GRUB reads /boot from the root {root_node}, so a {size_bytes // MIB} MiB "
+        f"plaintext /boot partition must be made before encrypting, but there are only "
+        f"{free // MIB} MiB free after the root (it needs {needed // MIB} MiB with the "
+        f"LUKS2 header's room){how}. Nothing was changed.",
+        hint=f"leave at least {needed // MIB} MiB unpartitioned after the root partition "
+        "(cloud disks larger than the image have it), or set [first_boot] "
+        "boot_partition_mib lower",
+    )
 
 
 def free_number(table: Table, disk: str) -> int:
@@ -295,8 +324,8 @@ def _esp_stubs(part: Partition, siblings: Sequence[Partition]) -> list[EspStub]:
     return stubs
 
 
-def plan(part: Partition, siblings: Sequence[Partition], table: Table,
-         size_mib: int) -> Optional[BootMove]:  # fmt: skip
+def plan(part: Partition, siblings: Sequence[Partition], table: Table, size_mib: int,
+         fs: Optional[FsGeometry] = None) -> Optional[BootMove]:  # fmt: skip
     """Read-only: the /boot move this root needs (None: none), or a refusal that says why."""
     fs_type = part.signature.type
     with open(part.disk, "rb") as f:
@@ -324,20 +353,30 @@ def plan(part: Partition, siblings: Sequence[Partition], table: Table,
             "partition: once encrypted, the machine would not boot. Nothing was changed.",
             hint="install the distribution's GRUB package in the image, or give the image a "
             "separate /boot partition")
+    if table.label == "dos" and part.number > 4:
+        # The new partition is a primary one; beside a logical root it would have to live
+        # inside the extended partition, which this move does not rearrange.
+        raise RefusedError(
+            f"GRUB reads /boot from the root {part.path}, a logical partition; encryptrootfs "
+            "moves /boot only beside a primary (or GPT) root. Nothing was changed.",
+            hint="give the image a separate /boot partition, or a primary root partition")
     size = size_mib * MIB
     if used * 2 + 16 * MIB > size:
         raise RefusedError(
             f"The root's /boot holds {used // MIB} MiB; a {size_mib} MiB /boot partition would "
             "leave no room for a kernel update. Nothing was changed.",
             hint=f"set [first_boot] boot_partition_mib to at least {(used * 2) // MIB + 16}")
-    start, sectors = place(table, part.path, size)
+    where = place(table, part.path, size, fs)
+    if where.fs_size is not None:
+        # (only a tail that holds nothing: see filesystems.check_shrink_in_place)
+        filesystems.check_shrink_in_place(fs_type, part.path, where.fs_size)
     loaders = ((Loader.BIOS_GRUB.value,) if bios else ()) + \
         ((Loader.ESP_STUB.value,) if stubs else ())  # fmt: skip
     return BootMove(
-        number=free_number(table, part.disk), start=start, size=sectors,
+        number=free_number(table, part.disk), start=where.start, size=where.size,
         sector_size=table.sector_size, fs_uuid=str(uuid_module.uuid4()), loaders=loaders,
         stubs=tuple(stubs), grub_mkconfig=mkconfig, grub_install=install or "",
-        grub_cfg=cfg,
+        grub_cfg=cfg, root_size=where.root_size, fs_size=where.fs_size,
     )  # fmt: skip
 
 
@@ -358,6 +397,7 @@ def move(part: Partition, move: BootMove, table: Table) -> None:
     node = partition_node(part.disk, move.number)
     say(f"{part.path}: GRUB reads /boot from the root; moving /boot to a plaintext partition "
         f"{node} ({move.size * move.sector_size // MIB} MiB) before encrypting")
+    _make_room(part, move, table)
     with mounted(part.path, part.signature.type, "rw", "root") as root:
         _write_json(root / RECORD, move.to_json())
         _ensure_partition(part, move, table, node)
@@ -371,6 +411,24 @@ def move(part: Partition, move: BootMove, table: Table) -> None:
         _write_json(root / RECORD, replace(move, done=True).to_json())
     say(f"{part.path}: GRUB now boots from {node}; the root can be encrypted")
     stop_after("boot-loader")
+
+
+def _make_room(part: Partition, move: BootMove, table: Table) -> None:
+    """When the root gives up its tail: the filesystem shrinks, then the partition. Both are
+    re-runnable (a size already reached is left), and the order keeps the filesystem inside
+    its partition at every instant."""
+    if move.root_size is None or move.fs_size is None:
+        return
+    fs = filesystems.geometry(part.signature.type, part.path)
+    if fs.size > move.fs_size:
+        say(f"{part.path}: shrinking {part.signature.type} to {move.fs_size // MIB} MiB to make "
+            "room for /boot")
+        filesystems.shrink(part.signature.type, part.path, move.fs_size)
+    stop_after("boot-shrink")  # the filesystem ends inside the old and the new partition
+    if part.size > move.root_size * move.sector_size:
+        say(f"{part.path}: shrinking the partition to {move.root_size * move.sector_size // MIB}"
+            " MiB")
+        partitions.grow(part, table, move.root_size * move.sector_size)
 
 
 def _ensure_partition(part: Partition, move: BootMove, table: Table, node: str) -> None:

@@ -20,12 +20,14 @@ from .devices import kernel_cmdline
 
 OPTION = "rd.encryptrootfs.break"
 
-# In the order the first boot reaches them (see first_boot.encrypt). "boot-copy" and
-# "boot-loader" exist only when /boot moves out of the root (boot_partition.move): after the copy
-# and fstab, and after GRUB was pointed at the new partition. "grow" is the optional grow stage,
-# after the partition was grown and before the mapping and filesystem follow.
-STAGES = ("preflight", "boot-copy", "boot-loader", "room", "record", "header", "token", "data",
-          "open", "grow")  # fmt: skip
+# In the order the first boot reaches them (see first_boot.encrypt). "boot-shrink", "boot-copy"
+# and "boot-loader" exist only when /boot moves out of the root (boot_partition.move): after the
+# root's filesystem gave up its tail (only when there was no free space for /boot; the partition
+# shrinks next), after the copy and fstab, and after GRUB was pointed at the new partition.
+# "grow" is the optional grow stage, after the partition was grown and before the mapping and
+# filesystem follow.
+STAGES = ("preflight", "boot-shrink", "boot-copy", "boot-loader", "room", "record", "header",
+          "token", "data", "open", "grow")  # fmt: skip
 
 
 def requested(cmdline: str) -> frozenset[str]:

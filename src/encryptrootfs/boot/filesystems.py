@@ -133,15 +133,16 @@ def check_shrink_in_place(fs_type: str, device: str, new_size: int) -> None:
     if fs_type != "ext4":
         return
     text = run(["dumpe2fs", device]).stdout.decode(errors="replace")
-    block_size = _field(text, "Block size")
+    total, block_size = parse_dumpe2fs(text)
     blocks, inodes = ext4_tail_in_use(text, new_size // block_size)
     if blocks or inodes:
+        tail = (total * block_size - new_size) // 1048576
         raise RefusedError(
-            f"The last 32 MiB of the ext4 filesystem on {device} hold data ({blocks} blocks, "
+            f"The last {tail} MiB of the ext4 filesystem on {device} hold data ({blocks} blocks, "
             f"{inodes} inodes); shrinking would make resize2fs move it, which a power cut "
             "could corrupt, so encryptrootfs does not. Nothing was changed.",
-            hint="leave at least 32 MiB unpartitioned after the root partition in the image "
-            "(or enlarge the disk by 32 MiB); see docs/first-boot.md",
+            hint=f"leave {tail} MiB more unpartitioned after the root partition in the image "
+            f"(or enlarge the disk by {tail} MiB); see docs/first-boot.md",
         )
 
 

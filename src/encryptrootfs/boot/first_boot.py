@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import uuid as uuid_module
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .. import luks2
@@ -100,6 +100,14 @@ class Preflight:
     luks_uuid: str
     boot: Optional[BootMove] = None  # /boot to move out of the root first (boot_partition.py)
 
+    def describe(self) -> str:
+        b = self.boot
+        if b is not None and b.fs_size is not None and b.root_size is not None:
+            return (f"/boot and the LUKS2 header take the root's tail: filesystem "
+                    f"{b.fs_size // 1048576} MiB, partition "
+                    f"{b.root_size * b.sector_size // 1048576} MiB")  # fmt: skip
+        return self.room.describe()
+
 
 def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -> Preflight:
     """Everything that can be checked without writing. Raises before any change."""
@@ -121,7 +129,7 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
     fs = filesystems.geometry(fs_type, part.path)
     table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
     move = boot_partition.plan(part, devices.gather(), table,
-                               config.first_boot.boot_partition_mib)  # fmt: skip
+                               config.first_boot.boot_partition_mib, fs)  # fmt: skip
     free = partitions.free_after(table, part.path)
     if move is not None:
         if not config.first_boot.move_boot:
@@ -136,6 +144,10 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
                 f"{', '.join(t.name for t in lacking)}, which the initramfs lacks; nothing was "
                 "changed.", hint="install e2fsprogs and coreutils in the image, then rebuild "
                 "the initramfs with `encryptrootfs install`")
+        if move.fs_size is not None:
+            # The root gives up its tail for /boot and the header's room together: the plan
+            # after the move (encrypt re-plans from the disk) finds the room made.
+            return Preflight(fs, RoomPlan(), table, str(uuid_module.uuid4()), move)
         if not any(boot_partition.partition_number(e.node, part.disk) == move.number
                    for e in table.entries):  # fmt: skip
             # The header's room comes from the space before the new partition.
@@ -173,7 +185,7 @@ def verified_new_key(provider: KeyProvider, luks_uuid: str) -> NewKey:
         if bytes(back) != bytes(new.plaintext):
             new.wipe()
             raise VerifyError("KMS unwrapped the new key to different bytes; nothing was "
-                              "changed.", hint="check providers.aws_kms.endpoint_url")
+                              "changed.", hint="check providers.aws_kms.endpoints / endpoint_url")
     finally:
         wipe(back)
     return new
@@ -183,7 +195,7 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
     """Stages 1-7 for a plain root; returns the opened mapping."""
     say(f"{part.path}: first boot: converting the {part.signature.type} root to LUKS2 in place")
     pre = preflight(part, config)
-    say(f"{part.path}: preflight passed ({pre.room.describe()}); asking KMS for a new key")
+    say(f"{part.path}: preflight passed ({pre.describe()}); asking KMS for a new key")
     key = with_kms_retries(
         config, "get a new key from KMS",
         [("new data key from KMS", lambda: verified_new_key(provider, pre.luks_uuid))],
@@ -197,6 +209,12 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
                     "completes)")
             boot_partition.move(part, pre.boot, pre.table)
             done = "/boot was moved to its own partition"
+            # The table (and, when the root gave up its tail, the partition and filesystem
+            # sizes) changed: plan the rest from the disk as it is now, for the same LUKS UUID
+            # the new key's encryption context names.
+            part = devices.partition_facts(part.name, part.disk[len("/dev/"):], part.number)
+            pre = replace(preflight(part, config), luks_uuid=pre.luks_uuid)
+            say(f"{part.path}: after the /boot move: {pre.describe()}")
         size = make_room(part, pre)
         if pre.room.grow_partition_to or pre.room.shrink_fs_to:
             done = f"only the room for the header was made ({pre.room.describe()})"

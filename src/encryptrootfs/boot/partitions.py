@@ -79,7 +79,8 @@ def grown_size(current: int, wanted: int, available: int) -> Optional[int]:
 
 
 def grow(part: Partition, table: Table, new_size: int) -> None:
-    """Make partition ``part`` ``new_size`` bytes long, keeping its start."""
+    """Make partition ``part`` ``new_size`` bytes long, keeping its start (also to shrink it,
+    once what it holds ends before ``new_size``: the /boot move does that)."""
     entry = _entry(table, part.path)
     if table.label == "dos" and part.number > 4:
         raise RefusedError(

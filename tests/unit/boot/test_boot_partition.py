@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from encryptrootfs.boot import boot_partition as bp
-from encryptrootfs.boot.filesystems import ext4_unclean
+from encryptrootfs.boot.filesystems import FsGeometry, ext4_unclean
+from encryptrootfs.boot.first_boot import Preflight, RoomPlan
 from encryptrootfs.boot.partitions import MIB, Table, TableEntry
 from encryptrootfs.config import ConfigError, parse_config
 from encryptrootfs.errors import RefusedError
@@ -89,15 +90,17 @@ def test_the_new_partition_goes_at_the_end_of_the_free_space_leaving_the_header_
     # root 1 GiB at 1 MiB, disk 2 GiB: /boot (256 MiB) ends at the last whole MiB before the
     # GPT's backup header.
     table = _table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024)
-    start, size = bp.place(table, "/dev/vda1", 256 * MIB)
+    where = bp.place(table, "/dev/vda1", 256 * MIB)
+    start, size = where.start, where.size
+    assert where.root_size is None and where.fs_size is None
     assert size * 512 == 256 * MIB
     assert (start * 512) % MIB == 0
     assert start + size <= table.last_usable + 1
     assert (start + size) * 512 > table.last_usable * 512 - MIB
     # a partition after the free space limits it
     other = TableEntry("/dev/vda2", 3 * 1024 * 1024, 2048)
-    start2, _ = bp.place(_table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024, other), "/dev/vda1",
-                         256 * MIB)  # fmt: skip
+    start2 = bp.place(_table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024, other), "/dev/vda1",
+                      256 * MIB).start  # fmt: skip
     assert start2 + 256 * MIB // 512 <= other.start
 
 
@@ -152,3 +155,52 @@ def test_boot_partition_config_is_validated() -> None:
     assert defaults.boot_partition_mib == 512 and defaults.move_boot is True
     with pytest.raises(ConfigError, match="boot_partition_mib"):
         parse_config({**base, "first_boot": {"boot_partition_mib": 16}}, source="t")
+
+
+def test_without_free_space_an_ext4_root_gives_up_its_tail_for_boot_and_the_header() -> None:
+    # root 1 GiB at 1 MiB, filling the disk; ext4 could shrink to 400 MiB.
+    table = _table("dos", 2 * 1024 * 1024, 2048 + 2 * 1024 * 1024)
+    fs = FsGeometry("ext4", 1024 * MIB, 4096, 400 * MIB)
+    where = bp.place(table, "/dev/vda1", 256 * MIB, fs)
+    assert where.root_size is not None and where.fs_size is not None
+    root_end = (2048 + where.root_size) * 512
+    assert root_end == where.start * 512  # /boot right after the smaller root
+    assert (where.start + where.size) * 512 <= (table.last_usable + 1) * 512
+    assert where.fs_size == where.root_size * 512 - 32 * MIB  # the header's room inside
+    assert where.fs_size % 4096 == 0 and where.fs_size >= fs.min_size  # type: ignore[operator]
+
+
+def test_a_root_that_cannot_give_up_enough_is_refused_naming_what_it_needs() -> None:
+    table = _table("dos", 2 * 1024 * 1024, 2048 + 2 * 1024 * 1024)
+    full = FsGeometry("ext4", 1024 * MIB, 4096, 900 * MIB)
+    with pytest.raises(RefusedError) as info:
+        bp.place(table, "/dev/vda1", 256 * MIB, full)
+    assert "cannot give up 288 MiB of its tail (it needs 900 MiB)" in info.value.message
+    xfs = FsGeometry("xfs", 1024 * MIB, 4096, None)
+    with pytest.raises(RefusedError, match="only 0 MiB free"):
+        bp.place(table, "/dev/vda1", 256 * MIB, xfs)
+
+
+def test_a_boot_cut_between_or_after_the_shrinks_plans_the_same_move_again() -> None:
+    # The record is written after the shrinks, so a boot cut before it plans afresh from the
+    # disk: after the filesystem shrank, and after the partition did too, the plan is the same.
+    table = _table("dos", 2 * 1024 * 1024, 2048 + 2 * 1024 * 1024)
+    first = bp.place(table, "/dev/vda1", 256 * MIB, FsGeometry("ext4", 1024 * MIB, 4096, 400 * MIB))
+    assert first.fs_size is not None and first.root_size is not None
+    fs_shrunk = FsGeometry("ext4", first.fs_size, 4096, 390 * MIB)
+    assert bp.place(table, "/dev/vda1", 256 * MIB, fs_shrunk) == first
+    part_shrunk = _table("dos", first.root_size, 2048 + 2 * 1024 * 1024)
+    assert bp.place(part_shrunk, "/dev/vda1", 256 * MIB, fs_shrunk) == first
+
+
+def test_the_preflight_line_says_the_root_gives_up_its_tail() -> None:
+    table = _table("dos", 2 * 1024 * 1024, 2048 + 2 * 1024 * 1024)
+    fs = FsGeometry("ext4", 1024 * MIB, 4096, 400 * MIB)
+    where = bp.place(table, "/dev/vda1", 256 * MIB, fs)
+    move = bp.BootMove(number=2, start=where.start, size=where.size, sector_size=512,
+                       fs_uuid=BOOT, loaders=("bios-grub",), stubs=(),
+                       root_size=where.root_size, fs_size=where.fs_size)  # fmt: skip
+    pre = Preflight(fs, RoomPlan(), table, ROOT, move)
+    assert pre.describe() == ("/boot and the LUKS2 header take the root's tail: filesystem "
+                              "736 MiB, partition 768 MiB")  # fmt: skip
+    assert Preflight(fs, RoomPlan(), table, ROOT, None).describe() == "there is room already"
