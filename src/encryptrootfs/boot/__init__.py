@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from ..config import Config, RootKind
 from ..errors import DeviceError, RefusedError
 from ..providers import provider_from_config
-from . import devices, first_boot
+from . import devices
 from .console import say
 from .decide import Action, Decision, decide, find_root
 from .devices import Partition
@@ -106,6 +106,10 @@ def _apply(decision: Decision, config: Config) -> Optional[str]:
     if decision.action is Action.RESUME:
         assert part.luks is not None
         return unwrap_and_open(part, config, part.luks.tokens, resume=True)
+    # Only a first boot (or an interrupted one) needs these stages: every later boot, the
+    # common case, skips importing them and the /boot, filesystem and partition code they pull.
+    from . import first_boot
+
     if decision.action is Action.RESTORE_HEAD:
         first_boot.restore_head(part)
         return _AGAIN
