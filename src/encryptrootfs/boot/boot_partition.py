@@ -7,12 +7,15 @@ the first boot moves /boot out:
 1. plan      read-only: GRUB on this disk reads /boot from the root (a BIOS ``boot.img`` in the
              MBR, or an ESP ``grub.cfg`` stub that searches the root's UUID), the root has
              ``grub-mkconfig``, and free space after the root holds the new partition (placed
-             at the end of that space, so the root can still grow up to it)
+             at the end of that space, so the root can still grow up to it); without that
+             space an ext4/btrfs root gives up its empty tail (filesystem, then partition,
+             shrink first: both re-planned alike after a cut, as nothing is recorded yet)
 2. record    the plan as JSON in the root (``/etc/encryptrootfs/boot-partition.json``): a boot
              cut later finds the same partition, UUID and loaders again
 3. partition sfdisk adds it (ext4 for every GRUB); re-running finds it in the table
-4. copy      mkfs + ``cp -a`` of the root's /boot, then a marker file; without the marker
-             (a cut copy) the next boot formats and copies again
+4. copy      mkfs + ``cp -a`` of the root's /boot, Boot Loader Specification entries made
+             relative to the new partition, then a marker file; without the marker (a cut
+             copy) the next boot formats and copies again
 5. fstab     ``UUID=... /boot ext4`` added atomically (write, fsync, rename)
 6. loader    ``grub-mkconfig`` in a chroot writes grub.cfg on the new /boot (paths relative to
              it); then the switch: BIOS ``grub-install`` (the core image's prefix becomes the new
@@ -31,7 +34,7 @@ import json
 import os
 import re
 import uuid as uuid_module
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -205,6 +208,38 @@ class Placement:
     size: int  # sectors
     root_size: Optional[int] = None  # sectors: the root partition shrinks to this
     fs_size: Optional[int] = None  # bytes: the root filesystem shrinks to this first
+
+
+_BLS_PATHS = re.compile(r"^(\s*(?:linux|initrd|devicetree)\s+)(.*)$")
+
+
+def bls_entry_on_boot_partition(text: str, exists: Callable[[str], bool]) -> Optional[str]:
+    """A Boot Loader Specification entry (RHEL, Fedora, Amazon Linux: /boot/loader/entries)
+    with its kernel, initrd and devicetree paths relative to a /boot partition; None when
+    nothing changes.
+
+    kernel-install writes those paths relative to the filesystem GRUB reads them from
+    (``/boot/vmlinuz-V`` while /boot is a folder of the root, ``/vmlinuz-V`` on a /boot
+    partition) and GRUB's blscfg takes them as written, so copied entries would name files the
+    new partition holds elsewhere. A path loses everything up to its ``/boot/`` only when the
+    new partition has the file (``exists`` gets the path there); anything else (``$tuned_initrd``,
+    paths already relative) is left as it is, so a second run changes nothing.
+    """
+    def fix(m: re.Match[str]) -> str:
+        word = m.group(0)
+        if not word.startswith("/") or "/boot/" not in word:
+            return word
+        rel = "/" + word.split("/boot/", 1)[1]
+        return rel if exists(rel) else word
+
+    out = []
+    for line in text.split("\n"):
+        m = _BLS_PATHS.match(line)
+        if m is not None:
+            line = m.group(1) + re.sub(r"\S+", fix, m.group(2))
+        out.append(line)
+    new = "\n".join(out)
+    return None if new == text else new
 
 
 def place(table: Table, root_node: str, size_bytes: int, fs: Optional[FsGeometry] = None
@@ -459,8 +494,25 @@ def _ensure_copy(root: Path, node: str, move: BootMove) -> None:
     with mounted(node, "ext4", "rw", "boot") as boot:
         # (the ESP's mount point /boot/efi comes along as an empty folder)
         run(["cp", "-a", f"{root / 'boot'}/.", f"{boot}/"])
+        _retarget_bls_entries(boot, node)
         os.sync()
         _write_text(boot / COPIED, "the root's /boot was copied here by encryptrootfs\n")
+
+
+def _retarget_bls_entries(boot: Path, node: str) -> None:
+    """The copied Boot Loader Specification entries, their kernel paths made relative to the
+    new partition (part of the copy: done before its completion marker)."""
+    entries = boot / "loader" / "entries"
+    changed = 0
+    for entry in sorted(entries.glob("*.conf")) if entries.is_dir() else []:
+        new = bls_entry_on_boot_partition(
+            entry.read_text(errors="replace"), lambda rel: (boot / rel.lstrip("/")).exists())
+        if new is not None:
+            _write_text(entry, new)
+            changed += 1
+    if changed:
+        say(f"{node}: {changed} boot loader entries (loader/entries) now name their kernel "
+            "relative to the /boot partition")
 
 
 def _switch_loader(part: Partition, move: BootMove, root: Path, node: str) -> None:

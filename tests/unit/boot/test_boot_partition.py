@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -204,3 +205,58 @@ def test_the_preflight_line_says_the_root_gives_up_its_tail() -> None:
     assert pre.describe() == ("/boot and the LUKS2 header take the root's tail: filesystem "
                               "736 MiB, partition 768 MiB")  # fmt: skip
     assert Preflight(fs, RoomPlan(), table, ROOT, None).describe() == "there is room already"
+
+
+# An entry as kernel-install writes it on RHEL 9 / Amazon Linux 2023 while /boot is a folder of
+# the root (tuned's extra initrd is a GRUB variable, not a path).
+BLS_IN_ROOT = """\
+title Amazon Linux (6.1.112-122.189.amzn2023.x86_64) 2023
+version 6.1.112-122.189.amzn2023.x86_64
+linux /boot/vmlinuz-6.1.112-122.189.amzn2023.x86_64
+initrd /boot/initramfs-6.1.112-122.189.amzn2023.x86_64.img $tuned_initrd
+options root=UUID=1b4e28ba-2fa1-11d2-883f-0016d3cca427 ro console=ttyS0 $tuned_params
+grub_users $grub_users
+grub_arg --unrestricted
+grub_class amzn
+"""
+ON_PARTITION = {"/vmlinuz-6.1.112-122.189.amzn2023.x86_64",
+                "/initramfs-6.1.112-122.189.amzn2023.x86_64.img"}
+
+
+def test_bls_entries_name_their_kernel_relative_to_the_new_boot_partition() -> None:
+    new = bp.bls_entry_on_boot_partition(BLS_IN_ROOT, ON_PARTITION.__contains__)
+    assert new is not None
+    assert "linux /vmlinuz-6.1.112-122.189.amzn2023.x86_64\n" in new
+    assert "initrd /initramfs-6.1.112-122.189.amzn2023.x86_64.img $tuned_initrd\n" in new
+    # everything else stays as it was, byte for byte
+    assert new.replace("linux /vmlinuz", "linux /boot/vmlinuz").replace(
+        "initrd /initramfs", "initrd /boot/initramfs") == BLS_IN_ROOT
+    # a second run (a cut boot copying again) changes nothing
+    assert bp.bls_entry_on_boot_partition(new, ON_PARTITION.__contains__) is None
+
+
+def test_a_bls_path_is_left_alone_unless_the_new_partition_has_its_file() -> None:
+    # a btrfs root's subvolume prefix goes too; a file the copy lacks keeps its path
+    entry = "linux /@/boot/vmlinuz-6.1\ninitrd /boot/initrd-missing.img\noptions ro\n"
+    new = bp.bls_entry_on_boot_partition(entry, {"/vmlinuz-6.1"}.__contains__)
+    assert new == "linux /vmlinuz-6.1\ninitrd /boot/initrd-missing.img\noptions ro\n"
+    # options and titles that merely mention /boot/ are not paths to rewrite
+    other = "title /boot/x\noptions init=/boot/x\n"
+    assert bp.bls_entry_on_boot_partition(other, lambda _: True) is None
+
+
+def test_the_copy_rewrites_its_bls_entries_in_place_and_keeps_their_mode(tmp_path: Path) -> None:
+    entries = tmp_path / "loader" / "entries"
+    entries.mkdir(parents=True)
+    for name in ON_PARTITION:
+        (tmp_path / name.lstrip("/")).write_text("")
+    entry = entries / "ec2abc-6.1.112-122.189.amzn2023.x86_64.conf"
+    entry.write_text(BLS_IN_ROOT)
+    entry.chmod(0o600)
+    (entries / "notes.txt").write_text("linux /boot/vmlinuz-6.1.112-122.189.amzn2023.x86_64\n")
+    bp._retarget_bls_entries(tmp_path, "/dev/vda2")
+    assert entry.read_text() == bp.bls_entry_on_boot_partition(BLS_IN_ROOT,
+                                                               ON_PARTITION.__contains__)
+    assert entry.stat().st_mode & 0o777 == 0o600
+    assert "/boot/" in (entries / "notes.txt").read_text()  # only *.conf are entries
+    assert sorted(p.name for p in entries.iterdir()) == [entry.name, "notes.txt"]  # no temp left
