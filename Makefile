@@ -32,12 +32,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The ten slowest tests at the end of each run (tests/support/timing.py adds each tier's time
+# and the guests' time).
+DURATIONS := --durations=10 --durations-min=1
+
 # Every tier; the vm tier as its representative subset (cases marked `slow` run in test-all).
 test: deps
-	$(PYTEST) -m "not slow"
+	$(PYTEST) $(DURATIONS) -m "not slow"
 
 test-all: deps
-	$(PYTEST)
+	$(PYTEST) $(DURATIONS)
 
 test-unit: venv
 	$(PYTEST) -m unit

@@ -18,6 +18,9 @@ from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
 from support.emulators import INSTANCE_ID, REGION
 from support.robustness import LEDGER, Case
 
+# Each tier's time, the guests' time (tests/support/timing.py).
+pytest_plugins = ["support.timing"]
+
 TESTS = Path(__file__).parent
 TIERS = ("unit", "header", "vm")
 

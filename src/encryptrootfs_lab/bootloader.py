@@ -97,7 +97,7 @@ class BootDiskLayout:
 
     firmware: Firmware
     fs: Filesystem = Filesystem.EXT4
-    root_mib: int = 1400
+    root_mib: int = 768
     free_after_mib: int = 64
     esp_mib: int = 64
 

@@ -31,8 +31,8 @@ GRUB_IMAGE = ImageSpec(
 )
 # Room after the root for the /boot partition and the header's 32 MiB.
 # The root has room for the update's kernel modules (~120 MiB of the cloud flavour's).
-BIOS = BootDiskLayout(Firmware.BIOS, Filesystem.EXT4, root_mib=1500, free_after_mib=BOOT_MIB + 40)
-UEFI = BootDiskLayout(Firmware.UEFI, Filesystem.XFS, root_mib=1500, free_after_mib=BOOT_MIB + 40)
+BIOS = BootDiskLayout(Firmware.BIOS, Filesystem.EXT4, root_mib=896, free_after_mib=BOOT_MIB + 40)
+UEFI = BootDiskLayout(Firmware.UEFI, Filesystem.XFS, root_mib=896, free_after_mib=BOOT_MIB + 40)
 
 # What the tests read in the booted guest besides the usual inspection: where /boot and / come
 # from, what GRUB handed the kernel, and GRUB's view of the disk.
