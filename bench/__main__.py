@@ -30,12 +30,21 @@ def _runners(small: bool) -> dict[str, Callable[[], dict[str, Any]]]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", default="", help="comma-separated pieces: "
-                        + ", ".join(PIECES) + " (or throughput, memory, unlock, boot-overhead)")
-    parser.add_argument("--small", action="store_true",
-                        help="small sizes (development); results are marked small")
-    parser.add_argument("--report-only", action="store_true",
-                        help="regenerate RESULTS.md and the plots from results.json")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated pieces: "
+        + ", ".join(PIECES)
+        + " (or throughput, memory, unlock, boot-overhead)",
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="small sizes (development); results are marked small"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="regenerate RESULTS.md and the plots from results.json",
+    )
     args = parser.parse_args(argv)
     setup_logging(False)
     wanted: list[str] = []

@@ -65,8 +65,9 @@ def _seconds(minutes: Optional[str], value: str, unit: str) -> float:
 
 def parse_startup(line: str) -> dict[str, float]:
     """``Startup finished in 3.1s (kernel) + 9.8s (initrd) + 21.4s (userspace) = ...``"""
-    phases = {phase: _seconds(mins, value, unit)
-              for mins, value, unit, phase in _STARTUP.findall(line)}  # fmt: skip
+    phases = {
+        phase: _seconds(mins, value, unit) for mins, value, unit, phase in _STARTUP.findall(line)
+    }
     if phases:
         phases["total"] = sum(phases.values())
     return phases
@@ -81,8 +82,9 @@ def journal_events(result: BootResult) -> list[tuple[float, str, str]]:
     return events
 
 
-def _first(events: list[tuple[float, str, str]], pattern: str,
-           who: Optional[str] = None) -> Optional[float]:  # fmt: skip
+def _first(
+    events: list[tuple[float, str, str]], pattern: str, who: Optional[str] = None
+) -> Optional[float]:
     rx = re.compile(pattern)
     for t, ident, text in events:
         if rx.search(text) and (who is None or ident.startswith(who)):
@@ -94,26 +96,44 @@ def unlock_timeline(result: BootResult) -> dict[str, Optional[float]]:
     """Monotonic times (guest seconds) of the unit's steps, from the journal."""
     ev = journal_events(result)
     start = _first(ev, r"Starting encryptrootfs\.service", "systemd")
-    py_first = next((t for t, ident, text in ev if start is not None and t >= start
-                     and not ident.startswith("systemd") and "encryptrootfs" in text), None)
+    py_first = next(
+        (
+            t
+            for t, ident, text in ev
+            if start is not None
+            and t >= start
+            and not ident.startswith("systemd")
+            and "encryptrootfs" in text
+        ),
+        None,
+    )
     dhcp = _first(ev, r"DHCPv4 address")
     unwrapped = _first(ev, r"done on attempt")
     opened = _first(ev, r"opened as /dev/mapper/")
-    started = _first(ev, r"Finished encryptrootfs\.service|Started encryptrootfs\.service",
-                     "systemd")  # fmt: skip
-    return {"unit_start": start, "python_first_line": py_first, "dhcp_lease": dhcp,
-            "unwrapped": unwrapped, "mapper_ready": opened, "unit_done": started}
+    started = _first(
+        ev, r"Finished encryptrootfs\.service|Started encryptrootfs\.service", "systemd"
+    )
+    return {
+        "unit_start": start,
+        "python_first_line": py_first,
+        "dhcp_lease": dhcp,
+        "unwrapped": unwrapped,
+        "mapper_ready": opened,
+        "unit_done": started,
+    }
 
 
 def _boot_record(result: BootResult) -> dict[str, Any]:
     line = result.marker("SA-TIME")
     return {
-        "name": result.name, "ok": result.ok, "wall_s": result.wall_seconds,
+        "name": result.name,
+        "ok": result.ok,
+        "wall_s": result.wall_seconds,
         "uptime_at_multi_user": result.guest_uptime_at_boot,
         "startup": parse_startup(line.value if line else ""),
         "startup_line": line.value if line else None,
         "blame": [m.value for m in result.all("SA-BLAME")],
-    }  # fmt: skip
+    }
 
 
 def _median(values: list[float]) -> Optional[float]:
@@ -126,8 +146,10 @@ def run(runs: BootRuns) -> dict[str, Any]:
     enc_disk = build_disk(DiskLayout(), enc_image)
     work = WORKDIR / "boot"
     shutil.rmtree(work, ignore_errors=True)
-    unlock_script = (guest_file("unlock_bench.py", "/run/unlock_bench.py")
-                     + f"python3 /run/unlock_bench.py {runs.unlock_rounds}\n")  # fmt: skip
+    unlock_script = (
+        guest_file("unlock_bench.py", "/run/unlock_bench.py")
+        + f"python3 /run/unlock_bench.py {runs.unlock_rounds}\n"
+    )
     plain_boots: list[dict[str, Any]] = []
     later_boots: list[dict[str, Any]] = []
     guest_unlock: list[dict[str, Any]] = []
@@ -145,8 +167,9 @@ def run(runs: BootRuns) -> dict[str, Any]:
             if not p.ok:
                 raise RuntimeError(f"plain boot {i} failed:\n{p.describe(40)}")
             plain_boots.append(_boot_record(p))
-            e = enc.boot(ANALYZE + unlock_script, timeout=900, memory_mib=GUEST_MEMORY_MIB,
-                         name=f"later{i}")  # fmt: skip
+            e = enc.boot(
+                ANALYZE + unlock_script, timeout=900, memory_mib=GUEST_MEMORY_MIB, name=f"later{i}"
+            )
             if not e.ok:
                 raise RuntimeError(f"later boot {i} failed:\n{e.describe(40)}")
             record = _boot_record(e)
@@ -156,20 +179,31 @@ def run(runs: BootRuns) -> dict[str, Any]:
     first_lines = [m.value for m in first.all("FIRST")]
     return {
         "guest_memory_mib": GUEST_MEMORY_MIB,
-        "first_boot": {"wall_s": first.wall_seconds, "lines": first_lines,
-                       "uptime_at_multi_user": first.guest_uptime_at_boot},
-        "plain_boots": plain_boots, "later_boots": later_boots, "guest_unlock": guest_unlock,
+        "first_boot": {
+            "wall_s": first.wall_seconds,
+            "lines": first_lines,
+            "uptime_at_multi_user": first.guest_uptime_at_boot,
+        },
+        "plain_boots": plain_boots,
+        "later_boots": later_boots,
+        "guest_unlock": guest_unlock,
         "summary": summarize(plain_boots, later_boots, guest_unlock),
-    }  # fmt: skip
+    }
 
 
-def summarize(plain: list[dict[str, Any]], later: list[dict[str, Any]],
-              guest: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    plain: list[dict[str, Any]], later: list[dict[str, Any]], guest: list[dict[str, Any]]
+) -> dict[str, Any]:
     def phase(boots: list[dict[str, Any]], name: str) -> Optional[float]:
         return _median([b["startup"][name] for b in boots if name in b["startup"]])
 
-    steps: dict[str, list[float]] = {"unit_s": [], "start_to_python_s": [], "network_wait_s": [],
-                                     "python_to_unwrapped_s": [], "open_s": []}  # fmt: skip
+    steps: dict[str, list[float]] = {
+        "unit_s": [],
+        "start_to_python_s": [],
+        "network_wait_s": [],
+        "python_to_unwrapped_s": [],
+        "open_s": [],
+    }
     for b in later:
         t = b["unlock_timeline"]
         if None in (t["unit_start"], t["python_first_line"], t["unwrapped"], t["mapper_ready"]):
@@ -201,12 +235,27 @@ def summarize(plain: list[dict[str, Any]], later: list[dict[str, Any]],
     # rest of the journal's "unit start to Python's first line" is the initrd's own waiting
     # (udev's coldplug queue drained by `udevadm settle`) and contention with other units.
     before: dict[str, Optional[float]] = {}
-    for key in ("import_cli_s", "import_boot_s", "load_config_s", "udev_settle_idle_s",
-                "locate_root_s", "decide_s", "process_s"):
-        before[key] = _median([g["unlock-bootpath"]["median"][key] for g in guest
-                               if key in g.get("unlock-bootpath", {}).get("median", {})])
-    groups = [g["unlock-bootpath"]["boot_imports_self_us_by_group"] for g in guest
-              if "unlock-bootpath" in g]  # fmt: skip
+    for key in (
+        "import_cli_s",
+        "import_boot_s",
+        "load_config_s",
+        "udev_settle_idle_s",
+        "locate_root_s",
+        "decide_s",
+        "process_s",
+    ):
+        before[key] = _median(
+            [
+                g["unlock-bootpath"]["median"][key]
+                for g in guest
+                if key in g.get("unlock-bootpath", {}).get("median", {})
+            ]
+        )
+    groups = [
+        g["unlock-bootpath"]["boot_imports_self_us_by_group"]
+        for g in guest
+        if "unlock-bootpath" in g
+    ]
     if groups:
         before["imports_ours_s"] = _median([g.get("encryptrootfs", 0) / 1e6 for g in groups])
         before["imports_all_s"] = _median([sum(g.values()) / 1e6 for g in groups])
@@ -216,16 +265,20 @@ def summarize(plain: list[dict[str, Any]], later: list[dict[str, Any]],
     argon2 = guest_median("unlock-open", "argon2_keyslot_open_s")
     token_open = guest_median("unlock-open", "token_keyslot_open_s")
     plain_total, enc_total = phase(plain, "total"), phase(later, "total")
-    overhead = enc_total - plain_total if plain_total is not None and enc_total is not None \
-        else None  # fmt: skip
+    overhead = (
+        enc_total - plain_total if plain_total is not None and enc_total is not None else None
+    )
     net = med["network_wait_s"] or 0.0
     return {
-        "unit": med, "split": split, "before_first_line": before,
-        "argon2_open_s": argon2, "token_keyslot_open_s": token_open,
+        "unit": med,
+        "split": split,
+        "before_first_line": before,
+        "argon2_open_s": argon2,
+        "token_keyslot_open_s": token_open,
         "ratio_unit_to_argon2": med["unit_s"] / argon2 if med["unit_s"] and argon2 else None,
         "ratio_open_to_argon2": token_open / argon2 if token_open and argon2 else None,
         "plain": {k: phase(plain, k) for k in ("kernel", "initrd", "userspace", "total")},
         "encrypted": {k: phase(later, k) for k in ("kernel", "initrd", "userspace", "total")},
         "overhead_s": overhead,
         "overhead_without_network_s": overhead - net if overhead is not None else None,
-    }  # fmt: skip
+    }

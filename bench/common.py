@@ -16,8 +16,7 @@ MIB = 1024 * 1024
 # Every benchmark guest gets the RAM of the issue's memory target, so their numbers compare.
 GUEST_MEMORY_MIB = 512
 # Outside the checkout, next to the lab cache: overlays and consoles of the benchmark boots.
-WORKDIR = Path(os.environ.get("ENCRYPTROOTFS_BENCH_WORK",
-                              "/var/tmp/encryptrootfs-bench"))  # noqa: S108
+WORKDIR = Path(os.environ.get("ENCRYPTROOTFS_BENCH_WORK", "/var/tmp/encryptrootfs-bench"))  # noqa: S108
 
 
 def load_results() -> dict[str, Any]:
@@ -30,9 +29,15 @@ def load_results() -> dict[str, Any]:
 def save_piece(name: str, data: dict[str, Any]) -> None:
     """Merge one piece's results into results.json (other pieces' results are kept)."""
     results = load_results()
-    data = {**data, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                     "load_avg_at_end": os.getloadavg()}}  # fmt: skip
+    data = {
+        **data,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_avg_at_end": os.getloadavg(),
+        },
+    }
     results.setdefault("pieces", {})[name] = data
     RESULTS_JSON.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
@@ -51,5 +56,5 @@ def bench_markers(lines: str) -> list[dict[str, Any]]:
     for line in lines.splitlines():
         line = line.strip()
         if line.startswith("ERFS-BENCH "):
-            out.append(json.loads(line[len("ERFS-BENCH "):]))
+            out.append(json.loads(line[len("ERFS-BENCH ") :]))
     return out

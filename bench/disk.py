@@ -40,14 +40,19 @@ SMALL = DiskSizes((64, 128), 320, 192, 128)
 def guest_script(sizes: DiskSizes) -> str:
     config = {
         "throughput": [{"serial": f"tp{s}", "size_mib": s} for s in sizes.throughput_mib],
-        "memory": {"serial": "mem", "size_mib": sizes.memory_disk_mib,
-                   "data_mib": sizes.memory_data_mib},
+        "memory": {
+            "serial": "mem",
+            "size_mib": sizes.memory_disk_mib,
+            "data_mib": sizes.memory_data_mib,
+        },
         "baseline_script": "/run/baseline_2016.sh",
         "variants": {"serial": "var", "size_mib": sizes.variants_mib},
-    }  # fmt: skip
-    return (guest_file("disk_bench.py", "/run/disk_bench.py")
-            + guest_file("baseline_2016.sh", "/run/baseline_2016.sh")
-            + f"python3 /run/disk_bench.py '{json.dumps(config)}'\n")  # fmt: skip
+    }
+    return (
+        guest_file("disk_bench.py", "/run/disk_bench.py")
+        + guest_file("baseline_2016.sh", "/run/baseline_2016.sh")
+        + f"python3 /run/disk_bench.py '{json.dumps(config)}'\n"
+    )
 
 
 def run(sizes: DiskSizes) -> dict[str, Any]:
@@ -64,8 +69,9 @@ def run(sizes: DiskSizes) -> dict[str, Any]:
     total = sum(sizes.throughput_mib) + sizes.memory_disk_mib + 15 * sizes.variants_mib
     # ~16 MiB/s for the data pass and ~3 more passes at raw speed under TCG, shared host
     timeout = 600 + total * 0.6
-    result = machine.boot(guest_script(sizes), timeout=timeout, memory_mib=GUEST_MEMORY_MIB,
-                          name="disk")  # fmt: skip
+    result = machine.boot(
+        guest_script(sizes), timeout=timeout, memory_mib=GUEST_MEMORY_MIB, name="disk"
+    )
     found = bench_markers(result.results)
     if not result.ok:
         raise RuntimeError(f"the disk benchmark guest failed:\n{result.describe(40)}")

@@ -57,8 +57,10 @@ SMALL = FleetSize(machines=60, rate_per_s=20.0, burst=20, processes=3)
 CONTEXT_KEY = "encryptrootfs:luks_uuid"
 # The lab guests' route to the metadata address, as /proc/net/route prints it: the network gate
 # of the boot passes at once (network bring-up is measured elsewhere, not here).
-ROUTE_TABLE = ("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
-               "bench0\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
+ROUTE_TABLE = (
+    "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+    "bench0\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"
+)
 
 
 def config_toml(kms_url: str, imds_url: str, key_id: str) -> str:
@@ -94,9 +96,13 @@ class _RoundCounter(logging.Handler):
 
 
 def _worker(
-    config_text: str, route_table: str, share: list[tuple[int, dict[str, Any]]],
-    ready: Any, start: Any, results: Any,
-) -> None:  # fmt: skip
+    config_text: str,
+    route_table: str,
+    share: list[tuple[int, dict[str, Any]]],
+    ready: Any,
+    start: Any,
+    results: Any,
+) -> None:
     from encryptrootfs.boot.unlock import with_kms_retries
     from encryptrootfs.errors import EncryptrootfsError
     from encryptrootfs.providers import provider_for_token
@@ -129,9 +135,12 @@ def _worker(
         error = None
         try:
             key, _ = with_kms_retries(
-                config, "unwrap the root key",
+                config,
+                "unwrap the root key",
                 [(f"machine {index}", lambda: (provider.unwrap(token.wrapped), token))],
-                outcome="", route_table=route_table_path)  # fmt: skip
+                outcome="",
+                route_table=route_table_path,
+            )
             wipe(key)
         except EncryptrootfsError as exc:
             error = exc.message[:300]
@@ -182,8 +191,10 @@ def run(size: FleetSize) -> dict[str, Any]:
         for i, token in enumerate(tokens):
             shares[i % size.processes].append((i, token))
         ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
-        procs = [ctx.Process(target=_worker, args=(text, ROUTE_TABLE, share, ready, start,
-                                                   results)) for share in shares]  # fmt: skip
+        procs = [
+            ctx.Process(target=_worker, args=(text, ROUTE_TABLE, share, ready, start, results))
+            for share in shares
+        ]
         prep = time.monotonic()
         for p in procs:
             p.start()
@@ -221,21 +232,27 @@ def run(size: FleetSize) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     (work / "machines.json").write_text(json.dumps(done, indent=1))
     return {
-        "machines": size.machines, "rate_per_s": size.rate_per_s, "burst": size.burst,
-        "processes": size.processes, "prep_s": prep_s,
+        "machines": size.machines,
+        "rate_per_s": size.rate_per_s,
+        "burst": size.burst,
+        "processes": size.processes,
+        "prep_s": prep_s,
         "failures": sum(1 for d in done if d["error"] is not None),
         "failure_reasons": dict(errors.most_common(5)),
-        "completion_s": completion, "ideal_s": ideal, "ratio_to_ideal": completion / ideal,
+        "completion_s": completion,
+        "ideal_s": ideal,
+        "ratio_to_ideal": completion / ideal,
         "median_s": statistics.median(finished) if finished else None,
         "p95_s": finished[int(0.95 * (len(finished) - 1))] if finished else None,
         "requests_total": sum(per_uuid.values()),
         "throttled_total": sum(throttled.values()),
-        "requests_per_machine": dict(sorted(Counter(per_uuid[uuid_of[d["machine"]]]
-                                                    for d in done).items())),
+        "requests_per_machine": dict(
+            sorted(Counter(per_uuid[uuid_of[d["machine"]]] for d in done).items())
+        ),
         "rounds_per_machine": dict(sorted(Counter(d["rounds"] for d in done).items())),
         "granted_per_s": _per_second(granted),
         "finish_times_s": finished,
-    }  # fmt: skip
+    }
 
 
 def _gather(queue: Any, procs: list[Any], timeout: float) -> list[Any]:
@@ -253,8 +270,9 @@ def _gather(queue: Any, procs: list[Any], timeout: float) -> list[Any]:
                 for p in procs:
                     if p.is_alive():
                         p.kill()
-                raise RuntimeError(f"fleet workers failed (exit codes {dead}) or timed out") \
-                    from None
+                raise RuntimeError(
+                    f"fleet workers failed (exit codes {dead}) or timed out"
+                ) from None
     return items
 
 

@@ -25,8 +25,17 @@ from .common import MIB
 
 # First match wins: (component, path fragment test).
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("encryptrootfs", ("/encryptrootfs/", "/encryptrootfs-", "encryptrootfs.service",
-                       "90-encryptrootfs", "encryptrootfs-generator", "sbin/encryptrootfs")),
+    (
+        "encryptrootfs",
+        (
+            "/encryptrootfs/",
+            "/encryptrootfs-",
+            "encryptrootfs.service",
+            "90-encryptrootfs",
+            "encryptrootfs-generator",
+            "sbin/encryptrootfs",
+        ),
+    ),
     ("botocore", ("/botocore/",)),
     ("python packages (other)", ("dist-packages/", "site-packages/")),
     ("python (interpreter, stdlib)", ("lib/python3", "bin/python3", "libpython3")),
@@ -49,13 +58,13 @@ def _cpio_entries(data: bytes, offset: int = 0) -> tuple[list[tuple[str, int, in
     """(path, data offset, size) of regular files of one newc archive; returns the end offset."""
     entries: list[tuple[str, int, int]] = []
     while True:
-        magic = data[offset:offset + 6]
+        magic = data[offset : offset + 6]
         if magic not in (b"070701", b"070702"):
             raise ValueError(f"not a newc cpio header at {offset}: {magic!r}")
-        fields = [int(data[offset + 6 + 8 * i: offset + 14 + 8 * i], 16) for i in range(13)]
+        fields = [int(data[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i in range(13)]
         mode, filesize, namesize = fields[1], fields[6], fields[11]
         name_start = offset + 110
-        name = data[name_start:name_start + namesize - 1].decode(errors="replace")
+        name = data[name_start : name_start + namesize - 1].decode(errors="replace")
         body = (name_start + namesize + 3) & ~3
         offset = (body + filesize + 3) & ~3
         if name == "TRAILER!!!":
@@ -79,8 +88,9 @@ def _compress(method: str, data: bytes) -> int:
     if method == "gzip":
         return len(zlib.compress(data, 9))
     if method == "zstd":
-        out = subprocess.run(["zstd", "-q", "-19", "-c"], input=data, capture_output=True,
-                             check=True)  # fmt: skip
+        out = subprocess.run(
+            ["zstd", "-q", "-19", "-c"], input=data, capture_output=True, check=True
+        )
         return len(out.stdout)
     return len(lzma.compress(data))
 
@@ -90,7 +100,7 @@ def read_initrd(path: Path, estimate: frozenset[str] = frozenset()) -> dict[str,
     raw = path.read_bytes()
     offset, early = 0, 0
     files: list[tuple[str, int]] = []
-    while raw[offset:offset + 6] in (b"070701", b"070702"):  # early (uncompressed) archives
+    while raw[offset : offset + 6] in (b"070701", b"070702"):  # early (uncompressed) archives
         entries, end = _cpio_entries(raw, offset)
         files += [(name, size) for name, _, size in entries]
         early += end - offset
@@ -106,14 +116,18 @@ def read_initrd(path: Path, estimate: frozenset[str] = frozenset()) -> dict[str,
         by_component[c]["files"] += 1
         by_component[c]["unpacked"] += size
         if c in estimate:
-            contents[c].append(main[body:body + size])
+            contents[c].append(main[body : body + size])
     for c, chunks in contents.items():
         by_component[c]["compressed_estimate"] = _compress(method, b"".join(chunks))
     return {
-        "path": str(path), "compression": method, "compressed": len(raw), "early_cpio": early,
+        "path": str(path),
+        "compression": method,
+        "compressed": len(raw),
+        "early_cpio": early,
         "unpacked": sum(size for _, _, size in entries) + sum(s for _, s in files),
-        "files": len(entries) + len(files), "by_component": dict(by_component),
-    }  # fmt: skip
+        "files": len(entries) + len(files),
+        "by_component": dict(by_component),
+    }
 
 
 def run() -> dict[str, Any]:
@@ -121,18 +135,23 @@ def run() -> dict[str, Any]:
     plain, product = read_initrd(paths[0]), read_initrd(paths[1])
     # Only what the module changes is compressed alone (the kernel modules take minutes).
     changed = frozenset(
-        n for n in set(plain["by_component"]) | set(product["by_component"])
+        n
+        for n in set(plain["by_component"]) | set(product["by_component"])
         if plain["by_component"].get(n, {}).get("unpacked")
-        != product["by_component"].get(n, {}).get("unpacked"))
+        != product["by_component"].get(n, {}).get("unpacked")
+    )
     plain, product = read_initrd(paths[0], changed), read_initrd(paths[1], changed)
     diff = {}
     for n in sorted(changed):
         a = plain["by_component"].get(n, {})
         b = product["by_component"].get(n, {})
-        diff[n] = {k: b.get(k, 0) - a.get(k, 0)
-                   for k in ("files", "unpacked", "compressed_estimate")}
+        diff[n] = {
+            k: b.get(k, 0) - a.get(k, 0) for k in ("files", "unpacked", "compressed_estimate")
+        }
     return {
-        "plain": plain, "product": product, "growth_by_component": diff,
+        "plain": plain,
+        "product": product,
+        "growth_by_component": diff,
         "growth_compressed_mib": (product["compressed"] - plain["compressed"]) / MIB,
         "growth_unpacked_mib": (product["unpacked"] - plain["unpacked"]) / MIB,
-    }  # fmt: skip
+    }

@@ -24,5 +24,10 @@ def test_mypy_strict_py39_is_clean() -> None:
 
 
 def test_ruff_is_clean() -> None:
-    r = _tool("ruff", "check", "src", "tests")
+    r = _tool("ruff", "check", "src", "tests", "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    r = _tool("ruff", "format", "--check", "src", "tests", "bench")
     assert r.returncode == 0, r.stdout + r.stderr

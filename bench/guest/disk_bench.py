@@ -67,23 +67,46 @@ def zero_fill(dev: str) -> float:
     allocated storage: qcow2 reads of unallocated clusters would make the data pass look fast."""
     start = time.monotonic()
     count = size_bytes(dev) // (4 * MIB)
-    sh("dd", "if=/dev/zero", f"of={dev}", "bs=4M", f"count={count}", "oflag=direct",
-       "status=none")  # fmt: skip
+    sh("dd", "if=/dev/zero", f"of={dev}", "bs=4M", f"count={count}", "oflag=direct", "status=none")
     return time.monotonic() - start
 
 
 def raw_write(dev: str) -> dict[str, Any]:
     """Sequential write through a plain dm-crypt mapping (same cipher, key and sector size)."""
     name = "erfsbenchraw"
-    sh("cryptsetup", "open", "--type", "plain", "--cipher", CIPHER[0], "--key-size", CIPHER[1],
-       "--sector-size", "4096", "--key-file", "/dev/urandom", "--keyfile-size", "64", dev, name)
+    sh(
+        "cryptsetup",
+        "open",
+        "--type",
+        "plain",
+        "--cipher",
+        CIPHER[0],
+        "--key-size",
+        CIPHER[1],
+        "--sector-size",
+        "4096",
+        "--key-file",
+        "/dev/urandom",
+        "--keyfile-size",
+        "64",
+        dev,
+        name,
+    )
     try:
         mapped = f"/dev/mapper/{name}"
         nbytes = size_bytes(mapped) // (4 * MIB) * 4 * MIB
         drop_caches()
         start = time.monotonic()
-        sh("dd", "if=/dev/zero", f"of={mapped}", "bs=4M", f"count={nbytes // (4 * MIB)}",
-           "oflag=direct", "conv=fsync", "status=none")  # fmt: skip
+        sh(
+            "dd",
+            "if=/dev/zero",
+            f"of={mapped}",
+            "bs=4M",
+            f"count={nbytes // (4 * MIB)}",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        )
         seconds = time.monotonic() - start
     finally:
         sh("cryptsetup", "close", name)
@@ -128,21 +151,29 @@ class Cgroup:
         self._thread.start()
         try:
             return subprocess.run(
-                argv, text=True, capture_output=True, timeout=timeout, check=False,
+                argv,
+                text=True,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
                 # The child moves itself in before it execs: all its memory is charged here.
                 preexec_fn=lambda: procs.write_text("0\n"),
-            )  # fmt: skip
+            )
         finally:
             self._stop.set()
             self._thread.join()
 
     def summary(self) -> dict[str, Any]:
-        events = dict(line.split() for line in (self.path / "memory.events").read_text()
-                      .splitlines())  # fmt: skip
+        events = dict(
+            line.split() for line in (self.path / "memory.events").read_text().splitlines()
+        )
         peak_file = self.path / "memory.peak"
         peak = int(peak_file.read_text()) if peak_file.exists() else self.peak_current
-        return {"cgroup_peak_mib": peak / MIB, "sampled_anon_peak_mib": self.peak_anon / MIB,
-                "oom_kills": int(events.get("oom_kill", 0))}  # fmt: skip
+        return {
+            "cgroup_peak_mib": peak / MIB,
+            "sampled_anon_peak_mib": self.peak_anon / MIB,
+            "oom_kills": int(events.get("oom_kill", 0)),
+        }
 
     def remove(self) -> None:
         os.rmdir(self.path)
@@ -158,8 +189,9 @@ def product_pass_child(dev: str, verify: bool) -> None:
     key = bytearray(os.urandom(64))  # stays in this process, like the first boot's key
     try:
         start = time.monotonic()
-        slot = luks2.reencrypt_encrypt_init(dev, key, uuid=str(uuid.uuid4()),
-                                            reduce_device_size=REDUCE, sector_size=4096)
+        slot = luks2.reencrypt_encrypt_init(
+            dev, key, uuid=str(uuid.uuid4()), reduce_device_size=REDUCE, sector_size=4096
+        )
         header_s = time.monotonic() - start
         start = time.monotonic()
         volume.data_pass(dev, key)
@@ -179,9 +211,18 @@ def product_pass_child(dev: str, verify: bool) -> None:
                 luks2.close_device("erfsbenchverify")
     finally:
         key[:] = bytes(len(key))
-    print(json.dumps({"header_s": header_s, "pass_s": pass_s, "python_maxrss_mib": self_kib / 1024,
-                      "cryptsetup_maxrss_mib": child_kib / 1024, "fsck_rc": fsck,
-                      "pass_cgroup_peak_mib": pass_peak}))
+    print(
+        json.dumps(
+            {
+                "header_s": header_s,
+                "pass_s": pass_s,
+                "python_maxrss_mib": self_kib / 1024,
+                "cryptsetup_maxrss_mib": child_kib / 1024,
+                "fsck_rc": fsck,
+                "pass_cgroup_peak_mib": pass_peak,
+            }
+        )
+    )
 
 
 def product_pass(dev: str, label: str, *, verify: bool = False) -> dict[str, Any]:
@@ -215,8 +256,14 @@ def make_data_fs(dev: str, data_mib: int) -> None:
     try:
         chunk = 64
         for i in range(data_mib // chunk):
-            sh("dd", "if=/dev/zero", f"of={mnt}/data{i:03d}.bin", "bs=1M", f"count={chunk}",
-               "status=none")  # fmt: skip
+            sh(
+                "dd",
+                "if=/dev/zero",
+                f"of={mnt}/data{i:03d}.bin",
+                "bs=1M",
+                f"count={chunk}",
+                "status=none",
+            )
     finally:
         sh("umount", str(mnt))
 
@@ -229,8 +276,12 @@ def baseline_2016(dev: str, script: str) -> dict[str, Any]:
     start = time.monotonic()
     done = group.run(["bash", script, dev], timeout=1800)
     seconds = time.monotonic() - start
-    out: dict[str, Any] = {"rc": done.returncode, "seconds": seconds,
-                           "mem_available_mib": available, "cap_mib": cap_mib}  # fmt: skip
+    out: dict[str, Any] = {
+        "rc": done.returncode,
+        "seconds": seconds,
+        "mem_available_mib": available,
+        "cap_mib": cap_mib,
+    }
     for line in done.stdout.splitlines():
         if line.startswith("B16 "):
             out.update(dict(tok.split("=", 1) for tok in line[4:].split() if "=" in tok))
@@ -246,25 +297,35 @@ def baseline_2016(dev: str, script: str) -> dict[str, Any]:
 def _dm_io(dev: str) -> dict[str, int]:
     """Sectors read and written on ``dev`` so far (/sys/block/*/stat): the I/O a pass caused."""
     fields = Path(f"/sys/block/{os.path.basename(dev)}/stat").read_text().split()
-    return {"read_sectors": int(fields[2]), "reads": int(fields[0]),
-            "write_sectors": int(fields[6]), "writes": int(fields[4])}  # fmt: skip
+    return {
+        "read_sectors": int(fields[2]),
+        "reads": int(fields[0]),
+        "write_sectors": int(fields[6]),
+        "writes": int(fields[4]),
+    }
 
 
-def timed(argv: list[str], stdin: bytes | None = None,
-          env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def timed(
+    argv: list[str], stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``argv`` once: wall seconds, the child's user/system CPU seconds, exit code."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     done = subprocess.run(argv, input=stdin, capture_output=True, check=False, env=env)
     seconds = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"seconds": seconds, "rc": done.returncode,
-            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
-            "err": done.stderr.decode(errors="replace")[-400:]}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "rc": done.returncode,
+        "user_s": after.ru_utime - before.ru_utime,
+        "sys_s": after.ru_stime - before.ru_stime,
+        "err": done.stderr.decode(errors="replace")[-400:],
+    }
 
 
-def _with_io(dev: str, argv: list[str], stdin: bytes | None = None,
-             env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def _with_io(
+    dev: str, argv: list[str], stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     before = _dm_io(dev)
     out = timed(argv, stdin, env)
     after = _dm_io(dev)
@@ -280,32 +341,84 @@ def engine_limits(dev: str) -> dict[str, Any]:
     crash safety), plus cryptsetup's own cipher benchmark (the kernel crypto API from user space,
     no disk)."""
     name = "erfsbenchlim"
-    sh("cryptsetup", "open", "--type", "plain", "--cipher", CIPHER[0], "--key-size", CIPHER[1],
-       "--sector-size", "4096", "--key-file", "/dev/urandom", "--keyfile-size", "64", dev, name)
+    sh(
+        "cryptsetup",
+        "open",
+        "--type",
+        "plain",
+        "--cipher",
+        CIPHER[0],
+        "--key-size",
+        CIPHER[1],
+        "--sector-size",
+        "4096",
+        "--key-file",
+        "/dev/urandom",
+        "--keyfile-size",
+        "64",
+        dev,
+        name,
+    )
     mapped = f"/dev/mapper/{name}"
     count = str(size_bytes(mapped) // (4 * MIB))
     out: dict[str, Any] = {"mib": int(count) * 4}
     try:
         for label, argv in (
-            ("write", ["dd", "if=/dev/zero", f"of={mapped}", "bs=4M", f"count={count}",
-                       "oflag=direct", "conv=fsync", "status=none"]),
-            ("read", ["dd", f"if={mapped}", "of=/dev/null", "bs=4M", f"count={count}",
-                      "iflag=direct", "status=none"]),
-            ("inplace", ["dd", f"if={dev}", f"of={mapped}", "bs=4M", f"count={count}",
-                         "iflag=direct", "oflag=direct", "conv=fsync,notrunc", "status=none"]),
-        ):  # fmt: skip
+            (
+                "write",
+                [
+                    "dd",
+                    "if=/dev/zero",
+                    f"of={mapped}",
+                    "bs=4M",
+                    f"count={count}",
+                    "oflag=direct",
+                    "conv=fsync",
+                    "status=none",
+                ],
+            ),
+            (
+                "read",
+                [
+                    "dd",
+                    f"if={mapped}",
+                    "of=/dev/null",
+                    "bs=4M",
+                    f"count={count}",
+                    "iflag=direct",
+                    "status=none",
+                ],
+            ),
+            (
+                "inplace",
+                [
+                    "dd",
+                    f"if={dev}",
+                    f"of={mapped}",
+                    "bs=4M",
+                    f"count={count}",
+                    "iflag=direct",
+                    "oflag=direct",
+                    "conv=fsync,notrunc",
+                    "status=none",
+                ],
+            ),
+        ):
             drop_caches()
             result = _with_io(dev, argv)
             result["mib_s"] = out["mib"] / result["seconds"]
             out[label] = result
     finally:
         sh("cryptsetup", "close", name)
-    bench = sh("cryptsetup", "benchmark", "--cipher", CIPHER[0], "--key-size", CIPHER[1],
-               check=False)  # fmt: skip
+    bench = sh(
+        "cryptsetup", "benchmark", "--cipher", CIPHER[0], "--key-size", CIPHER[1], check=False
+    )
     speeds = re.search(r"aes-xts\s+\d+b\s+([\d.]+) MiB/s\s+([\d.]+) MiB/s", bench.stdout)
     if speeds:
-        out["cryptsetup_benchmark_mib_s"] = {"encrypt": float(speeds.group(1)),
-                                             "decrypt": float(speeds.group(2))}  # fmt: skip
+        out["cryptsetup_benchmark_mib_s"] = {
+            "encrypt": float(speeds.group(1)),
+            "decrypt": float(speeds.group(2)),
+        }
     out["openssl_xts_mib_s"] = openssl_xts()
     # The same with OpenSSL's AES-NI code switched off: under TCG, emulated AES instructions
     # can be slower than table-based AES; on real hardware AES-NI is the fast path.
@@ -321,9 +434,13 @@ NO_AESNI = {"OPENSSL_ia32cap": "~0x200000200000000"}
 def openssl_xts(env: dict[str, str] | None = None) -> float | None:
     """OpenSSL's AES-256-XTS on 4096-byte blocks, one thread: the cipher that cryptsetup (linked
     against libcrypto) uses when it encrypts in its own process."""
-    done = subprocess.run(["openssl", "speed", "-seconds", "3", "-bytes", "4096", "-evp",
-                           "aes-256-xts"], capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    done = subprocess.run(
+        ["openssl", "speed", "-seconds", "3", "-bytes", "4096", "-evp", "aes-256-xts"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
     found = re.search(r"^AES-256-XTS\s+([\d.]+)k", done.stdout, re.MULTILINE | re.IGNORECASE)
     return float(found.group(1)) * 1000 / MIB if found else None
 
@@ -333,12 +450,32 @@ def variant_pass(dev: str, variant: dict[str, Any]) -> dict[str, Any]:
     32 MiB data shift, 4096-byte sectors), the data pass run with the variant's options."""
     sh("wipefs", "-qa", dev, check=False)
     key = os.urandom(64)
-    init = ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--init-only",
-            "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-            "--key-file", "-", "--reduce-device-size", str(REDUCE), "--sector-size", "4096",
-            *variant.get("init", []), dev]  # fmt: skip
-    out: dict[str, Any] = {"name": variant["name"], "online": bool(variant.get("online")),
-                           "options": [*variant.get("init", []), *variant.get("resume", [])]}
+    init = [
+        "cryptsetup",
+        "reencrypt",
+        "--encrypt",
+        "--type",
+        "luks2",
+        "--init-only",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        "-",
+        "--reduce-device-size",
+        str(REDUCE),
+        "--sector-size",
+        "4096",
+        *variant.get("init", []),
+        dev,
+    ]
+    out: dict[str, Any] = {
+        "name": variant["name"],
+        "online": bool(variant.get("online")),
+        "options": [*variant.get("init", []), *variant.get("resume", [])],
+    }
     env = {**os.environ, **variant["env"]} if variant.get("env") else None
     done = timed(init, key)
     if done["rc"] != 0:
@@ -356,8 +493,16 @@ def variant_pass(dev: str, variant: dict[str, Any]) -> dict[str, Any]:
             return out
         target = ["--active-name", "erfsbenchon"]
     drop_caches()
-    resume = ["cryptsetup", "reencrypt", "--resume-only", "--batch-mode", "--key-file", "-",
-              *variant.get("resume", []), *target]  # fmt: skip
+    resume = [
+        "cryptsetup",
+        "reencrypt",
+        "--resume-only",
+        "--batch-mode",
+        "--key-file",
+        "-",
+        *variant.get("resume", []),
+        *target,
+    ]
     try:
         done = _with_io(dev, resume, key, env)
     finally:
@@ -365,8 +510,13 @@ def variant_pass(dev: str, variant: dict[str, Any]) -> dict[str, Any]:
             sh("cryptsetup", "close", "erfsbenchon", check=False)
     dump = sh("cryptsetup", "luksDump", dev, check=False).stdout
     mib = (size_bytes(dev) - REDUCE) / MIB
-    out.update(done, ok=done["rc"] == 0 and "reencrypt" not in dump.split("Keyslots:")[-1][:400],
-               stage="resume", mib=mib, mib_s=mib / done["seconds"])  # fmt: skip
+    out.update(
+        done,
+        ok=done["rc"] == 0 and "reencrypt" not in dump.split("Keyslots:")[-1][:400],
+        stage="resume",
+        mib=mib,
+        mib_s=mib / done["seconds"],
+    )
     return out
 
 
@@ -400,17 +550,26 @@ def main(config: dict[str, Any]) -> None:
     from encryptrootfs.log import setup_logging
 
     setup_logging(False)
-    emit("guest", mem_total_mib=os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MIB,
-         cpus=os.cpu_count(), cryptsetup=sh("cryptsetup", "--version").stdout.strip(),
-         kernel=os.uname().release)  # fmt: skip
+    emit(
+        "guest",
+        mem_total_mib=os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MIB,
+        cpus=os.cpu_count(),
+        cryptsetup=sh("cryptsetup", "--version").stdout.strip(),
+        kernel=os.uname().release,
+    )
     for item in config["throughput"]:
         dev = device(item["serial"])
         fill_s = zero_fill(dev)
         raw1 = raw_write(dev)
         product = product_pass(dev, f"tp{item['size_mib']}")
         raw2 = raw_write(dev)
-        emit("throughput", size_mib=item["size_mib"], fill_s=fill_s, raw=[raw1, raw2],
-             product=product)  # fmt: skip
+        emit(
+            "throughput",
+            size_mib=item["size_mib"],
+            fill_s=fill_s,
+            raw=[raw1, raw2],
+            product=product,
+        )
     if config.get("variants"):
         variants(device(config["variants"]["serial"]), config["variants"].get("names"))
     mem = config.get("memory")
@@ -419,10 +578,18 @@ def main(config: dict[str, Any]) -> None:
         zero_fill(dev)
         start = time.monotonic()
         make_data_fs(dev, mem["data_mib"])
-        emit("memory-data", size_mib=mem["size_mib"], data_mib=mem["data_mib"],
-             write_s=time.monotonic() - start)  # fmt: skip
-        emit("baseline-2016", size_mib=mem["size_mib"], data_mib=mem["data_mib"],
-             **(b16 := baseline_2016(dev, config["baseline_script"])))  # fmt: skip
+        emit(
+            "memory-data",
+            size_mib=mem["size_mib"],
+            data_mib=mem["data_mib"],
+            write_s=time.monotonic() - start,
+        )
+        emit(
+            "baseline-2016",
+            size_mib=mem["size_mib"],
+            data_mib=mem["data_mib"],
+            **(b16 := baseline_2016(dev, config["baseline_script"])),
+        )
         if b16.get("result") == "ok":  # it fit in memory: the disk is LUKS1 now, start over
             sh("wipefs", "-a", dev)
             make_data_fs(dev, mem["data_mib"])

@@ -20,8 +20,10 @@ import time
 from typing import Any
 
 ROOT_PARTITION = "/dev/vda1"  # the lab's root partition (first partition of the first disk)
-BOOT_IMPORTS = ("import encryptrootfs.cli, encryptrootfs.boot, encryptrootfs.boot.unlock, "
-                "encryptrootfs.providers.aws_kms, botocore.session, botocore.config")
+BOOT_IMPORTS = (
+    "import encryptrootfs.cli, encryptrootfs.boot, encryptrootfs.boot.unlock, "
+    "encryptrootfs.providers.aws_kms, botocore.session, botocore.config"
+)
 PASSPHRASE = b"correct horse battery staple, benchmark only\n"
 
 
@@ -41,8 +43,12 @@ def python_costs(rounds: int) -> dict[str, Any]:
     subprocess.run([sys.executable, "-c", BOOT_IMPORTS], check=True)
     bare = [timed([sys.executable, "-I", "-B", "-c", "pass"]) for _ in range(rounds)]
     full = [timed([sys.executable, "-I", "-B", "-c", BOOT_IMPORTS]) for _ in range(rounds)]
-    trace = subprocess.run([sys.executable, "-I", "-B", "-X", "importtime", "-c", BOOT_IMPORTS],
-                           capture_output=True, text=True, check=True).stderr  # fmt: skip
+    trace = subprocess.run(
+        [sys.executable, "-I", "-B", "-X", "importtime", "-c", BOOT_IMPORTS],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
     top: dict[str, int] = {}
     for line in trace.splitlines():
         parts = [p.strip() for p in line.split("|")]
@@ -51,10 +57,13 @@ def python_costs(rounds: int) -> dict[str, Any]:
             if not name.startswith(" ") and name.split(".")[0] == name:  # top-level packages
                 top[name] = max(top.get(name, 0), int(parts[1]))
     biggest = dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])
-    return {"python_start_s": statistics.median(bare), "python_start_all": bare,
-            "imports_s": statistics.median(full) - statistics.median(bare),
-            "imports_all": [f - statistics.median(bare) for f in full],
-            "importtime_top_us": biggest}  # fmt: skip
+    return {
+        "python_start_s": statistics.median(bare),
+        "python_start_all": bare,
+        "imports_s": statistics.median(full) - statistics.median(bare),
+        "imports_all": [f - statistics.median(bare) for f in full],
+        "importtime_top_us": biggest,
+    }
 
 
 BOOT_STEPS = r"""
@@ -93,8 +102,9 @@ def boot_path_costs(rounds: int) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     for _ in range(rounds):
         start = time.monotonic()
-        done = subprocess.run([*flags, "-c", BOOT_STEPS], capture_output=True, text=True,
-                              check=True)  # fmt: skip
+        done = subprocess.run(
+            [*flags, "-c", BOOT_STEPS], capture_output=True, text=True, check=True
+        )
         step = json.loads(done.stdout)
         step["process_s"] = time.monotonic() - start
         steps.append(step)
@@ -106,9 +116,18 @@ def boot_path_costs(rounds: int) -> dict[str, Any]:
     # save and what is third-party.
     per_module: dict[str, list[int]] = {}
     for _ in range(rounds):
-        trace = subprocess.run([*flags, "-X", "importtime", "-c", "import encryptrootfs.cli; "
-                                "import encryptrootfs.boot"], capture_output=True, text=True,
-                               check=True).stderr  # fmt: skip
+        trace = subprocess.run(
+            [
+                *flags,
+                "-X",
+                "importtime",
+                "-c",
+                "import encryptrootfs.cli; import encryptrootfs.boot",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
         for line in trace.splitlines():
             parts = [p.strip() for p in line.split("|")]
             if len(parts) == 3 and parts[1].isdigit():
@@ -123,12 +142,15 @@ def boot_path_costs(rounds: int) -> dict[str, Any]:
         if top == "encryptrootfs":
             ours[name] = self_us
     keys = [k for k in steps[0] if isinstance(steps[0][k], float)]
-    return {"median": {k: statistics.median(s[k] for s in steps) for k in keys},
-            "all": steps, "action": steps[0]["action"],
-            "boot_imports_self_us_by_group": groups,
-            "ours_self_us": dict(sorted(ours.items(), key=lambda kv: -kv[1])),
-            "botocore_loaded_before_first_line": any(m.startswith("botocore") for m in modules),
-            "modules_loaded": len(modules)}  # fmt: skip
+    return {
+        "median": {k: statistics.median(s[k] for s in steps) for k in keys},
+        "all": steps,
+        "action": steps[0]["action"],
+        "boot_imports_self_us_by_group": groups,
+        "ours_self_us": dict(sorted(ours.items(), key=lambda kv: -kv[1])),
+        "botocore_loaded_before_first_line": any(m.startswith("botocore") for m in modules),
+        "modules_loaded": len(modules),
+    }
 
 
 def kms_costs(rounds: int) -> dict[str, Any]:
@@ -170,35 +192,76 @@ def open_costs(serial: str, rounds: int) -> dict[str, Any]:
     key = bytearray(os.urandom(64))
     try:
         # The product's keyslot: a random 64-byte key, PBKDF2 with 1000 iterations.
-        subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
-                        "--pbkdf-force-iterations", "1000", "--key-file", "-", dev],
-                       input=bytes(key), check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                "cryptsetup",
+                "luksFormat",
+                "-q",
+                "--type",
+                "luks2",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                "-",
+                dev,
+            ],
+            input=bytes(key),
+            check=True,
+            capture_output=True,
+        )
         read_fd, write_fd = os.pipe()
         os.write(write_fd, PASSPHRASE)
         os.close(write_fd)
         # A default passphrase keyslot: cryptsetup benchmarks Argon2id for this guest.
         add_s = time.monotonic()
-        subprocess.run(["cryptsetup", "luksAddKey", "-q", "--key-file", "-", dev,
-                        f"/dev/fd/{read_fd}"], input=bytes(key), check=True,
-                       capture_output=True, pass_fds=(read_fd,))  # fmt: skip
+        subprocess.run(
+            ["cryptsetup", "luksAddKey", "-q", "--key-file", "-", dev, f"/dev/fd/{read_fd}"],
+            input=bytes(key),
+            check=True,
+            capture_output=True,
+            pass_fds=(read_fd,),
+        )
         add_s = time.monotonic() - add_s
         os.close(read_fd)
-        dump = json.loads(subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", dev],
-                                         capture_output=True, check=True, text=True).stdout)
+        dump = json.loads(
+            subprocess.run(
+                ["cryptsetup", "luksDump", "--dump-json-metadata", dev],
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout
+        )
         kdf = dump["keyslots"]["1"]["kdf"]
         slot0: list[float] = []
         slot1: list[float] = []
         for _ in range(rounds):
             for slot, secret, times in (("0", bytes(key), slot0), ("1", PASSPHRASE, slot1)):
-                times.append(timed(["cryptsetup", "open", "--key-slot", slot, "--key-file", "-",
-                                    dev, "erfsbenchopen"], secret))  # fmt: skip
+                times.append(
+                    timed(
+                        [
+                            "cryptsetup",
+                            "open",
+                            "--key-slot",
+                            slot,
+                            "--key-file",
+                            "-",
+                            dev,
+                            "erfsbenchopen",
+                        ],
+                        secret,
+                    )
+                )
                 subprocess.run(["cryptsetup", "close", "erfsbenchopen"], check=True)
     finally:
         key[:] = bytes(len(key))
-    return {"token_keyslot_open_s": {"median": statistics.median(slot0), "all": slot0},
-            "argon2_keyslot_open_s": {"median": statistics.median(slot1), "all": slot1},
-            "argon2_kdf": {k: v for k, v in kdf.items() if k != "salt"},
-            "argon2_add_key_s": add_s}  # fmt: skip
+    return {
+        "token_keyslot_open_s": {"median": statistics.median(slot0), "all": slot0},
+        "argon2_keyslot_open_s": {"median": statistics.median(slot1), "all": slot1},
+        "argon2_kdf": {k: v for k, v in kdf.items() if k != "salt"},
+        "argon2_add_key_s": add_s,
+    }
 
 
 def main() -> None:

@@ -135,8 +135,7 @@ def cmd_enroll_copy(args: argparse.Namespace) -> int:
 
     config = _config(args)
     new_provider = provider_for_key(config, args.key_id, args.region)
-    done = enroll_copy(args.device, _provider_for(config), new_provider,
-                       token_id=args.token_id)
+    done = enroll_copy(args.device, _provider_for(config), new_provider, token_id=args.token_id)
     result = {
         "device": done.device,
         "source_token_id": done.source_token_id,
@@ -149,10 +148,12 @@ def cmd_enroll_copy(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"{done.device}: token {done.token_id} holds the key of token "
-              f"{done.source_token_id} wrapped by {done.wrapped.key_id} in "
-              f"{done.wrapped.region} (keyslots {','.join(done.keyslots)}); verified: unwraps "
-              "through KMS and opens the keyslots. Either token unlocks.")
+        print(
+            f"{done.device}: token {done.token_id} holds the key of token "
+            f"{done.source_token_id} wrapped by {done.wrapped.key_id} in "
+            f"{done.wrapped.region} (keyslots {','.join(done.keyslots)}); verified: unwraps "
+            "through KMS and opens the keyslots. Either token unlocks."
+        )
     return ExitCode.OK
 
 
@@ -183,9 +184,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"{done.device}: enrolled keyslot {done.keyslot} (PBKDF2) with token "
-              f"{done.token_id}, wrapped by {done.wrapped.key_id} in {done.wrapped.region}; "
-              "verified: unwraps through KMS and opens the keyslot")
+        print(
+            f"{done.device}: enrolled keyslot {done.keyslot} (PBKDF2) with token "
+            f"{done.token_id}, wrapped by {done.wrapped.key_id} in {done.wrapped.region}; "
+            "verified: unwraps through KMS and opens the keyslot"
+        )
     return ExitCode.OK
 
 
@@ -206,24 +209,37 @@ def cmd_token_show(args: argparse.Namespace) -> int:
             entry.update(full)
         tokens.append(entry)
     keyslots = [
-        {"id": int(k), "type": s.type, "kdf": s.kdf_type, "iterations": s.iterations,
-         "memory_kib": s.memory}
+        {
+            "id": int(k),
+            "type": s.type,
+            "kdf": s.kdf_type,
+            "iterations": s.iterations,
+            "memory_kib": s.memory,
+        }
         for k, s in sorted(header.keyslots.items(), key=lambda kv: int(kv[0]))
     ]
-    data = {"device": args.device, "luks_uuid": header.uuid,
-            "reencryption_pending": header.reencryption_pending,
-            "tokens": tokens, "keyslots": keyslots}
+    data = {
+        "device": args.device,
+        "luks_uuid": header.uuid,
+        "reencryption_pending": header.reencryption_pending,
+        "tokens": tokens,
+        "keyslots": keyslots,
+    }
     if args.json:
         _print_json(data)
         return ExitCode.OK
-    print(f"{args.device}: LUKS2 {header.uuid}"
-          + (" (reencryption pending)" if header.reencryption_pending else ""))
+    print(
+        f"{args.device}: LUKS2 {header.uuid}"
+        + (" (reencryption pending)" if header.reencryption_pending else "")
+    )
     for t in tokens:
         if t["type"] != "encryptrootfs":
             print(f"  token {t['id']}: {t['type']} (not ours, skipped)")
             continue
-        print(f"  token {t['id']}: {t['provider']} key {t['key_id']} region {t['region']} "
-              f"keyslots {','.join(t['keyslots'])}")
+        print(
+            f"  token {t['id']}: {t['provider']} key {t['key_id']} region {t['region']} "
+            f"keyslots {','.join(t['keyslots'])}"
+        )
         for k, v in sorted(t["encryption_context"].items()):
             print(f"    context {k} = {v}")
     for s in keyslots:
@@ -238,10 +254,18 @@ def cmd_token_verify(args: argparse.Namespace) -> int:
     provider = provider_from_config(_config(args))
     results = verify(args.device, provider)
     if args.json:
-        _print_json([
-            {"token_id": r.token_id, "keyslots": list(r.keyslots), "key_id": r.key_id,
-             "ok": r.ok, "reason": r.reason} for r in results
-        ])
+        _print_json(
+            [
+                {
+                    "token_id": r.token_id,
+                    "keyslots": list(r.keyslots),
+                    "key_id": r.key_id,
+                    "ok": r.ok,
+                    "reason": r.reason,
+                }
+                for r in results
+            ]
+        )
     else:
         for r in results:
             print(f"token {r.token_id} ({r.key_id}): {'OK' if r.ok else 'FAILED'}: {r.reason}")
@@ -285,10 +309,12 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"{done.device}: token {done.token_id} now wraps the key of keyslot(s) "
-              f"{','.join(done.keyslots)} with {done.wrapped.key_id} in {done.wrapped.region} "
-              f"(verified); token {done.old_token_id} ({done.old_key_id} in {done.old_region}) "
-              "was removed. The volume key and the keyslots are unchanged.")
+        print(
+            f"{done.device}: token {done.token_id} now wraps the key of keyslot(s) "
+            f"{','.join(done.keyslots)} with {done.wrapped.key_id} in {done.wrapped.region} "
+            f"(verified); token {done.old_token_id} ({done.old_key_id} in {done.old_region}) "
+            "was removed. The volume key and the keyslots are unchanged."
+        )
     return ExitCode.OK
 
 
@@ -300,16 +326,25 @@ def cmd_recovery_add(args: argparse.Namespace) -> int:
     try:
         shown = added.passphrase.decode("ascii")
         if args.json:
-            _print_json({"device": added.device, "keyslot": added.keyslot,
-                         "token_id": added.token_id, "kdf": "argon2id",
-                         "memory_kib": added.memory_kib, "recovery_key": shown})
+            _print_json(
+                {
+                    "device": added.device,
+                    "keyslot": added.keyslot,
+                    "token_id": added.token_id,
+                    "kdf": "argon2id",
+                    "memory_kib": added.memory_kib,
+                    "recovery_key": shown,
+                }
+            )
         else:
-            print(f"{added.device}: recovery key added in keyslot {added.keyslot} (Argon2id, "
-                  f"{added.memory_kib} KiB; token {added.token_id} records the keyslot).\n\n"
-                  f"    {shown}\n\n"
-                  f"This is the only time it is shown ({ENTROPY_BITS} bits). Write it down and "
-                  "keep it off this machine. It opens the disk when the key service cannot: at "
-                  "the boot prompt, or with `cryptsetup open` typed exactly as above.")
+            print(
+                f"{added.device}: recovery key added in keyslot {added.keyslot} (Argon2id, "
+                f"{added.memory_kib} KiB; token {added.token_id} records the keyslot).\n\n"
+                f"    {shown}\n\n"
+                f"This is the only time it is shown ({ENTROPY_BITS} bits). Write it down and "
+                "keep it off this machine. It opens the disk when the key service cannot: at "
+                "the boot prompt, or with `cryptsetup open` typed exactly as above."
+            )
         del shown
     finally:
         wipe(added.passphrase)
@@ -322,68 +357,107 @@ def cmd_recovery_remove(args: argparse.Namespace) -> int:
     config = _config(args)
     removed = remove_recovery_key(args.device, _provider_for(config))
     if args.json:
-        _print_json({"device": removed.device, "keyslots": list(removed.keyslots),
-                     "token_ids": list(removed.token_ids)})
+        _print_json(
+            {
+                "device": removed.device,
+                "keyslots": list(removed.keyslots),
+                "token_ids": list(removed.token_ids),
+            }
+        )
     else:
         slots = ", ".join(str(k) for k in removed.keyslots) or "none left"
-        print(f"{removed.device}: recovery key removed (keyslot {slots}); the KMS-wrapped "
-              "key still opens the device.")
+        print(
+            f"{removed.device}: recovery key removed (keyslot {slots}); the KMS-wrapped "
+            "key still opens the device."
+        )
     return ExitCode.OK
 
 
 def _add_operator_parsers(sub: Any) -> None:
     st = sub.add_parser(
-        "status", help="state, tokens, keyslots and last unlock of managed devices",
+        "status",
+        help="state, tokens, keyslots and last unlock of managed devices",
         description="For the configured root (found as `encryptrootfs boot` finds it) or the "
         "given devices: the state (encrypted, reencryption-pending with its progress, plain, "
         "not-ours, unreadable), the tokens (provider, key, region, encryption context, "
         "created), the keyslots and which token owns each, and the last unlock recorded by "
-        "the initramfs. Reads only; calls no key service. --json: docs/status.md.")
-    st.add_argument("devices", nargs="*", metavar="DEVICE",
-                    help="devices or image files (default: the configured root)")
+        "the initramfs. Reads only; calls no key service. --json: docs/status.md.",
+    )
+    st.add_argument(
+        "devices",
+        nargs="*",
+        metavar="DEVICE",
+        help="devices or image files (default: the configured root)",
+    )
     from .unlock_record import DEFAULT_PATH
 
-    st.add_argument("--record", default=str(DEFAULT_PATH), metavar="PATH",
-                    help=f"the unlock record to read (default: {DEFAULT_PATH})")
+    st.add_argument(
+        "--record",
+        default=str(DEFAULT_PATH),
+        metavar="PATH",
+        help=f"the unlock record to read (default: {DEFAULT_PATH})",
+    )
     _add_json(st)
     st.set_defaults(func=cmd_status)
 
     rw = sub.add_parser(
-        "rewrap", help="re-wrap a token's key for another KMS key or region",
+        "rewrap",
+        help="re-wrap a token's key for another KMS key or region",
         description="Unwrap the token's key through KMS, wrap it under --key-id (in "
         "--region), store the new token next to the old one, prove it unwraps and opens its "
         "keyslots, then remove the old token. The volume key and keyslots are not touched; a "
         "kill at any step leaves a device that unlocks. After a kill, run it again with "
         "--token-id naming the old token. Update the configuration's key_id afterwards for "
-        "new enrolments.")
+        "new enrolments.",
+    )
     rw.add_argument("device", help="LUKS2 device or image file")
-    rw.add_argument("--key-id", required=True, metavar="KEY",
-                    help="the new KMS key (ARN, alias/... or key id)")
-    rw.add_argument("--region", metavar="REGION",
-                    help="the new key's region (default: from the ARN, else the configured one)")
-    rw.add_argument("--token-id", type=int, metavar="N",
-                    help="the token to re-wrap (needed when there are several)")
+    rw.add_argument(
+        "--key-id", required=True, metavar="KEY", help="the new KMS key (ARN, alias/... or key id)"
+    )
+    rw.add_argument(
+        "--region",
+        metavar="REGION",
+        help="the new key's region (default: from the ARN, else the configured one)",
+    )
+    rw.add_argument(
+        "--token-id",
+        type=int,
+        metavar="N",
+        help="the token to re-wrap (needed when there are several)",
+    )
     _add_json(rw)
     rw.set_defaults(func=cmd_rewrap)
 
-    rk = sub.add_parser("recovery-key", help="a typeable recovery passphrase",
-                        description="Add or remove a recovery passphrase, for when the key "
-                        "service cannot be reached. Both are authorised by the KMS-wrapped key.")
+    rk = sub.add_parser(
+        "recovery-key",
+        help="a typeable recovery passphrase",
+        description="Add or remove a recovery passphrase, for when the key "
+        "service cannot be reached. Both are authorised by the KMS-wrapped key.",
+    )
     rk_sub = rk.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     add = rk_sub.add_parser(
-        "add", help="add a recovery passphrase and print it once",
+        "add",
+        help="add a recovery passphrase and print it once",
         description="Make a 200-bit passphrase (8 groups of 5 characters, Crockford base32), "
         "put it in a keyslot of its own (Argon2id, at most 64 MiB) and print it once. A token "
-        "of type encryptrootfs-recovery names the keyslot.")
+        "of type encryptrootfs-recovery names the keyslot.",
+    )
     add.add_argument("device", help="LUKS2 device or image file")
-    add.add_argument("--iter-time", type=int, default=2000, metavar="MS",
-                     help="Argon2id unlock time to aim for on this machine (default: 2000)")
+    add.add_argument(
+        "--iter-time",
+        type=int,
+        default=2000,
+        metavar="MS",
+        help="Argon2id unlock time to aim for on this machine (default: 2000)",
+    )
     _add_json(add)
     add.set_defaults(func=cmd_recovery_add)
     rm = rk_sub.add_parser(
-        "remove", help="remove the recovery passphrase's keyslot (and nothing else)",
+        "remove",
+        help="remove the recovery passphrase's keyslot (and nothing else)",
         description="Wipe the keyslot the encryptrootfs-recovery token names and remove the "
-        "token. cryptsetup first checks that the KMS-wrapped key opens another keyslot.")
+        "token. cryptsetup first checks that the KMS-wrapped key opens another keyslot.",
+    )
     rm.add_argument("device", help="LUKS2 device or image file")
     _add_json(rm)
     rm.set_defaults(func=cmd_recovery_remove)
@@ -399,12 +473,18 @@ def cmd_volumes(args: argparse.Namespace) -> int:
     if args.subcommand == "up":
         done, failed = volumes.volumes_up(config)
         if args.json:
-            _print_json({"volumes": [r.as_dict() for r in done],
-                         "failed": [{"name": n, "error": e.message} for n, e in failed]})
+            _print_json(
+                {
+                    "volumes": [r.as_dict() for r in done],
+                    "failed": [{"name": n, "error": e.message} for n, e in failed],
+                }
+            )
         else:
             for r in done:
-                print(f"volume {r.name}: {r.action}" + (f", {r.mapper} on {r.mount}"
-                                                        if r.mapper else ""))
+                print(
+                    f"volume {r.name}: {r.action}"
+                    + (f", {r.mapper} on {r.mount}" if r.mapper else "")
+                )
         error = volumes.exit_failed(failed)
         if error is not None:
             raise error
@@ -419,20 +499,24 @@ def cmd_volumes(args: argparse.Namespace) -> int:
 
 def _add_volumes_parsers(sub: Any) -> None:
     vol = sub.add_parser(
-        "volumes", help="data volumes: show them, or bring them up (`volumes up`)",
+        "volumes",
+        help="data volumes: show them, or bring them up (`volumes up`)",
         description="Without a subcommand: for each [[volumes]] entry, the devices its "
         "selectors match, what is on them and what `volumes up` would do (format, unlock or "
-        "refuse, and why). Reads only; calls no key service. See docs/volumes.md.")
+        "refuse, and why). Reads only; calls no key service. See docs/volumes.md.",
+    )
     _add_json(vol)
     vol.set_defaults(func=cmd_volumes, subcommand=None)
     vol_sub = vol.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     up = vol_sub.add_parser(
-        "up", help="format blank volumes, unlock ours, mount them (run at boot by "
+        "up",
+        help="format blank volumes, unlock ours, mount them (run at boot by "
         "encryptrootfs-volumes.service)",
         description="For each [[volumes]] entry: create or assemble the RAID0 array, format "
         "a blank device (LUKS2 with a KMS-wrapped key, then the filesystem), or unwrap the "
         "key of one that has our token and open it, then mount it. A device that holds "
-        "anything else is refused with the reason and left alone. Safe to run again.")
+        "anything else is refused with the reason and left alone. Safe to run again.",
+    )
     _add_json(up)
     up.set_defaults(func=cmd_volumes)
 
@@ -445,8 +529,11 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from .boot import boot
 
     mapper = boot(_config(args))
-    print(f"encryptrootfs: root ready at {mapper}" if mapper
-          else "encryptrootfs: root left plain (first-boot encryption disabled)")
+    print(
+        f"encryptrootfs: root ready at {mapper}"
+        if mapper
+        else "encryptrootfs: root left plain (first-boot encryption disabled)"
+    )
     return ExitCode.OK
 
 
@@ -474,8 +561,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.as_dict())
     else:
-        print(f"config: {result.config}; dracut module: {result.module}; "
-              f"dracut.conf.d: {result.dracut_conf}")
+        print(
+            f"config: {result.config}; dracut module: {result.module}; "
+            f"dracut.conf.d: {result.dracut_conf}"
+        )
         for kver in result.initramfs:
             print(f"initramfs regenerated for {kver}")
         if args.no_regenerate:
@@ -498,32 +587,52 @@ def cmd_dracut_files(args: argparse.Namespace) -> int:
 
 def _add_install_parsers(sub: Any) -> None:
     inst = sub.add_parser(
-        "install", help="install and enable the dracut module, regenerate the initramfs",
+        "install",
+        help="install and enable the dracut module, regenerate the initramfs",
         description="Run as root while building an image (or on the machine): validate the "
         f"configuration and install it as {DEFAULT_CONFIG_PATH}, install the dracut module "
         "50encryptrootfs, enable it for every later dracut run (kernel updates included) and "
         "regenerate the initramfs of every installed kernel. Safe to run again. --check only "
-        "reports readiness and changes nothing.")
-    inst.add_argument("config_file", nargs="?", metavar="CONFIG",
-                      help="configuration to validate and install (default: keep the "
-                      "installed one)")
-    inst.add_argument("--root", default="/", metavar="DIR",
-                      help="install into the image tree DIR (dracut runs there with chroot; "
-                      "/proc, /sys and /dev must be mounted in it)")
-    inst.add_argument("--no-regenerate", action="store_true",
-                      help="do not run dracut (the image builder runs it)")
-    inst.add_argument("--kver", action="append", metavar="VERSION",
-                      help="regenerate only this kernel's initramfs (repeatable)")
-    inst.add_argument("--check", action="store_true",
-                      help="report tools, Python, dracut, config, root and network; write "
-                      "nothing")
+        "reports readiness and changes nothing.",
+    )
+    inst.add_argument(
+        "config_file",
+        nargs="?",
+        metavar="CONFIG",
+        help="configuration to validate and install (default: keep the installed one)",
+    )
+    inst.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="install into the image tree DIR (dracut runs there with chroot; "
+        "/proc, /sys and /dev must be mounted in it)",
+    )
+    inst.add_argument(
+        "--no-regenerate", action="store_true", help="do not run dracut (the image builder runs it)"
+    )
+    inst.add_argument(
+        "--kver",
+        action="append",
+        metavar="VERSION",
+        help="regenerate only this kernel's initramfs (repeatable)",
+    )
+    inst.add_argument(
+        "--check",
+        action="store_true",
+        help="report tools, Python, dracut, config, root and network; write nothing",
+    )
     _add_json(inst)
     inst.set_defaults(func=cmd_install)
 
     # Hidden: the dracut module's question "which files?", answered by the initramfs's python3.
     files = sub.add_parser("dracut-files")
-    files.add_argument("--stage", required=True, metavar="DIR",
-                       help="folder for generated files (the trimmed endpoints.json)")
+    files.add_argument(
+        "--stage",
+        required=True,
+        metavar="DIR",
+        help="folder for generated files (the trimmed endpoints.json)",
+    )
     files.set_defaults(func=cmd_dracut_files)
 
 
@@ -536,21 +645,30 @@ def _add_json(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="encryptrootfs", description=DESCRIPTION, epilog=EPILOG,
+        prog="encryptrootfs",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), metavar="PATH",
-                        help=f"configuration file (default: {DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--debug", action="store_true",
-                        help="log every command run (`+ cmd`) and show tracebacks")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG_PATH),
+        metavar="PATH",
+        help=f"configuration file (default: {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="log every command run (`+ cmd`) and show tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = sub.add_parser("config", help="configuration file commands")
     config_sub = config.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     check = config_sub.add_parser(
-        "check", help="validate the configuration file",
-        description="Validate a configuration file: every error names the field path.")
+        "check",
+        help="validate the configuration file",
+        description="Validate a configuration file: every error names the field path.",
+    )
     check.add_argument("path", nargs="?", help="file to check (default: --config)")
     _add_json(check)
     check.set_defaults(func=cmd_config_check)
@@ -558,60 +676,82 @@ def build_parser() -> argparse.ArgumentParser:
     kms = sub.add_parser("kms", help="key service commands")
     kms_sub = kms.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     kcheck = kms_sub.add_parser(
-        "check", help="credentials, region, key and a GenerateDataKey + Decrypt round trip",
+        "check",
+        help="credentials, region, key and a GenerateDataKey + Decrypt round trip",
         description="Show where credentials and the region come from, resolve the key ARN "
         "and prove a GenerateDataKey + Decrypt round trip with the configured context. "
-        "Writes nothing.")
+        "Writes nothing.",
+    )
     _add_json(kcheck)
     kcheck.set_defaults(func=cmd_kms_check)
 
     en = sub.add_parser(
-        "enroll", help="add a KMS-wrapped key to an existing LUKS2 device",
+        "enroll",
+        help="add a KMS-wrapped key to an existing LUKS2 device",
         description="Add a keyslot opened by a fresh 64-byte KMS data key (PBKDF2, 1000 "
         "iterations: the key has full entropy) and store the key, wrapped by KMS, in an "
         "encryptrootfs token. The wrapped key is proven to unwrap before it gets a keyslot, "
         "and the keyslot is proven to open after; on any failure the device is left as it "
-        "was. The existing key that authorises the change is read from stdin or --key-file.")
+        "was. The existing key that authorises the change is read from stdin or --key-file.",
+    )
     en.add_argument("device", help="LUKS2 device or image file")
-    en.add_argument("--key-file", metavar="PATH",
-                    help="file holding a key that opens the device today ('-' for stdin)")
+    en.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="file holding a key that opens the device today ('-' for stdin)",
+    )
     en.add_argument("--keyslot", type=int, metavar="N", help="keyslot number to use")
-    en.add_argument("--copy", action="store_true",
-                    help="instead: add a token holding the key of an existing token, wrapped "
-                    "by --key-id (in --region); it opens the same keyslots (reads no key)")
+    en.add_argument(
+        "--copy",
+        action="store_true",
+        help="instead: add a token holding the key of an existing token, wrapped "
+        "by --key-id (in --region); it opens the same keyslots (reads no key)",
+    )
     en.add_argument("--key-id", metavar="KEY", help="with --copy: the KMS key of the new copy")
-    en.add_argument("--region", metavar="REGION",
-                    help="with --copy: the new copy's region (default: from the ARN, else the "
-                    "configured one)")
-    en.add_argument("--token-id", type=int, metavar="N",
-                    help="with --copy: the token to copy (needed when there are several)")
+    en.add_argument(
+        "--region",
+        metavar="REGION",
+        help="with --copy: the new copy's region (default: from the ARN, else the configured one)",
+    )
+    en.add_argument(
+        "--token-id",
+        type=int,
+        metavar="N",
+        help="with --copy: the token to copy (needed when there are several)",
+    )
     _add_json(en)
     en.set_defaults(func=cmd_enroll)
 
     token = sub.add_parser("token", help="LUKS2 token commands")
     token_sub = token.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     show = token_sub.add_parser(
-        "show", help="list tokens and keyslots (no secrets)",
+        "show",
+        help="list tokens and keyslots (no secrets)",
         description="List the encryptrootfs tokens (provider, key, region, context, "
-        "keyslots) and the keyslots of a LUKS2 device. Foreign tokens are listed by type.")
+        "keyslots) and the keyslots of a LUKS2 device. Foreign tokens are listed by type.",
+    )
     show.add_argument("device")
     _add_json(show)
     show.set_defaults(func=cmd_token_show)
     ver = token_sub.add_parser(
-        "verify", help="unwrap each token through KMS and test its keyslot",
+        "verify",
+        help="unwrap each token through KMS and test its keyslot",
         description="Unwrap every encryptrootfs token through KMS and test that the key "
-        "opens its keyslot. Opens no device and writes nothing.")
+        "opens its keyslot. Opens no device and writes nothing.",
+    )
     ver.add_argument("device")
     _add_json(ver)
     ver.set_defaults(func=cmd_token_verify)
 
     bt = sub.add_parser(
-        "boot", help="make the root ready (run by the initramfs, before the root is mounted)",
+        "boot",
+        help="make the root ready (run by the initramfs, before the root is mounted)",
         description="Decide from what is on disk: a plain root marked for encryption is "
         "converted to LUKS2 in place (first boot); an interrupted conversion is finished; an "
         "encrypted root is unwrapped through KMS and opened as /dev/mapper/<name>. Anything "
         "unexpected stops the boot with the reason and changes nothing. Exit 0 means the "
-        "root is ready.")
+        "root is ready.",
+    )
     bt.set_defaults(func=cmd_boot)
     _add_install_parsers(sub)
     _add_operator_parsers(sub)

@@ -387,12 +387,16 @@ def _parse_prefer_regions(table: _Table) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
-        raise table.error("prefer_regions", 'must be a list of region names such as '
-                          f'["eu-west-1", "us-east-1"], not {_toml_type(value)}')
+        raise table.error(
+            "prefer_regions",
+            "must be a list of region names such as "
+            f'["eu-west-1", "us-east-1"], not {_toml_type(value)}',
+        )
     for region in value:
         if not _REGION.match(region):
-            raise table.error("prefer_regions", f"{region!r} is not an AWS region name "
-                              "(e.g. eu-west-1)")
+            raise table.error(
+                "prefer_regions", f"{region!r} is not an AWS region name (e.g. eu-west-1)"
+            )
     if len(set(value)) != len(value):
         raise table.error("prefer_regions", "names a region twice")
     return tuple(value)
@@ -455,8 +459,10 @@ def _parse_endpoints(aws_table: _Table) -> dict[str, str]:
         table.seen.add(region)
         if not _REGION.match(region):
             raise table.error(
-                region, f"{region!r} is not an AWS region name: each key of this table is a "
-                'region and its value the KMS URL for it, e.g. "eu-west-1" = "https://..."')
+                region,
+                f"{region!r} is not an AWS region name: each key of this table is a "
+                'region and its value the KMS URL for it, e.g. "eu-west-1" = "https://..."',
+            )
         if not isinstance(value, str) or not value.strip():
             what = "an empty string" if isinstance(value, str) else _toml_type(value)
             raise table.error(region, f"must be the KMS URL for {region} as a string, not {what}")
@@ -468,8 +474,10 @@ def _parse_endpoints(aws_table: _Table) -> dict[str, str]:
                 # KMS in one region neither serves another region's keys nor accepts a
                 # request signed for another region: every call through it would fail.
                 raise table.error(
-                    region, f"{url!r} is an AWS endpoint in {named[0]}, not in {region}; "
-                    f"give {region} a URL of its own region")
+                    region,
+                    f"{url!r} is an AWS endpoint in {named[0]}, not in {region}; "
+                    f"give {region} a URL of its own region",
+                )
         endpoints[region] = url
     return endpoints
 
@@ -565,10 +573,25 @@ _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _MOUNT_OPTION = re.compile(r"^[^\s,]+$")
 # Folders the system needs before the volumes' unit runs (it waits for the network): a volume
 # mounted over one of them would hide what the running system already uses.
-_SYSTEM_MOUNTS = frozenset({
-    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root", "/run",
-    "/sbin", "/sys", "/usr", "/var",
-})
+_SYSTEM_MOUNTS = frozenset(
+    {
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/sys",
+        "/usr",
+        "/var",
+    }
+)
 
 
 def _parse_volumes(top: _Table, root_mapper: str) -> tuple[VolumeConfig, ...]:
@@ -576,27 +599,33 @@ def _parse_volumes(top: _Table, root_mapper: str) -> tuple[VolumeConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(v, Mapping) for v in raw):
-        raise top.error("volumes", "must be an array of tables ([[volumes]] sections), not "
-                        f"{_toml_type(raw)}")
+        raise top.error(
+            "volumes", f"must be an array of tables ([[volumes]] sections), not {_toml_type(raw)}"
+        )
     volumes: list[VolumeConfig] = []
     for index, entry in enumerate(raw):
         volume = _parse_volume(_Table(entry, f"volumes[{index}]", top.source))
         table = _Table(entry, f"volumes[{index}]", top.source)
         for other in volumes:
             if other.name == volume.name:
-                raise table.error("name", f"{volume.name!r} is already the name of another "
-                                  "volume")
+                raise table.error("name", f"{volume.name!r} is already the name of another volume")
             if other.mapper_name == volume.mapper_name:
-                raise table.error("mapper_name", f"{volume.mapper_name!r} is already the "
-                                  f"mapper name of volume {other.name!r}")
+                raise table.error(
+                    "mapper_name",
+                    f"{volume.mapper_name!r} is already the mapper name of volume {other.name!r}",
+                )
             if _nested(other.mount, volume.mount):
                 raise table.error(
-                    "mount", f"{volume.mount} and the mount of volume {other.name!r} "
+                    "mount",
+                    f"{volume.mount} and the mount of volume {other.name!r} "
                     f"({other.mount}) are the same or one is inside the other; give each "
-                    "volume a folder of its own")
+                    "volume a folder of its own",
+                )
         if volume.mapper_name == root_mapper:
-            raise table.error("mapper_name", f"{volume.mapper_name!r} is the root's mapper name "
-                              "([root] mapper_name)")
+            raise table.error(
+                "mapper_name",
+                f"{volume.mapper_name!r} is the root's mapper name ([root] mapper_name)",
+            )
         volumes.append(volume)
     return tuple(volumes)
 
@@ -608,10 +637,13 @@ def _nested(a: str, b: str) -> bool:
 def _parse_volume(table: _Table) -> VolumeConfig:
     name = table.string("name")
     if name is None:
-        raise table.error("name", "missing: give the volume a name (e.g. \"data\")")
+        raise table.error("name", 'missing: give the volume a name (e.g. "data")')
     if not _VOLUME_NAME.match(name):
-        raise table.error("name", "must be 1-32 characters of letters, digits, '_' or '-', "
-                          f"starting with a letter or digit, not {name!r}")
+        raise table.error(
+            "name",
+            "must be 1-32 characters of letters, digits, '_' or '-', "
+            f"starting with a letter or digit, not {name!r}",
+        )
     devices = _parse_selectors(table)
 
     raid_value = table.string("raid", Raid.NONE.value) or Raid.NONE.value
@@ -623,9 +655,11 @@ def _parse_volume(table: _Table) -> VolumeConfig:
     explicit = [d for d in devices if not _is_glob(d)]
     if raid is Raid.NONE and len(devices) > 1:
         raise table.error(
-            "devices", f'raid = "none" takes one device, and {len(devices)} are listed'
+            "devices",
+            f'raid = "none" takes one device, and {len(devices)} are listed'
             + (" (explicit paths)" if len(explicit) == len(devices) else "")
-            + '; list one, or set raid = "raid0" to combine them')
+            + '; list one, or set raid = "raid0" to combine them',
+        )
 
     fs_value = table.string("filesystem", VolumeFilesystem.EXT4.value) or ""
     try:
@@ -636,30 +670,43 @@ def _parse_volume(table: _Table) -> VolumeConfig:
 
     mount = table.string("mount")
     if mount is None:
-        raise table.error("mount", "missing: the folder to mount the volume on (e.g. \"/data\")")
+        raise table.error("mount", 'missing: the folder to mount the volume on (e.g. "/data")')
     mount = _check_mount(table, mount)
 
     mapper_name = table.string("mapper_name", name) or name
     if not _MAPPER_NAME.match(mapper_name):
         raise table.error(
-            "mapper_name", "must be 1-127 characters of letters, digits, '_', '.', '+' or '-', "
-            f"starting with a letter or digit, not {mapper_name!r}")
+            "mapper_name",
+            "must be 1-127 characters of letters, digits, '_', '.', '+' or '-', "
+            f"starting with a letter or digit, not {mapper_name!r}",
+        )
 
     options = table.get("mount_options")
     if options is None:
         options = []
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-        raise table.error("mount_options", 'must be a list of strings such as ["noatime"], not '
-                          f"{_toml_type(options)}")
+        raise table.error(
+            "mount_options",
+            f'must be a list of strings such as ["noatime"], not {_toml_type(options)}',
+        )
     for option in options:
         if not _MOUNT_OPTION.match(option):
-            raise table.error("mount_options", "each option is one word without spaces or "
-                              f"commas (write [\"noatime\", \"nodev\"]), not {option!r}")
+            raise table.error(
+                "mount_options",
+                "each option is one word without spaces or "
+                f'commas (write ["noatime", "nodev"]), not {option!r}',
+            )
     optional = table.boolean("optional", False)
     table.finish()
     return VolumeConfig(
-        name=name, devices=devices, mount=mount, raid=raid, filesystem=filesystem,
-        mapper_name=mapper_name, mount_options=tuple(options), optional=optional,
+        name=name,
+        devices=devices,
+        mount=mount,
+        raid=raid,
+        filesystem=filesystem,
+        mapper_name=mapper_name,
+        mount_options=tuple(options),
+        optional=optional,
     )
 
 
@@ -670,21 +717,35 @@ def _is_glob(selector: str) -> bool:
 def _parse_selectors(table: _Table) -> tuple[str, ...]:
     value = table.get("devices")
     if value is None:
-        raise table.error("devices", "missing: list the disks, e.g. "
-                          '["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*"]')
+        raise table.error(
+            "devices",
+            "missing: list the disks, e.g. "
+            '["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*"]',
+        )
     if not isinstance(value, list) or not value:
-        raise table.error("devices", "must be a non-empty list of device paths or globs, not "
-                          + ("an empty list" if isinstance(value, list) else _toml_type(value)))
+        raise table.error(
+            "devices",
+            "must be a non-empty list of device paths or globs, not "
+            + ("an empty list" if isinstance(value, list) else _toml_type(value)),
+        )
     seen: list[str] = []
     for index, item in enumerate(value):
         where = f"devices[{index}]"
         if not isinstance(item, str):
             raise table.error(where, f"must be a string, not {_toml_type(item)}")
         parts = item.split("/")
-        if (not item.startswith("/dev/") or any(c.isspace() for c in item)
-                or ".." in parts or "." in parts or item.endswith("/")):
-            raise table.error(where, "must be an absolute path under /dev/ (globs allowed), "
-                              f"without spaces, '.' or '..', not {item!r}")
+        if (
+            not item.startswith("/dev/")
+            or any(c.isspace() for c in item)
+            or ".." in parts
+            or "." in parts
+            or item.endswith("/")
+        ):
+            raise table.error(
+                where,
+                "must be an absolute path under /dev/ (globs allowed), "
+                f"without spaces, '.' or '..', not {item!r}",
+            )
         if item in seen:
             raise table.error(where, f"{item!r} is listed twice")
         seen.append(item)
@@ -693,12 +754,22 @@ def _parse_selectors(table: _Table) -> tuple[str, ...]:
 
 def _check_mount(table: _Table, mount: str) -> str:
     parts = mount.split("/")
-    if (not mount.startswith("/") or any(c.isspace() for c in mount) or ".." in parts
-            or "." in parts or "//" in mount):
-        raise table.error("mount", "must be an absolute folder path without spaces, '.', '..' "
-                          f"or '//', not {mount!r}")
+    if (
+        not mount.startswith("/")
+        or any(c.isspace() for c in mount)
+        or ".." in parts
+        or "." in parts
+        or "//" in mount
+    ):
+        raise table.error(
+            "mount",
+            f"must be an absolute folder path without spaces, '.', '..' or '//', not {mount!r}",
+        )
     mount = mount.rstrip("/") or "/"
     if mount in _SYSTEM_MOUNTS:
-        raise table.error("mount", f"{mount} is a system folder that is in use before the "
-                          "volumes are mounted; choose a folder of its own, e.g. /data")
+        raise table.error(
+            "mount",
+            f"{mount} is a system folder that is in use before the "
+            "volumes are mounted; choose a folder of its own, e.g. /data",
+        )
     return mount

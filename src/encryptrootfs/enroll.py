@@ -74,9 +74,7 @@ def require_luks2(device: str, header: Optional[Path] = None) -> luks2.LuksHeade
 def find_tokens(header: luks2.LuksHeader) -> list[FoundToken]:
     found = []
     for token_id, raw in sorted(header.tokens.items(), key=lambda kv: int(kv[0])):
-        found.append(
-            FoundToken(int(token_id), str(raw.get("type", "?")), token_from_json(raw))
-        )
+        found.append(FoundToken(int(token_id), str(raw.get("type", "?")), token_from_json(raw)))
     return found
 
 
@@ -103,21 +101,22 @@ def enroll(
         try:
             if not same_key(unwrapped, new.plaintext):
                 raise VerifyError(
-                    "KMS returned a different key on unwrap; nothing was changed on "
-                    f"{device}.",
+                    f"KMS returned a different key on unwrap; nothing was changed on {device}.",
                     hint="check that the endpoint really is AWS KMS (providers.aws_kms."
                     "endpoints / endpoint_url)",
                 )
         finally:
             wipe(unwrapped)
-        slot = luks2.add_keyslot(device, existing_key=existing_key, new_key=new.plaintext,
-                                 keyslot=keyslot)
+        slot = luks2.add_keyslot(
+            device, existing_key=existing_key, new_key=new.plaintext, keyslot=keyslot
+        )
         token = KmsToken(keyslots=(str(slot),), wrapped=new.wrapped, created=utc_now())
         token_id = luks2.import_token(device, token_to_json(token))
         if not luks2.test_keyslot(device, new.plaintext, slot):
             raise VerifyError(f"The new keyslot {slot} of {device} does not open with the key.")
-        log.info("enrolled %s: keyslot %d, token %d, key %s", device, slot, token_id,
-                 new.wrapped.key_id)
+        log.info(
+            "enrolled %s: keyslot %d, token %d, key %s", device, slot, token_id, new.wrapped.key_id
+        )
         result = Enrolled(device, slot, token_id, new.wrapped)
         slot = token_id = None  # committed: nothing to roll back
         return result
@@ -176,15 +175,15 @@ def _verify_one(
         return result(False, exc.message)
     try:
         bad = [
-            s for s in token.keyslots
+            s
+            for s in token.keyslots
             if not luks2.test_keyslot(device, key, int(s), header=header_path)
         ]
     finally:
         wipe(key)
     if bad:
         return result(False, f"the unwrapped key does not open keyslot(s) {', '.join(bad)}")
-    return result(True, "unwrapped through KMS and opened keyslot(s) "
-                  + ", ".join(token.keyslots))
+    return result(True, "unwrapped through KMS and opened keyslot(s) " + ", ".join(token.keyslots))
 
 
 def all_ok(results: Sequence[VerifyResult]) -> bool:
@@ -268,8 +267,9 @@ def unwrap_token(device: str, found: FoundToken, provider_for: ProviderFor) -> b
     return key
 
 
-def unwrap_any(device: str, header: luks2.LuksHeader, provider_for: ProviderFor
-               ) -> tuple[bytearray, FoundToken]:
+def unwrap_any(
+    device: str, header: luks2.LuksHeader, provider_for: ProviderFor
+) -> tuple[bytearray, FoundToken]:
     """The key of the first encryptrootfs token that unwraps and opens its keyslots."""
     ours = our_tokens(header)
     if not ours:
@@ -306,7 +306,7 @@ def wrap_copy(key: bytearray, source: FoundToken, new_provider: KeyWrapper) -> W
             raise VerifyError(
                 "KMS returned a different key on unwrap of the new copy; nothing was changed.",
                 hint="check that the endpoint really is AWS KMS (providers.aws_kms."
-                    "endpoints / endpoint_url)",
+                "endpoints / endpoint_url)",
             )
     finally:
         wipe(back)
@@ -316,20 +316,26 @@ def wrap_copy(key: bytearray, source: FoundToken, new_provider: KeyWrapper) -> W
 def copy_token(source: FoundToken, wrapped: WrappedKey) -> KmsToken:
     """The token for a new wrapped copy: same keyslots and filesystem names as ``source``."""
     assert source.token is not None
-    return dataclasses.replace(source.token, wrapped=wrapped, created=utc_now(),
-                               created_by=f"encryptrootfs {__version__}")
+    return dataclasses.replace(
+        source.token, wrapped=wrapped, created=utc_now(), created_by=f"encryptrootfs {__version__}"
+    )
 
 
-def find_same_copy(header: luks2.LuksHeader, source: FoundToken, wrapped: WrappedKey
-                   ) -> Optional[FoundToken]:
+def find_same_copy(
+    header: luks2.LuksHeader, source: FoundToken, wrapped: WrappedKey
+) -> Optional[FoundToken]:
     """A token other than ``source`` already wrapped by the same key and region for the same
     keyslots (what an interrupted rewrap or copy leaves behind)."""
     assert source.token is not None
     for found in our_tokens(header):
         t = found.token
         assert t is not None
-        if (found.token_id != source.token_id and t.keyslots == source.token.keyslots
-                and t.wrapped.key_id == wrapped.key_id and t.wrapped.region == wrapped.region):
+        if (
+            found.token_id != source.token_id
+            and t.keyslots == source.token.keyslots
+            and t.wrapped.key_id == wrapped.key_id
+            and t.wrapped.region == wrapped.region
+        ):
             return found
     return None
 
@@ -373,7 +379,9 @@ def enroll_copy(
     assert source.token is not None
     same = find_same_copy(header, source, wrapped)
     if same is not None or (source.token.wrapped.key_id, source.token.wrapped.region) == (
-            wrapped.key_id, wrapped.region):
+        wrapped.key_id,
+        wrapped.region,
+    ):
         existing = same.token_id if same is not None else source.token_id
         raise RefusedError(
             f"Token {existing} of {device} already wraps this key with {wrapped.key_id} in "
@@ -385,17 +393,21 @@ def enroll_copy(
     except BaseException:
         _roll_back(device, b"", None, new_id)
         raise
-    log.info("copied token %d of %s as token %d (%s in %s)", source.token_id, device, new_id,
-             wrapped.key_id, wrapped.region)
+    log.info(
+        "copied token %d of %s as token %d (%s in %s)",
+        source.token_id,
+        device,
+        new_id,
+        wrapped.key_id,
+        wrapped.region,
+    )
     return Copied(device, source.token_id, new_id, source.token.keyslots, wrapped)
 
 
-def order_tokens(tokens: Sequence[KmsToken], preferred_regions: Sequence[str]
-                 ) -> list[KmsToken]:
+def order_tokens(tokens: Sequence[KmsToken], preferred_regions: Sequence[str]) -> list[KmsToken]:
     """``tokens`` with those in ``preferred_regions`` first, in that order; the rest keep
     their header order (a proposal for a ``[boot] prefer_regions`` setting)."""
     rank = {region: i for i, region in enumerate(preferred_regions)}
     indexed = list(enumerate(tokens))
     indexed.sort(key=lambda it: (rank.get(it[1].wrapped.region, len(rank)), it[0]))
     return [t for _, t in indexed]
-

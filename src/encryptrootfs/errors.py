@@ -67,8 +67,9 @@ class KeyServiceError(EncryptrootfsError):
 
     exit_code = ExitCode.KMS
 
-    def __init__(self, message: str, *, hint: Optional[str] = None,
-                 retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, hint: Optional[str] = None, retryable: bool = False
+    ) -> None:
         super().__init__(message, hint=hint)
         self.retryable = retryable
 

@@ -165,8 +165,9 @@ def package_modules(root: Path, name: str = PACKAGE) -> list[str]:
         rel = path.relative_to(root).with_suffix("")
         parts = list(rel.parts)
         # Folders without __init__.py are data (dracut/), not packages.
-        if any(not (root.joinpath(*parts[:i]) / "__init__.py").exists()
-               for i in range(1, len(parts))):
+        if any(
+            not (root.joinpath(*parts[:i]) / "__init__.py").exists() for i in range(1, len(parts))
+        ):
             continue
         if parts[-1] == "__main__":
             continue
@@ -200,8 +201,10 @@ def imported_names(root: Path, name: str = PACKAGE) -> tuple[list[str], list[str
     def ours(n: str) -> bool:
         return n.split(".")[0] in (name, "__future__")
 
-    return (sorted(n for n in found if not ours(n)),
-            sorted(n for n in candidates - found if not ours(n)))
+    return (
+        sorted(n for n in found if not ours(n)),
+        sorted(n for n in candidates - found if not ours(n)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,12 +344,17 @@ json.dump({
 }, sys.stdout)
 """
 
+
 def trace_modules(package_root: Path) -> list[str]:
     """The arguments of the trace: our modules (must import), what they import (may fail)."""
     ours = package_modules(package_root)
     modules, candidates = imported_names(package_root)
-    return [*ours, *(f"?{n}" for n in modules), *(f"~{n}" for n in candidates),
-            *(f"?{n}" for n in EXTRA_STDLIB)]
+    return [
+        *ours,
+        *(f"?{n}" for n in modules),
+        *(f"~{n}" for n in candidates),
+        *(f"?{n}" for n in EXTRA_STDLIB),
+    ]
 
 
 def run_trace(python: str, package_root: Path) -> Trace:
@@ -553,7 +561,7 @@ def lease_nameservers(leases: Path = NETWORKD_LEASES) -> list[str]:
             continue
         for line in text.splitlines():
             if line.startswith("DNS="):
-                servers += [s for s in line[len("DNS="):].split() if s not in servers]
+                servers += [s for s in line[len("DNS=") :].split() if s not in servers]
     return servers
 
 

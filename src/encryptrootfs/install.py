@@ -128,8 +128,7 @@ def install_config(root: Path, source: Optional[Path]) -> tuple[Change, Config]:
     if source is None:
         if not target.exists():
             raise ConfigError(
-                f"{target}: no configuration is installed and none was given; nothing was "
-                "changed.",
+                f"{target}: no configuration is installed and none was given; nothing was changed.",
                 hint="run `encryptrootfs install CONFIG.toml` (examples/config.toml is a start)",
             )
         return Change.KEPT, load_config(target)
@@ -149,8 +148,7 @@ def _require_dracut(root: Path) -> Path:
     modules_d = _in_root(root, MODULES_D)
     if not modules_d.is_dir():
         raise ToolError(
-            f"{modules_d} does not exist: dracut is not installed in {root}; nothing was "
-            "changed.",
+            f"{modules_d} does not exist: dracut is not installed in {root}; nothing was changed.",
             hint="install dracut (Debian: apt-get install dracut dracut-network) and retry",
         )
     return modules_d
@@ -218,7 +216,8 @@ def _require_volumes_unit(config: Config) -> None:
         raise EncryptrootfsError(
             f"The configuration has [[volumes]] but {volumes_unit_source()} is missing from "
             "this installation of encryptrootfs; nothing was changed.",
-            hint="reinstall encryptrootfs: its package data is incomplete")
+            hint="reinstall encryptrootfs: its package data is incomplete",
+        )
 
 
 def installed_kernels(root: Path) -> list[str]:
@@ -227,8 +226,11 @@ def installed_kernels(root: Path) -> list[str]:
     if not modules.is_dir():
         return []
     return sorted(
-        (p.name for p in modules.iterdir()
-         if p.is_dir() and ((p / "modules.dep").exists() or (p / "kernel").is_dir())),
+        (
+            p.name
+            for p in modules.iterdir()
+            if p.is_dir() and ((p / "modules.dep").exists() or (p / "kernel").is_dir())
+        ),
         key=_version_key,
     )
 
@@ -256,8 +258,11 @@ def regenerate(root: Path, kernels: Sequence[str]) -> tuple[str, ...]:
     done = []
     for kver in kernels:
         log.info("regenerating the initramfs of %s (dracut, about a minute)", kver)
-        run(dracut_argv(root, kver), hint="the module and configuration stay installed; fix "
-            "the error above and run `encryptrootfs install` again")
+        run(
+            dracut_argv(root, kver),
+            hint="the module and configuration stay installed; fix "
+            "the error above and run `encryptrootfs install` again",
+        )
         done.append(kver)
     return tuple(done)
 
@@ -284,8 +289,11 @@ def install(
     if volumes_unit_source().is_file():
         unit_change, unit_enabled = install_volumes_unit(root, config)
     else:
-        log.warning("%s is not in this installation: the data volumes' unit was not "
-                    "installed (the configuration has no [[volumes]])", volumes_unit_source())
+        log.warning(
+            "%s is not in this installation: the data volumes' unit was not "
+            "installed (the configuration has no [[volumes]])",
+            volumes_unit_source(),
+        )
     done: tuple[str, ...] = ()
     if regenerate_initramfs:
         targets = list(kernels) if kernels else installed_kernels(root)
@@ -296,8 +304,9 @@ def install(
                 hint="install a kernel; its package runs dracut, which now includes the module",
             )
         done = regenerate(root, targets)
-    return InstallResult(root, config_change, module_change, conf_change, done,
-                         unit_change, unit_enabled)
+    return InstallResult(
+        root, config_change, module_change, conf_change, done, unit_change, unit_enabled
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,20 +355,36 @@ def check_tools(root: Path) -> list[CheckItem]:
         missing = [t for t in tools if find_program(root, t.name) is None]
         required = need in (Need.LUKS, Need.PARTITION)
         if not missing:
-            items.append(CheckItem(f"tools ({need.value})", Status.OK,
-                                   ", ".join(t.name for t in tools)))
+            items.append(
+                CheckItem(f"tools ({need.value})", Status.OK, ", ".join(t.name for t in tools))
+            )
             continue
         names = ", ".join(f"{t.name} ({t.package})" for t in missing)
         if required:
-            items.append(CheckItem(f"tools ({need.value})", Status.MISSING,
-                                   f"not installed: {names}", ExitCode.TOOL))
+            items.append(
+                CheckItem(
+                    f"tools ({need.value})",
+                    Status.MISSING,
+                    f"not installed: {names}",
+                    ExitCode.TOOL,
+                )
+            )
         elif need is Need.BOOT:
-            items.append(CheckItem(f"tools ({need.value})", Status.WARNING,
-                                   f"not installed: {names}; a root whose /boot GRUB reads "
-                                   "from it is refused"))  # fmt: skip
+            items.append(
+                CheckItem(
+                    f"tools ({need.value})",
+                    Status.WARNING,
+                    f"not installed: {names}; a root whose /boot GRUB reads from it is refused",
+                )
+            )
         else:
-            items.append(CheckItem(f"tools ({need.value})", Status.WARNING,
-                                   f"not installed: {names}; {need.value} roots are refused"))
+            items.append(
+                CheckItem(
+                    f"tools ({need.value})",
+                    Status.WARNING,
+                    f"not installed: {names}; {need.value} roots are refused",
+                )
+            )
     return items
 
 
@@ -382,8 +407,7 @@ def check_python(root: Path) -> CheckItem:
         where = str(python)
     text = f"{version[0]}.{version[1]} ({where})"
     if version < MIN_PYTHON:
-        return CheckItem("python", Status.MISSING,
-                         f"{text}: 3.9 or newer is needed", ExitCode.TOOL)
+        return CheckItem("python", Status.MISSING, f"{text}: 3.9 or newer is needed", ExitCode.TOOL)
     return CheckItem("python", Status.OK, text)
 
 
@@ -401,21 +425,35 @@ def check_dracut(root: Path) -> list[CheckItem]:
     dracut = find_program(root, "dracut")
     version = dracut_version(root)
     if dracut is None or version is None:
-        return [CheckItem("dracut", Status.MISSING,
-                          "dracut is not installed (Debian: dracut dracut-network)",
-                          ExitCode.TOOL)]
+        return [
+            CheckItem(
+                "dracut",
+                Status.MISSING,
+                "dracut is not installed (Debian: dracut dracut-network)",
+                ExitCode.TOOL,
+            )
+        ]
     items = [CheckItem("dracut", Status.OK, f"{version} ({dracut})")]
     module = _in_root(root, MODULES_D) / MODULE_DIR
     conf = _in_root(root, DRACUT_CONF)
     if (module / "module-setup.sh").exists() and conf.exists():
         same = _tree_files(module) == _tree_files(module_source())
-        items.append(CheckItem(
-            "dracut module", Status.OK if same else Status.WARNING,
-            f"{MODULE_DIR} installed and enabled"
-            + ("" if same else "; differs from this version (run `encryptrootfs install`)")))
+        items.append(
+            CheckItem(
+                "dracut module",
+                Status.OK if same else Status.WARNING,
+                f"{MODULE_DIR} installed and enabled"
+                + ("" if same else "; differs from this version (run `encryptrootfs install`)"),
+            )
+        )
     else:
-        items.append(CheckItem("dracut module", Status.MISSING,
-                               "not installed or not enabled (run `encryptrootfs install`)"))
+        items.append(
+            CheckItem(
+                "dracut module",
+                Status.MISSING,
+                "not installed or not enabled (run `encryptrootfs install`)",
+            )
+        )
     return items
 
 
@@ -433,25 +471,35 @@ _ROOT_TAGS = ("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=")
 
 def check_root(root: Path, config: Optional[Config], cmdline: Optional[str]) -> CheckItem:
     if config is None:
-        return CheckItem("root", Status.MISSING, "unknown: the configuration is not valid",
-                         ExitCode.CONFIG)
+        return CheckItem(
+            "root", Status.MISSING, "unknown: the configuration is not valid", ExitCode.CONFIG
+        )
     if config.root.kind is not RootKind.CMDLINE:
         return CheckItem("root", Status.OK, f"{config.root} (from the configuration)")
     if root.resolve() != Path("/") or cmdline is None:
-        return CheckItem("root", Status.OK,
-                         "root= of the kernel command line at boot (not checked here: this "
-                         "is an image tree)")
+        return CheckItem(
+            "root",
+            Status.OK,
+            "root= of the kernel command line at boot (not checked here: this is an image tree)",
+        )
     from .boot.devices import cmdline_root
 
     spec = cmdline_root(cmdline)
     if not spec:
-        return CheckItem("root", Status.MISSING,
-                         "the kernel command line has no root= and the configuration names "
-                         "none; set [root] device", ExitCode.REFUSED)
+        return CheckItem(
+            "root",
+            Status.MISSING,
+            "the kernel command line has no root= and the configuration names "
+            "none; set [root] device",
+            ExitCode.REFUSED,
+        )
     if not spec.upper().startswith(_ROOT_TAGS):
-        return CheckItem("root", Status.WARNING,
-                         f"root={spec}: a device path may name another disk after a reboot; "
-                         "prefer root=UUID=... or [root] device = \"UUID=...\"")
+        return CheckItem(
+            "root",
+            Status.WARNING,
+            f"root={spec}: a device path may name another disk after a reboot; "
+            'prefer root=UUID=... or [root] device = "UUID=..."',
+        )
     return CheckItem("root", Status.OK, f"root={spec} (this machine's kernel command line)")
 
 
@@ -459,20 +507,26 @@ def check_network(root: Path) -> CheckItem:
     modules = _in_root(root, MODULES_D)
     networkd = _systemd_file(root, "systemd-networkd")
     dbus = find_program(root, "dbus-daemon") or find_program(root, "dbus-broker")
-    if (networkd is not None and dbus is not None
-            and (modules / "01systemd-networkd").is_dir()):
-        return CheckItem("network", Status.OK,
-                         f"systemd-networkd + {dbus.name} (dracut 01systemd-networkd)")
+    if networkd is not None and dbus is not None and (modules / "01systemd-networkd").is_dir():
+        return CheckItem(
+            "network", Status.OK, f"systemd-networkd + {dbus.name} (dracut 01systemd-networkd)"
+        )
     dhclient = find_program(root, "dhclient")
     if dhclient is not None and (modules / "35network-legacy").is_dir():
         why = "no dbus" if networkd is not None and dbus is None else "no systemd-networkd"
-        return CheckItem("network", Status.OK,
-                         f"network-legacy (dhclient; {why}: ~9 s slower per boot than "
-                         "systemd-networkd with dbus)")
-    return CheckItem("network", Status.MISSING,
-                     "no network backend for the initramfs: install dracut-network and dbus "
-                     "(systemd-networkd backend) or isc-dhcp-client (network-legacy)",
-                     ExitCode.TOOL)
+        return CheckItem(
+            "network",
+            Status.OK,
+            f"network-legacy (dhclient; {why}: ~9 s slower per boot than "
+            "systemd-networkd with dbus)",
+        )
+    return CheckItem(
+        "network",
+        Status.MISSING,
+        "no network backend for the initramfs: install dracut-network and dbus "
+        "(systemd-networkd backend) or isc-dhcp-client (network-legacy)",
+        ExitCode.TOOL,
+    )
 
 
 def check_readiness(root: Path = Path("/"), cmdline: Optional[str] = None) -> list[CheckItem]:

@@ -210,7 +210,8 @@ class LuksHeader:
         Before that, an initialised encryption can still be undone (reencrypt_abort_init).
         """
         return self.reencryption_pending and any(
-            s.type == "crypt" for s in self.segments
+            s.type == "crypt"
+            for s in self.segments
             if not any(f.startswith("backup-") for f in s.flags)
         )
 
@@ -416,9 +417,7 @@ def parse_header(metadata_json: str, dump_text: str) -> LuksHeader:
         keyslots=MappingProxyType(
             {k: _keyslot(k, _object(v, f"keyslots.{k}")) for k, v in keyslots.items()}
         ),
-        tokens=MappingProxyType(
-            {k: _frozen(_object(v, f"tokens.{k}")) for k, v in tokens.items()}
-        ),
+        tokens=MappingProxyType({k: _frozen(_object(v, f"tokens.{k}")) for k, v in tokens.items()}),
         segments=tuple(
             sorted(
                 (_segment(k, _object(v, f"segments.{k}")) for k, v in segments.items()),
@@ -634,7 +633,6 @@ def remove_token(device: PathArg, token_id: int, *, header: Optional[PathArg] = 
         raise _explain(exc, name) from None
 
 
-
 # --- a token while encryption is pending ------------------------------------------------------
 #
 # cryptsetup (2.6.1, and 2.7 alike) refuses every token change while the header carries the
@@ -667,28 +665,32 @@ def _read_copy(fd: int, offset: int, secondary: bool, where: str) -> _DiskCopy:
     which = "secondary" if secondary else "primary"
     bad = f"The {which} LUKS2 header of `{where}` "
     if len(binary) != _BIN_LEN or binary[:6] != _MAGICS[secondary]:
-        raise DeviceError(bad + "is missing; nothing was changed.",
-                          hint=f"`cryptsetup repair {where}` may restore it")
+        raise DeviceError(
+            bad + "is missing; nothing was changed.",
+            hint=f"`cryptsetup repair {where}` may restore it",
+        )
     version = int.from_bytes(binary[6:8], "big")
     hdr_size = int.from_bytes(binary[8:16], "big")
     seqid = int.from_bytes(binary[16:24], "big")
     hdr_offset = int.from_bytes(binary[256:264], "big")
     alg = binary[72:104].split(b"\0", 1)[0].decode("ascii", errors="replace")
     if version != 2 or hdr_offset != offset or not 16384 <= hdr_size <= 4 * 1024 * 1024:
-        raise DeviceError(bad + "is not a LUKS2 header this code can update; nothing was "
-                          "changed.")
+        raise DeviceError(bad + "is not a LUKS2 header this code can update; nothing was changed.")
     json_area = os.pread(fd, hdr_size - _BIN_LEN, offset + _BIN_LEN)
     try:
         digest = hashlib.new(alg)
     except ValueError:
-        raise DeviceError(bad + f"uses the checksum {alg!r}, unknown here; nothing was "
-                          "changed.") from None
+        raise DeviceError(
+            bad + f"uses the checksum {alg!r}, unknown here; nothing was changed."
+        ) from None
     digest.update(binary[: _CSUM.start] + bytes(64) + binary[_CSUM.stop :])
     digest.update(json_area)
     stored = binary[_CSUM]
     if stored != digest.digest().ljust(64, b"\0"):
-        raise DeviceError(bad + "fails its checksum; nothing was changed.",
-                          hint=f"`cryptsetup repair {where}` restores it from the other copy")
+        raise DeviceError(
+            bad + "fails its checksum; nothing was changed.",
+            hint=f"`cryptsetup repair {where}` restores it from the other copy",
+        )
     return _DiskCopy(offset, binary, json_area, seqid, hdr_size, alg)
 
 
@@ -778,6 +780,7 @@ def import_token_while_pending(
     log.info("stored token %d in the header of %s (encryption pending)", token_id, where)
     return token_id
 
+
 # --- keyslots ---------------------------------------------------------------------------------
 
 _KEYSLOT_CREATED = re.compile(r"Key slot (\d+) created")
@@ -795,9 +798,15 @@ def _add_key(
     ``/dev/fd/N`` (read whole: no newline added or stripped); returns the new keyslot."""
     with secret_fd(new_secret) as fd:
         args = [
-            "-v", "luksAddKey", "--batch-mode", *pbkdf_args,
-            "--key-file", "-", "--new-keyfile", f"/dev/fd/{fd}",
-        ]  # fmt: skip
+            "-v",
+            "luksAddKey",
+            "--batch-mode",
+            *pbkdf_args,
+            "--key-file",
+            "-",
+            "--new-keyfile",
+            f"/dev/fd/{fd}",
+        ]
         if keyslot is not None:
             # Alone, --key-slot names the new slot in every 2.x (2.6 keeps that meaning when
             # --new-key-slot is absent); --new-key-slot exists only from 2.6.
@@ -805,7 +814,9 @@ def _add_key(
         try:
             out = run(
                 [CRYPTSETUP, *args, *_header_args(header), name],
-                stdin=existing_key, env=_ENV, pass_fds=(fd,),
+                stdin=existing_key,
+                env=_ENV,
+                pass_fds=(fd,),
             ).stdout
         except CommandError as exc:
             if exc.returncode == _EXIT_NO_KEY:
@@ -870,8 +881,14 @@ def add_passphrase_keyslot(
         raise ValueError("memory_kib must be between 8 MiB and 4 GiB")
     if iter_time_ms < 1:
         raise ValueError("iter_time_ms must be positive")
-    pbkdf = ["--pbkdf", RECOVERY_PBKDF, "--pbkdf-memory", str(memory_kib),
-             "--iter-time", str(iter_time_ms)]  # fmt: skip
+    pbkdf = [
+        "--pbkdf",
+        RECOVERY_PBKDF,
+        "--pbkdf-memory",
+        str(memory_kib),
+        "--iter-time",
+        str(iter_time_ms),
+    ]
     return _add_key(_name(device), pbkdf, existing_key, passphrase, keyslot, header)
 
 
@@ -903,13 +920,13 @@ def kill_keyslot(
         # Without a key, stdin is empty: cryptsetup reads nothing and (in batch mode) proceeds.
         run(
             [CRYPTSETUP, *args, *_header_args(header), name, str(keyslot)],
-            stdin=existing_key, env=_ENV,
+            stdin=existing_key,
+            env=_ENV,
         )
     except CommandError as exc:
         if exc.returncode == _EXIT_NO_KEY:
             raise VerifyError(
-                f"The given key opens no other keyslot of `{name}`, so keyslot {keyslot} was "
-                "kept."
+                f"The given key opens no other keyslot of `{name}`, so keyslot {keyslot} was kept."
             ) from None
         raise _explain(exc, name) from None
 
@@ -1028,10 +1045,20 @@ def reencrypt_encrypt_init(
             hint="a pending encryption is resumed, not started again",
         )
     args = [
-        "reencrypt", "--encrypt", "--type", "luks2", "--init-only", "--batch-mode",
-        "--uuid", wanted,
-        "--pbkdf", PBKDF, "--pbkdf-force-iterations", str(PBKDF_ITERATIONS),
-        "--key-file", "-",
+        "reencrypt",
+        "--encrypt",
+        "--type",
+        "luks2",
+        "--init-only",
+        "--batch-mode",
+        "--uuid",
+        wanted,
+        "--pbkdf",
+        PBKDF,
+        "--pbkdf-force-iterations",
+        str(PBKDF_ITERATIONS),
+        "--key-file",
+        "-",
     ]
     if reduce_device_size is not None:
         args += ["--reduce-device-size", f"{reduce_device_size}"]
@@ -1181,13 +1208,16 @@ def reencrypt_resume(
     try:
         run_streaming(
             [CRYPTSETUP, *args, *_header_args(header), name],
-            stdin=key, env=_ENV, on_line=on_line,
+            stdin=key,
+            env=_ENV,
+            on_line=on_line,
         )
     except CommandError as exc:
         raise _explain(exc, name, changed) from None
     if read_header(device, header).reencryption_pending:
-        raise DeviceError(f"cryptsetup finished but `{name}` still has a pending encryption. "
-                          + changed)
+        raise DeviceError(
+            f"cryptsetup finished but `{name}` still has a pending encryption. " + changed
+        )
     return True
 
 
@@ -1236,7 +1266,9 @@ def resize_device(
             raise ValueError("size_bytes must be a positive multiple of 512")
         args += ["--size", str(size_bytes // 512)]
     _cryptsetup(
-        [*args, name], f"/dev/mapper/{name}", stdin=key,
+        [*args, name],
+        f"/dev/mapper/{name}",
+        stdin=key,
         changed=f"/dev/mapper/{name} keeps its size.",
     )
 
@@ -1254,4 +1286,3 @@ def close_device(name: str) -> None:
             ) from None
         raise
     log.debug("closed /dev/mapper/%s", name)
-

@@ -63,13 +63,12 @@ def normalise(typed: Union[str, bytes, bytearray]) -> bytearray:
 
     Spaces and dashes are ignored, case does not matter, o/i/l are read as 0/1/1.
     """
-    text = typed.decode("ascii", errors="replace") if isinstance(typed, (bytes, bytearray)) \
-        else typed
+    text = (
+        typed.decode("ascii", errors="replace") if isinstance(typed, (bytes, bytearray)) else typed
+    )
     chars = [_LOOKALIKES.get(c, c) for c in text.lower() if c not in " -\t\r\n"]
     if len(chars) != GROUPS * GROUP_LENGTH or any(c not in ALPHABET for c in chars):
-        raise ValueError(
-            f"a recovery key is {GROUPS} groups of {GROUP_LENGTH} letters and digits"
-        )
+        raise ValueError(f"a recovery key is {GROUPS} groups of {GROUP_LENGTH} letters and digits")
     out = bytearray()
     for i, c in enumerate(chars):
         if i and i % GROUP_LENGTH == 0:
@@ -87,8 +86,10 @@ class RecoveryAdded:
     passphrase: bytearray  # the caller prints it once and wipes it
 
     def __repr__(self) -> str:
-        return (f"RecoveryAdded(device={self.device!r}, keyslot={self.keyslot}, "
-                f"token_id={self.token_id}, memory_kib={self.memory_kib})")
+        return (
+            f"RecoveryAdded(device={self.device!r}, keyslot={self.keyslot}, "
+            f"token_id={self.token_id}, memory_kib={self.memory_kib})"
+        )
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,14 @@ def recovery_tokens(header: luks2.LuksHeader) -> list[tuple[int, tuple[int, ...]
 
 
 def recovery_token_json(keyslot: int) -> dict[str, Any]:
-    return {"type": RECOVERY_TOKEN_TYPE, "keyslots": [str(keyslot)],
-            "version": RECOVERY_TOKEN_VERSION, "format": FORMAT, "created": utc_now(),
-            "created_by": f"encryptrootfs {__version__}"}
+    return {
+        "type": RECOVERY_TOKEN_TYPE,
+        "keyslots": [str(keyslot)],
+        "version": RECOVERY_TOKEN_VERSION,
+        "format": FORMAT,
+        "created": utc_now(),
+        "created_by": f"encryptrootfs {__version__}",
+    }
 
 
 def add_recovery_key(
@@ -127,8 +133,7 @@ def add_recovery_key(
     existing = recovery_tokens(header)
     if existing:
         raise RefusedError(
-            f"{device} already has a recovery key (token {existing[0][0]}); nothing was "
-            "changed.",
+            f"{device} already has a recovery key (token {existing[0][0]}); nothing was changed.",
             hint=f"remove it first with `encryptrootfs recovery-key remove {device}`",
         )
     key, _ = unwrap_any(device, header, provider_for)
@@ -136,12 +141,20 @@ def add_recovery_key(
     slot: Optional[int] = None
     token_id: Optional[int] = None
     try:
-        slot = luks2.add_passphrase_keyslot(device, existing_key=key, passphrase=passphrase,
-                                            memory_kib=memory_kib, iter_time_ms=iter_time_ms)
+        slot = luks2.add_passphrase_keyslot(
+            device,
+            existing_key=key,
+            passphrase=passphrase,
+            memory_kib=memory_kib,
+            iter_time_ms=iter_time_ms,
+        )
         token_id = luks2.import_token(device, recovery_token_json(slot))
         written = luks2.read_header(device).keyslots.get(str(slot))
-        if written is None or written.kdf_type != luks2.RECOVERY_PBKDF or (
-                written.memory or 0) > memory_kib:
+        if (
+            written is None
+            or written.kdf_type != luks2.RECOVERY_PBKDF
+            or (written.memory or 0) > memory_kib
+        ):
             raise VerifyError(
                 f"cryptsetup wrote keyslot {slot} of {device} without Argon2id at most "
                 f"{memory_kib} KiB; it was removed again."
@@ -168,14 +181,12 @@ def _undo(device: str, key: bytearray, slot: Optional[int], token_id: Optional[i
         try:
             luks2.remove_token(device, token_id)
         except EncryptrootfsError as exc:
-            log.error("could not remove token %d of %s after a failure: %s", token_id, device,
-                      exc)
+            log.error("could not remove token %d of %s after a failure: %s", token_id, device, exc)
     if slot is not None:
         try:
             luks2.kill_keyslot(device, slot, existing_key=key)
         except EncryptrootfsError as exc:
-            log.error("could not remove keyslot %d of %s after a failure: %s", slot, device,
-                      exc)
+            log.error("could not remove keyslot %d of %s after a failure: %s", slot, device, exc)
 
 
 def remove_recovery_key(device: str, provider_for: ProviderFor) -> RecoveryRemoved:
@@ -189,12 +200,14 @@ def remove_recovery_key(device: str, provider_for: ProviderFor) -> RecoveryRemov
     found = recovery_tokens(header)
     if not found:
         raise DeviceError(
-            f"{device} has no recovery key (no {RECOVERY_TOKEN_TYPE} token); nothing was "
-            "changed.",
+            f"{device} has no recovery key (no {RECOVERY_TOKEN_TYPE} token); nothing was changed.",
         )
     kms_slots = {
-        int(s) for raw in header.tokens.values() if raw.get("type") == TOKEN_TYPE
-        for s in raw.get("keyslots", ()) if str(s).isdigit()
+        int(s)
+        for raw in header.tokens.values()
+        if raw.get("type") == TOKEN_TYPE
+        for s in raw.get("keyslots", ())
+        if str(s).isdigit()
     }
     shared = sorted(kms_slots.intersection(s for _, slots in found for s in slots))
     if shared:

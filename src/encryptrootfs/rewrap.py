@@ -128,8 +128,12 @@ class Rewrap:
         if same is not None:
             # A previous rewrap stopped after writing its token: keep that one (step 4 still
             # proves it) rather than adding a second identical copy.
-            log.info("token %d of %s already wraps the key with %s; reusing it",
-                     same.token_id, self.device, self.wrapped.key_id)
+            log.info(
+                "token %d of %s already wraps the key with %s; reusing it",
+                same.token_id,
+                self.device,
+                self.wrapped.key_id,
+            )
             self.new_token_id = same.token_id
             self.resumed = True
             return
@@ -147,16 +151,27 @@ class Rewrap:
 
     def _remove_old(self) -> None:
         luks2.remove_token(self.device, self.source.token_id)
-        log.info("removed token %d of %s (was %s)", self.source.token_id, self.device,
-                 self.source.token.wrapped.key_id if self.source.token else "?")
+        log.info(
+            "removed token %d of %s (was %s)",
+            self.source.token_id,
+            self.device,
+            self.source.token.wrapped.key_id if self.source.token else "?",
+        )
 
     def result(self) -> Rewrapped:
         assert self.wrapped is not None and self.new_token_id is not None
         assert self.source.token is not None
         old = self.source.token.wrapped
-        return Rewrapped(self.device, self.source.token_id, old.key_id, old.region,
-                         self.new_token_id, self.source.token.keyslots, self.wrapped,
-                         self.resumed)
+        return Rewrapped(
+            self.device,
+            self.source.token_id,
+            old.key_id,
+            old.region,
+            self.new_token_id,
+            self.source.token.keyslots,
+            self.wrapped,
+            self.resumed,
+        )
 
     def close(self) -> None:
         if self.key is not None:

@@ -74,12 +74,18 @@ class TokenSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "type": self.type, "kind": self.kind.value,
-            "keyslots": list(self.keyslots), "provider": self.provider, "key_id": self.key_id,
+            "id": self.id,
+            "type": self.type,
+            "kind": self.kind.value,
+            "keyslots": list(self.keyslots),
+            "provider": self.provider,
+            "key_id": self.key_id,
             "region": self.region,
-            "encryption_context": (dict(self.encryption_context)
-                                   if self.encryption_context is not None else None),
-            "created": self.created, "error": self.error,
+            "encryption_context": (
+                dict(self.encryption_context) if self.encryption_context is not None else None
+            ),
+            "created": self.created,
+            "error": self.error,
         }
 
 
@@ -93,9 +99,14 @@ class KeyslotSummary:
     token_ids: tuple[int, ...]  # the tokens that name this keyslot; () for none
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "kdf": self.kdf,
-                "iterations": self.iterations, "memory_kib": self.memory_kib,
-                "token_ids": list(self.token_ids)}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "kdf": self.kdf,
+            "iterations": self.iterations,
+            "memory_kib": self.memory_kib,
+            "token_ids": list(self.token_ids),
+        }
 
 
 @dataclass(frozen=True)
@@ -123,8 +134,10 @@ class DeviceStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "device": self.device, "state": self.state.value,
-            "luks_version": self.luks_version, "luks_uuid": self.luks_uuid,
+            "device": self.device,
+            "state": self.state.value,
+            "luks_version": self.luks_version,
+            "luks_uuid": self.luks_uuid,
             "filesystem": self.filesystem,
             "reencryption": self.reencryption.as_dict() if self.reencryption else None,
             "tokens": [t.as_dict() for t in self.tokens],
@@ -176,29 +189,50 @@ def summarise_tokens(header: luks2.LuksHeader) -> tuple[TokenSummary, ...]:
             try:
                 token = token_from_json(raw)
             except EncryptrootfsError as exc:
-                out.append(TokenSummary(int(key), token_type, TokenKind.KMS, slots,
-                                        error=exc.message))
+                out.append(
+                    TokenSummary(int(key), token_type, TokenKind.KMS, slots, error=exc.message)
+                )
                 continue
             assert token is not None
             w = token.wrapped
-            out.append(TokenSummary(
-                int(key), token_type, TokenKind.KMS, slots, provider=w.provider.value,
-                key_id=w.key_id, region=w.region,
-                encryption_context=dict(w.encryption_context), created=token.created))
+            out.append(
+                TokenSummary(
+                    int(key),
+                    token_type,
+                    TokenKind.KMS,
+                    slots,
+                    provider=w.provider.value,
+                    key_id=w.key_id,
+                    region=w.region,
+                    encryption_context=dict(w.encryption_context),
+                    created=token.created,
+                )
+            )
         elif token_type == RECOVERY_TOKEN_TYPE:
             created = raw.get("created")
-            out.append(TokenSummary(int(key), token_type, TokenKind.RECOVERY, slots,
-                                    created=created if isinstance(created, str) else None))
+            out.append(
+                TokenSummary(
+                    int(key),
+                    token_type,
+                    TokenKind.RECOVERY,
+                    slots,
+                    created=created if isinstance(created, str) else None,
+                )
+            )
         else:
             out.append(TokenSummary(int(key), token_type, TokenKind.FOREIGN, slots))
     return tuple(out)
 
 
-def summarise_keyslots(header: luks2.LuksHeader, tokens: Sequence[TokenSummary]
-                       ) -> tuple[KeyslotSummary, ...]:
+def summarise_keyslots(
+    header: luks2.LuksHeader, tokens: Sequence[TokenSummary]
+) -> tuple[KeyslotSummary, ...]:
     return tuple(
         KeyslotSummary(
-            id=slot.id, type=slot.type, kdf=slot.kdf_type, iterations=slot.iterations,
+            id=slot.id,
+            type=slot.type,
+            kdf=slot.kdf_type,
+            iterations=slot.iterations,
             memory_kib=slot.memory,
             token_ids=tuple(t.id for t in tokens if slot.id in t.keyslots),
         )
@@ -233,8 +267,12 @@ def summarise_header(
     else:
         state = VolumeState.ENCRYPTED
     return DeviceStatus(
-        device=device, state=state, luks_version=2, luks_uuid=header.uuid,
-        reencryption=reencryption, tokens=tokens,
+        device=device,
+        state=state,
+        luks_version=2,
+        luks_uuid=header.uuid,
+        reencryption=reencryption,
+        tokens=tokens,
         keyslots=summarise_keyslots(header, tokens),
         last_unlock=record if record is not None and record.luks_uuid == header.uuid else None,
     )
@@ -270,9 +308,11 @@ def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceS
             return DeviceStatus(device, VolumeState.PLAIN, filesystem=signature.type or None)
         if version != 2:
             dump = luks2.parse_dump_text(
-                run([luks2.CRYPTSETUP, "luksDump", device]).stdout.decode(errors="replace"))
-            return DeviceStatus(device, VolumeState.NOT_OURS, luks_version=version,
-                                luks_uuid=dump.uuid)
+                run([luks2.CRYPTSETUP, "luksDump", device]).stdout.decode(errors="replace")
+            )
+            return DeviceStatus(
+                device, VolumeState.NOT_OURS, luks_version=version, luks_uuid=dump.uuid
+            )
         header = luks2.read_header(device)
         return summarise_header(device, header, device_size=device_size(device), record=record)
     except EncryptrootfsError as exc:
@@ -304,8 +344,7 @@ def gather_status(devices: Iterable[str], record: Optional[UnlockRecord]) -> lis
 
 
 def status_json(statuses: Sequence[DeviceStatus]) -> dict[str, Any]:
-    return {"schema_version": STATUS_SCHEMA_VERSION,
-            "devices": [s.as_dict() for s in statuses]}
+    return {"schema_version": STATUS_SCHEMA_VERSION, "devices": [s.as_dict() for s in statuses]}
 
 
 def status_text(statuses: Sequence[DeviceStatus]) -> str:
@@ -328,8 +367,10 @@ def status_text(statuses: Sequence[DeviceStatus]) -> str:
             slots = ",".join(str(k) for k in t.keyslots) or "none"
             if t.kind is TokenKind.KMS and t.error is None:
                 created = f", created {t.created}" if t.created else ""
-                lines.append(f"  token {t.id}: {t.provider} key {t.key_id} region {t.region}, "
-                             f"keyslots {slots}{created}")
+                lines.append(
+                    f"  token {t.id}: {t.provider} key {t.key_id} region {t.region}, "
+                    f"keyslots {slots}{created}"
+                )
                 for name, value in sorted((t.encryption_context or {}).items()):
                     lines.append(f"    context {name} = {value}")
             elif t.kind is TokenKind.KMS:
@@ -339,19 +380,31 @@ def status_text(statuses: Sequence[DeviceStatus]) -> str:
             else:
                 lines.append(f"  token {t.id}: {t.type} (not ours), keyslots {slots}")
         for k in s.keyslots:
-            cost = (f"{k.iterations} iterations" if k.iterations is not None
-                    else f"{k.memory_kib} KiB" if k.memory_kib is not None else "")
-            owner = (", token " + ",".join(str(i) for i in k.token_ids)) if k.token_ids \
+            cost = (
+                f"{k.iterations} iterations"
+                if k.iterations is not None
+                else f"{k.memory_kib} KiB"
+                if k.memory_kib is not None
+                else ""
+            )
+            owner = (
+                (", token " + ",".join(str(i) for i in k.token_ids))
+                if k.token_ids
                 else ", no token"
+            )
             lines.append(f"  keyslot {k.id}: {k.type} {k.kdf or ''} {cost}".rstrip() + owner)
         u = s.last_unlock
         if u is not None and u.method is UnlockMethod.RECOVERY_KEY:
-            lines.append(f"  last unlock: {u.unlocked_at}, {u.seconds:.2f} s, recovery key "
-                         f"typed at the console, keyslot {u.keyslot}")
+            lines.append(
+                f"  last unlock: {u.unlocked_at}, {u.seconds:.2f} s, recovery key "
+                f"typed at the console, keyslot {u.keyslot}"
+            )
             lines.extend("    " + line for line in RECOVERY_UNLOCK_ADVICE)
         elif u is not None:
-            lines.append(f"  last unlock: {u.unlocked_at}, {u.seconds:.2f} s, key {u.key_id} "
-                         f"({u.region}), keyslot {u.keyslot}")
+            lines.append(
+                f"  last unlock: {u.unlocked_at}, {u.seconds:.2f} s, key {u.key_id} "
+                f"({u.region}), keyslot {u.keyslot}"
+            )
         elif s.state in (VolumeState.ENCRYPTED, VolumeState.REENCRYPTION_PENDING):
             lines.append("  last unlock: not recorded this boot")
     return "\n".join(lines) + "\n"

@@ -182,8 +182,9 @@ def read(path: Path = DEFAULT_PATH) -> Optional[UnlockRecord]:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise UnlockRecordError(f"The unlock record {path} cannot be read: {exc.strerror}.") \
-            from None
+        raise UnlockRecordError(
+            f"The unlock record {path} cannot be read: {exc.strerror}."
+        ) from None
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -201,8 +202,7 @@ def parse(obj: Any, where: str = "the unlock record") -> UnlockRecord:
         raise UnlockRecordError(f"{where}: version must be a whole number >= 1.")
     if version > RECORD_VERSION:
         raise UnlockRecordError(
-            f"{where} has version {version}; this encryptrootfs reads version "
-            f"{RECORD_VERSION}.",
+            f"{where} has version {version}; this encryptrootfs reads version {RECORD_VERSION}.",
             hint="the initramfs is newer than the installed encryptrootfs: upgrade it",
         )
 
@@ -212,13 +212,13 @@ def parse(obj: Any, where: str = "the unlock record") -> UnlockRecord:
     except ValueError:
         known = ", ".join(m.value for m in UnlockMethod)
         raise UnlockRecordError(
-            f"{where}: method must be one of {known}, not {json.dumps(raw_method)}.") from None
+            f"{where}: method must be one of {known}, not {json.dumps(raw_method)}."
+        ) from None
     if method is UnlockMethod.RECOVERY_KEY:
         # Nothing was unwrapped: a value here means the record is not what it claims to be.
         for name in KMS_FIELDS:
             if obj.get(name) is not None:
-                raise UnlockRecordError(
-                    f"{where}: {name} must be null for a recovery-key unlock.")
+                raise UnlockRecordError(f"{where}: {name} must be null for a recovery-key unlock.")
 
     def text(name: str) -> str:
         value = obj.get(name)
@@ -239,8 +239,12 @@ def parse(obj: Any, where: str = "the unlock record") -> UnlockRecord:
 
     device, luks_uuid, mapper = text("device"), text("luks_uuid"), text("mapper")
     seconds = obj.get("seconds")
-    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-            or not math.isfinite(seconds) or seconds < 0):
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds < 0
+    ):
         raise UnlockRecordError(f"{where}: seconds must be a number >= 0.")
     keyslot = whole("keyslot")
     assert keyslot is not None

@@ -201,26 +201,37 @@ def plan_members(volume: VolumeConfig, members: Sequence[MemberProbe]) -> Member
         return MembersPlan(
             MembersAction.REFUSE,
             f'raid = "none" takes one device but {len(members)} match: {listed}; name one, or '
-            'set raid = "raid0"')
+            'set raid = "raid0"',
+        )
     holders = {m.holders for m in members}
     if len(holders) == 1:
         (held,) = holders
         if len(held) == 1 and held[0].startswith("md"):
-            return MembersPlan(MembersAction.USE_ARRAY, f"array {held[0]} is running over "
-                               f"{len(members)} devices", f"/dev/{held[0]}")
+            return MembersPlan(
+                MembersAction.USE_ARRAY,
+                f"array {held[0]} is running over {len(members)} devices",
+                f"/dev/{held[0]}",
+            )
     if any(m.holders for m in members):
         return MembersPlan(MembersAction.REFUSE, f"some devices are in use: {listed}")
     if all(m.blank for m in members):
-        return MembersPlan(MembersAction.CREATE_ARRAY,
-                           f"{len(members)} blank devices: a new RAID0 array over them")
+        return MembersPlan(
+            MembersAction.CREATE_ARRAY, f"{len(members)} blank devices: a new RAID0 array over them"
+        )
     uuids = {m.raid_uuid for m in members}
-    if all(m.signature == "linux_raid_member" for m in members) and len(uuids) == 1 \
-            and None not in uuids:
-        return MembersPlan(MembersAction.ASSEMBLE_ARRAY,
-                           f"{len(members)} members of array {uuids.pop()}: assemble it")
+    if (
+        all(m.signature == "linux_raid_member" for m in members)
+        and len(uuids) == 1
+        and None not in uuids
+    ):
+        return MembersPlan(
+            MembersAction.ASSEMBLE_ARRAY,
+            f"{len(members)} members of array {uuids.pop()}: assemble it",
+        )
     return MembersPlan(
         MembersAction.REFUSE,
-        "the devices are neither all blank nor all members of one array: " + listed)
+        "the devices are neither all blank nor all members of one array: " + listed,
+    )
 
 
 def plan_target(volume: VolumeConfig, target: TargetProbe) -> TargetPlan:
@@ -230,13 +241,15 @@ def plan_target(volume: VolumeConfig, target: TargetProbe) -> TargetPlan:
         return TargetPlan(TargetAction.REFUSE, f"{target.path}: {target.error}")
     if target.open_as is not None:
         if target.open_as != volume.mapper_name:
-            return TargetPlan(TargetAction.REFUSE, f"{d} is open under another name than "
-                              f"{volume.mapper_name}")
+            return TargetPlan(
+                TargetAction.REFUSE, f"{d} is open under another name than {volume.mapper_name}"
+            )
         if target.subsystem == FORMATTING_SUBSYSTEM:
             return TargetPlan(
                 TargetAction.REFUSE,
                 f"{d}: a format of it stopped before its filesystem was made while it stayed "
-                f"open; close it (`cryptsetup close {volume.mapper_name}`) and run again")
+                f"open; close it (`cryptsetup close {volume.mapper_name}`) and run again",
+            )
         if target.our_tokens:
             return TargetPlan(TargetAction.ALREADY_OPEN, f"{d}")
         return TargetPlan(TargetAction.REFUSE, f"{d} is open but has no encryptrootfs token")
@@ -247,8 +260,11 @@ def plan_target(volume: VolumeConfig, target: TargetProbe) -> TargetPlan:
             return TargetPlan(TargetAction.FORMAT, f"{d}: blank")
         return TargetPlan(TargetAction.REFUSE, f"{d} holds a signature ({target.signature})")
     if target.luks_version == 2 and target.subsystem == FORMATTING_SUBSYSTEM:
-        return TargetPlan(TargetAction.FORMAT, f"{d}: our format of it stopped before its "
-                          "filesystem was made (it never held data): formatting it again")
+        return TargetPlan(
+            TargetAction.FORMAT,
+            f"{d}: our format of it stopped before its "
+            "filesystem was made (it never held data): formatting it again",
+        )
     if target.luks_version != 2 or not target.our_tokens:
         extra = f" ({'; '.join(target.damaged_tokens)})" if target.damaged_tokens else ""
         return TargetPlan(TargetAction.REFUSE, f"{d} is not ours{extra}")
@@ -272,8 +288,9 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             device = os.makedev(int(major), int(minor))
         except ValueError:
             continue
-        entries.append(MountEntry(_unescape(fields[4]), device, _unescape(fields[sep + 2]),
-                                  fields[sep + 1]))
+        entries.append(
+            MountEntry(_unescape(fields[4]), device, _unescape(fields[sep + 2]), fields[sep + 1])
+        )
     return entries
 
 
@@ -281,9 +298,9 @@ def _unescape(text: str) -> str:
     # mountinfo writes space, tab, newline and backslash as \040 \011 \012 \134.
     out, i = [], 0
     while i < len(text):
-        code = text[i + 1:i + 4]
+        code = text[i + 1 : i + 4]
         if text[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(text[i + 1:i + 4], 8)))
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(text[i])
@@ -291,8 +308,7 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
-def mounted_here(mounts: Sequence[MountEntry], mount_point: str, device: int
-                 ) -> Optional[bool]:
+def mounted_here(mounts: Sequence[MountEntry], mount_point: str, device: int) -> Optional[bool]:
     """True: ``device`` is mounted on ``mount_point`` (the last mount there wins); False:
     something else is; None: nothing is."""
     here = [m for m in mounts if m.mount_point == mount_point]
@@ -320,13 +336,15 @@ def find_devices(volume: VolumeConfig) -> list[str]:
             raise DeviceError(
                 f"Volume {volume.name}: {selector} does not exist; nothing was changed.",
                 hint="check the device path, or use a glob with optional = true for disks "
-                "that only some instance types have")
+                "that only some instance types have",
+            )
         for match in matches:
             real = os.path.realpath(match)
             mode = os.stat(real).st_mode
             if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
-                raise DeviceError(f"Volume {volume.name}: {match} is not a block device; "
-                                  "nothing was changed.")
+                raise DeviceError(
+                    f"Volume {volume.name}: {match} is not a block device; nothing was changed."
+                )
             if real not in found:
                 found.append(real)
     return found
@@ -361,9 +379,11 @@ def probe_member(path: str) -> MemberProbe:
 
     sig, tags = probe_signature(path)
     return MemberProbe(
-        path=path, signature=_signature(tags, sig.type),
+        path=path,
+        signature=_signature(tags, sig.type),
         raid_uuid=tags.get("UUID") if sig.type == "linux_raid_member" else None,
-        holders=holders(path))
+        holders=holders(path),
+    )
 
 
 def probe_target(path: str) -> TargetProbe:
@@ -372,8 +392,12 @@ def probe_target(path: str) -> TargetProbe:
     sig, tags = probe_signature(path)
     held = holders(path)
     names = [n for n in (dm_name(h) for h in held) if n is not None]
-    base = TargetProbe(path=path, signature=_signature(tags, sig.type), holders=held,
-                       open_as=names[0] if len(names) == 1 and len(held) == 1 else None)
+    base = TargetProbe(
+        path=path,
+        signature=_signature(tags, sig.type),
+        holders=held,
+        open_as=names[0] if len(names) == 1 and len(held) == 1 else None,
+    )
     if sig.type != "crypto_LUKS":
         return base
     version = int(sig.version) if sig.version.isdigit() else None
@@ -392,9 +416,14 @@ def probe_target(path: str) -> TargetProbe:
         except TokenError as exc:
             damaged.append(f"token {token_id}: {exc.message}")
     return dataclasses.replace(
-        base, luks_version=2, luks_uuid=header.uuid, subsystem=header.subsystem,
-        our_tokens=ours, damaged_tokens=tuple(damaged),
-        reencryption_pending=header.reencryption_pending)
+        base,
+        luks_version=2,
+        luks_uuid=header.uuid,
+        subsystem=header.subsystem,
+        our_tokens=ours,
+        damaged_tokens=tuple(damaged),
+        reencryption_pending=header.reencryption_pending,
+    )
 
 
 def read_mounts(path: Path = MOUNTINFO) -> list[MountEntry]:
@@ -428,16 +457,28 @@ def settle() -> None:
 
 def create_array(volume: VolumeConfig, members: Sequence[str]) -> None:
     log.info("volume %s: creating a RAID0 array over %s", volume.name, ", ".join(members))
-    run(["mdadm", "--create", f"/dev/md/{volume.name}", "--run", "--level=0",
-         f"--raid-devices={len(members)}", "--metadata=1.2", f"--name={volume.name}",
-         *members],
-        hint="nothing was stored on the devices; fix the cause and run it again")
+    run(
+        [
+            "mdadm",
+            "--create",
+            f"/dev/md/{volume.name}",
+            "--run",
+            "--level=0",
+            f"--raid-devices={len(members)}",
+            "--metadata=1.2",
+            f"--name={volume.name}",
+            *members,
+        ],
+        hint="nothing was stored on the devices; fix the cause and run it again",
+    )
 
 
 def assemble_array(volume: VolumeConfig, members: Sequence[str]) -> None:
     log.info("volume %s: assembling its RAID0 array from %s", volume.name, ", ".join(members))
-    run(["mdadm", "--assemble", "--run", f"/dev/md/{volume.name}", *members],
-        hint="the devices were not changed; `mdadm --examine DEVICE` shows their superblocks")
+    run(
+        ["mdadm", "--assemble", "--run", f"/dev/md/{volume.name}", *members],
+        hint="the devices were not changed; `mdadm --examine DEVICE` shows their superblocks",
+    )
 
 
 def array_of(volume: VolumeConfig, members: Sequence[str]) -> str:
@@ -450,7 +491,8 @@ def array_of(volume: VolumeConfig, members: Sequence[str]) -> str:
     raise DeviceError(
         f"Volume {volume.name}: mdadm finished but no single array holds "
         f"{', '.join(members)}; nothing was formatted.",
-        hint="`cat /proc/mdstat` shows the arrays")
+        hint="`cat /proc/mdstat` shows the arrays",
+    )
 
 
 def luks_format(device: str, key: bytearray, *, uuid: str, label: str) -> int:
@@ -459,23 +501,46 @@ def luks_format(device: str, key: bytearray, *, uuid: str, label: str) -> int:
 
     ``uuid`` is chosen beforehand: the wrapped key's encryption context binds to it.
     """
-    run([luks2.CRYPTSETUP, "luksFormat", "--batch-mode", "--type", "luks2",
-         "--pbkdf", luks2.PBKDF, "--pbkdf-force-iterations", str(luks2.PBKDF_ITERATIONS),
-         "--uuid", uuid, "--label", label, "--subsystem", FORMATTING_SUBSYSTEM,
-         "--key-file", "-", device],
-        stdin=key, env={"LC_ALL": "C", "LANG": "C"},
-        hint="the device held no data (it was blank); run it again")
+    run(
+        [
+            luks2.CRYPTSETUP,
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            luks2.PBKDF,
+            "--pbkdf-force-iterations",
+            str(luks2.PBKDF_ITERATIONS),
+            "--uuid",
+            uuid,
+            "--label",
+            label,
+            "--subsystem",
+            FORMATTING_SUBSYSTEM,
+            "--key-file",
+            "-",
+            device,
+        ],
+        stdin=key,
+        env={"LC_ALL": "C", "LANG": "C"},
+        hint="the device held no data (it was blank); run it again",
+    )
     header = luks2.read_header(device)
     if header.uuid != uuid or header.subsystem != FORMATTING_SUBSYSTEM or not header.key_keyslots:
-        raise VerifyError(f"cryptsetup wrote a LUKS2 header on {device} that is not the one "
-                          "asked for; nothing is stored on it.")
+        raise VerifyError(
+            f"cryptsetup wrote a LUKS2 header on {device} that is not the one "
+            "asked for; nothing is stored on it."
+        )
     return header.key_keyslots[0].id
 
 
 def mark(device: str, label: str, subsystem: str) -> None:
     # `cryptsetup config` clears the label when only --subsystem is given: pass both.
-    run([luks2.CRYPTSETUP, "config", "--label", label, "--subsystem", subsystem, device],
-        env={"LC_ALL": "C", "LANG": "C"})
+    run(
+        [luks2.CRYPTSETUP, "config", "--label", label, "--subsystem", subsystem, device],
+        env={"LC_ALL": "C", "LANG": "C"},
+    )
 
 
 def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> bytearray:
@@ -490,22 +555,33 @@ def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> b
         back = provider.unwrap(new.wrapped)
         try:
             if not hmac.compare_digest(bytes(back), bytes(new.plaintext)):
-                raise VerifyError("KMS returned a different key on unwrap; nothing was written "
-                                  f"to {device}.",
-                                  hint="check that the endpoint really is AWS KMS "
-                                  "(providers.aws_kms.endpoints / endpoint_url)")
+                raise VerifyError(
+                    f"KMS returned a different key on unwrap; nothing was written to {device}.",
+                    hint="check that the endpoint really is AWS KMS "
+                    "(providers.aws_kms.endpoints / endpoint_url)",
+                )
         finally:
             wipe(back)
         log.info("volume %s: formatting %s as LUKS2 %s", volume.name, device, luks_uuid)
         slot = luks_format(device, new.plaintext, uuid=luks_uuid, label=volume.name)
-        token = KmsToken(keyslots=(str(slot),), wrapped=new.wrapped, created=utc_now(),
-                         created_by=f"encryptrootfs {__version__}")
+        token = KmsToken(
+            keyslots=(str(slot),),
+            wrapped=new.wrapped,
+            created=utc_now(),
+            created_by=f"encryptrootfs {__version__}",
+        )
         token_id = luks2.import_token(device, token_to_json(token))
         if not luks2.test_keyslot(device, new.plaintext, slot):
-            raise VerifyError(f"The new keyslot {slot} of {device} does not open with its key; "
-                              "the next run formats it again (it holds no data).")
-        log.info("volume %s: token %d holds the key wrapped by %s", volume.name, token_id,
-                 new.wrapped.key_id)
+            raise VerifyError(
+                f"The new keyslot {slot} of {device} does not open with its key; "
+                "the next run formats it again (it holds no data)."
+            )
+        log.info(
+            "volume %s: token %d holds the key wrapped by %s",
+            volume.name,
+            token_id,
+            new.wrapped.key_id,
+        )
         return bytearray(new.plaintext)
     finally:
         new.wipe()
@@ -532,8 +608,13 @@ def unwrap_key(
             try:
                 return provider_for_token(config, token.wrapped).unwrap(token.wrapped), token
             except KeyServiceError as exc:
-                log.warning("%s: unwrap with %s (%s) failed: %s", device,
-                            token.wrapped.key_id, token.wrapped.region, exc.message)
+                log.warning(
+                    "%s: unwrap with %s (%s) failed: %s",
+                    device,
+                    token.wrapped.key_id,
+                    token.wrapped.region,
+                    exc.message,
+                )
                 last = exc
                 if not exc.retryable:
                     alive.remove(token)
@@ -541,13 +622,14 @@ def unwrap_key(
         if not alive or clock() + delay > deadline:
             raise KeyServiceError(
                 f"Could not unwrap the key of {device}: {last.message} The volume stays locked "
-                "and nothing on it was changed.", hint=last.hint)
+                "and nothing on it was changed.",
+                hint=last.hint,
+            )
         sleep(delay)
         delay = min(delay * 2, 15.0)
 
 
-def open_volume(device: str, volume: VolumeConfig, key: bytearray, keyslot: Optional[int]
-                ) -> str:
+def open_volume(device: str, volume: VolumeConfig, key: bytearray, keyslot: Optional[int]) -> str:
     mapper = luks2.open_device(device, volume.mapper_name, key, keyslot=keyslot)
     log.info("volume %s: %s opened as %s", volume.name, device, mapper)
     return mapper
@@ -557,14 +639,20 @@ def _close_quietly(volume: VolumeConfig) -> None:
     try:
         luks2.close_device(volume.mapper_name)
     except EncryptrootfsError as exc:
-        log.error("volume %s: could not close /dev/mapper/%s: %s", volume.name,
-                  volume.mapper_name, exc.message)
+        log.error(
+            "volume %s: could not close /dev/mapper/%s: %s",
+            volume.name,
+            volume.mapper_name,
+            exc.message,
+        )
 
 
 def make_filesystem(mapper: str, volume: VolumeConfig) -> None:
     log.info("volume %s: making %s on %s", volume.name, volume.filesystem.value, mapper)
-    run([*MKFS[volume.filesystem], mapper],
-        hint="the volume holds no data yet; the next run formats it again")
+    run(
+        [*MKFS[volume.filesystem], mapper],
+        hint="the volume holds no data yet; the next run formats it again",
+    )
 
 
 def filesystem_of(device: str) -> str:
@@ -584,13 +672,15 @@ def mount_volume(mapper: str, volume: VolumeConfig, mounts: Sequence[MountEntry]
         raise RefusedError(
             f"Volume {volume.name}: something else is mounted on {volume.mount}; "
             f"{mapper} was left open and not mounted.",
-            hint=f"unmount it, or choose another mount for volume {volume.name}")
+            hint=f"unmount it, or choose another mount for volume {volume.name}",
+        )
     found = filesystem_of(mapper)
     if found != volume.filesystem.value:
         raise RefusedError(
             f"Volume {volume.name}: {mapper} holds {found or 'no filesystem'}, not the "
             f"configured {volume.filesystem.value}; it was left open and not mounted.",
-            hint="a volume keeps the filesystem it was formatted with; fix `filesystem`")
+            hint="a volume keeps the filesystem it was formatted with; fix `filesystem`",
+        )
     os.makedirs(volume.mount, mode=0o755, exist_ok=True)
     argv = ["mount", "-t", volume.filesystem.value]
     if volume.mount_options:
@@ -613,15 +703,22 @@ class VolumeResult:
     steps: tuple[str, ...] = ()  # the stages that changed something, in order
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "action": self.action, "target": self.target,
-                "mapper": self.mapper, "mount": self.mount, "steps": list(self.steps)}
+        return {
+            "name": self.name,
+            "action": self.action,
+            "target": self.target,
+            "mapper": self.mapper,
+            "mount": self.mount,
+            "steps": list(self.steps),
+        }
 
 
 def _refuse(volume: VolumeConfig, reason: str) -> RefusedError:
     return RefusedError(
         f"Volume {volume.name}: {reason}. Nothing on the device(s) was changed.",
         hint="encryptrootfs formats only blank devices and unlocks only its own; wipe a "
-        "device you mean to reuse (wipefs -a DEVICE) or change `devices`")
+        "device you mean to reuse (wipefs -a DEVICE) or change `devices`",
+    )
 
 
 def volume_up(
@@ -642,9 +739,11 @@ def volume_up(
         raise _refuse(volume, member_plan.reason)
     if member_plan.action in (MembersAction.CREATE_ARRAY, MembersAction.ASSEMBLE_ARRAY):
         if which("mdadm") is None:
-            raise ToolError(f"Volume {volume.name} needs mdadm for its RAID0 array and it is "
-                            "not installed; nothing was changed.",
-                            hint="install mdadm (Debian and RHEL: package mdadm)")
+            raise ToolError(
+                f"Volume {volume.name} needs mdadm for its RAID0 array and it is "
+                "not installed; nothing was changed.",
+                hint="install mdadm (Debian and RHEL: package mdadm)",
+            )
         if member_plan.action is MembersAction.CREATE_ARRAY:
             create_array(volume, members)
         else:
@@ -665,9 +764,11 @@ def volume_up(
     if target_plan.action is TargetAction.FORMAT:
         mkfs = MKFS[volume.filesystem][0]
         if which(mkfs) is None:
-            raise ToolError(f"Volume {volume.name} is formatted with {mkfs}, which is not "
-                            "installed; nothing was written to it.",
-                            hint="install e2fsprogs (ext4) or xfsprogs (xfs)")
+            raise ToolError(
+                f"Volume {volume.name} is formatted with {mkfs}, which is not "
+                "installed; nothing was written to it.",
+                hint="install e2fsprogs (ext4) or xfsprogs (xfs)",
+            )
         key = format_volume(target, volume, provider_factory(config))
         try:
             steps.append("format")
@@ -734,25 +835,46 @@ class VolumeView:
     def as_dict(self) -> dict[str, Any]:
         v = self.volume
         return {
-            "name": v.name, "raid": v.raid.value, "filesystem": v.filesystem.value,
-            "mount": v.mount, "mapper_name": v.mapper_name, "selectors": list(v.devices),
-            "mount_options": list(v.mount_options), "optional": v.optional,
-            "members": [{"device": m.path, "signature": m.signature or None,
-                         "raid_uuid": m.raid_uuid, "holders": list(m.holders)}
-                        for m in self.members],
-            "members_plan": ({"action": self.members_plan.action.value,
-                              "reason": self.members_plan.reason}
-                             if self.members_plan else None),
-            "target": ({"device": self.target.path, "signature": self.target.signature or None,
-                        "luks_version": self.target.luks_version,
-                        "luks_uuid": self.target.luks_uuid,
-                        "subsystem": self.target.subsystem,
-                        "encryptrootfs_tokens": self.target.our_tokens,
-                        "open_as": self.target.open_as}
-                       if self.target else None),
-            "target_plan": ({"action": self.target_plan.action.value,
-                             "reason": self.target_plan.reason}
-                            if self.target_plan else None),
+            "name": v.name,
+            "raid": v.raid.value,
+            "filesystem": v.filesystem.value,
+            "mount": v.mount,
+            "mapper_name": v.mapper_name,
+            "selectors": list(v.devices),
+            "mount_options": list(v.mount_options),
+            "optional": v.optional,
+            "members": [
+                {
+                    "device": m.path,
+                    "signature": m.signature or None,
+                    "raid_uuid": m.raid_uuid,
+                    "holders": list(m.holders),
+                }
+                for m in self.members
+            ],
+            "members_plan": (
+                {"action": self.members_plan.action.value, "reason": self.members_plan.reason}
+                if self.members_plan
+                else None
+            ),
+            "target": (
+                {
+                    "device": self.target.path,
+                    "signature": self.target.signature or None,
+                    "luks_version": self.target.luks_version,
+                    "luks_uuid": self.target.luks_uuid,
+                    "subsystem": self.target.subsystem,
+                    "encryptrootfs_tokens": self.target.our_tokens,
+                    "open_as": self.target.open_as,
+                }
+                if self.target
+                else None
+            ),
+            "target_plan": (
+                {"action": self.target_plan.action.value, "reason": self.target_plan.reason}
+                if self.target_plan
+                else None
+            ),
             "mounted": self.mounted,
             "error": self.error,
         }
@@ -787,15 +909,16 @@ def views_text(views: Sequence[VolumeView]) -> str:
     lines = []
     for view in views:
         v = view.volume
-        lines.append(f"{v.name}: {v.filesystem.value} on {v.mount}, raid {v.raid.value}, "
-                     f"/dev/mapper/{v.mapper_name}" + (" (mounted)" if view.mounted else ""))
+        lines.append(
+            f"{v.name}: {v.filesystem.value} on {v.mount}, raid {v.raid.value}, "
+            f"/dev/mapper/{v.mapper_name}" + (" (mounted)" if view.mounted else "")
+        )
         if view.error:
             lines.append(f"  error: {view.error}")
         for m in view.members:
             lines.append(f"  member {m.describe()}")
         if view.members_plan is not None:
-            lines.append(f"  devices: {view.members_plan.action.value}: "
-                         f"{view.members_plan.reason}")
+            lines.append(f"  devices: {view.members_plan.action.value}: {view.members_plan.reason}")
         if view.target_plan is not None:
             lines.append(f"  volume: {view.target_plan.action.value}: {view.target_plan.reason}")
     return "\n".join(lines) + "\n"
@@ -809,7 +932,7 @@ def exit_failed(failed: Sequence[tuple[str, EncryptrootfsError]]) -> Optional[En
         return failed[0][1]
     first = failed[0][1]
     names = ", ".join(name for name, _ in failed)
-    error = type(first)(f"{len(failed)} volumes failed ({names}); the first: {first.message}",
-                        hint=first.hint)
+    error = type(first)(
+        f"{len(failed)} volumes failed ({names}); the first: {first.message}", hint=first.hint
+    )
     return error
-

@@ -76,9 +76,23 @@ GRUB_PREFIX = "/boot/grub"
 # filesystem the lab makes, the search by UUID, the normal mode and what grub.cfg uses. The
 # images are monolithic, so /boot/grub needs no module folder.
 GRUB_MODULES = (
-    "part_msdos", "part_gpt", "ext2", "xfs", "btrfs", "search", "search_fs_uuid", "normal",
-    "configfile", "linux", "echo", "test", "smbios", "regexp", "serial", "terminal",
-)  # fmt: skip
+    "part_msdos",
+    "part_gpt",
+    "ext2",
+    "xfs",
+    "btrfs",
+    "search",
+    "search_fs_uuid",
+    "normal",
+    "configfile",
+    "linux",
+    "echo",
+    "test",
+    "smbios",
+    "regexp",
+    "serial",
+    "terminal",
+)
 PLATFORM = {Firmware.BIOS: "i386-pc", Firmware.UEFI: "x86_64-efi"}
 PLATFORM_MODULES = {Firmware.BIOS: ("biosdisk",), Firmware.UEFI: ("fat",)}
 
@@ -115,16 +129,26 @@ class BootDiskLayout:
 
     @property
     def name(self) -> str:
-        parts = [self.firmware.value, self.fs.value, self.table.value, f"root{self.root_mib}M",
-                 f"free{self.free_after_mib}M"]  # fmt: skip
+        parts = [
+            self.firmware.value,
+            self.fs.value,
+            self.table.value,
+            f"root{self.root_mib}M",
+            f"free{self.free_after_mib}M",
+        ]
         if self.firmware is Firmware.UEFI:
             parts.append(f"esp{self.esp_mib}M")
         return "-".join(parts)
 
     def disk_layout(self) -> DiskLayout:
         """The same disk in layout.py's terms (what :class:`Disk` and fsck scripts read)."""
-        return DiskLayout(fs=self.fs, table=self.table, root_mib=self.root_mib,
-                          free_after_mib=self.free_after_mib, content=Content.ROOTFS)  # fmt: skip
+        return DiskLayout(
+            fs=self.fs,
+            table=self.table,
+            root_mib=self.root_mib,
+            free_after_mib=self.free_after_mib,
+            content=Content.ROOTFS,
+        )
 
 
 @dataclass(frozen=True)
@@ -151,8 +175,14 @@ def plan_boot_disk(layout: BootDiskLayout) -> BootPlan:
     return BootPlan(size, esp_offset, esp_bytes, offset, root_bytes)
 
 
-def sfdisk_script(layout: BootDiskLayout, plan: BootPlan, device: str, disk_id: uuid.UUID,
-                  root_guid: uuid.UUID, esp_guid: uuid.UUID) -> str:  # fmt: skip
+def sfdisk_script(
+    layout: BootDiskLayout,
+    plan: BootPlan,
+    device: str,
+    disk_id: uuid.UUID,
+    root_guid: uuid.UUID,
+    esp_guid: uuid.UUID,
+) -> str:
     """The sfdisk input for ``device`` (the image file's path: it prefixes partition names)."""
     if layout.table is PartitionTable.MSDOS:
         return (
@@ -177,8 +207,10 @@ def esp_volume_id(key: str) -> str:
 
 def _serial_terminal() -> str:
     # GRUB's own messages ("error: no such device ...") on the lab's console log.
-    return "serial --unit=0 --speed=115200\nterminal_input serial console\n" \
-           "terminal_output serial console\n"  # fmt: skip
+    return (
+        "serial --unit=0 --speed=115200\nterminal_input serial console\n"
+        "terminal_output serial console\n"
+    )
 
 
 def find_root_cfg(root_uuid: str) -> str:
@@ -282,11 +314,18 @@ def _layout_dict(layout: BootDiskLayout) -> dict[str, Union[str, int]]:
 def _key(layout: BootDiskLayout, image: Image, version: str) -> str:
     builder = "host" if layout.fs is Filesystem.EXT4 else f"guest-{base_key()}"
     here = Path(__file__).parent
-    return digest([
-        "bootdisk", _layout_dict(layout), image.key, builder, version,
-        kernel_cmdline("UUID"), (here / "bootloader.py").read_text(),
-        (here / "layout.py").read_text(),
-    ])  # fmt: skip
+    return digest(
+        [
+            "bootdisk",
+            _layout_dict(layout),
+            image.key,
+            builder,
+            version,
+            kernel_cmdline("UUID"),
+            (here / "bootloader.py").read_text(),
+            (here / "layout.py").read_text(),
+        ]
+    )
 
 
 def _uuid(key: str, what: str) -> uuid.UUID:
@@ -303,8 +342,9 @@ def _fstab(layout: BootDiskLayout, root_uuid: str, esp_uuid: Optional[str]) -> s
     return "\n".join(lines) + "\n"
 
 
-def _stage(layout: BootDiskLayout, image: Image, work: Path, root_uuid: str,
-           esp_uuid: Optional[str]) -> Path:  # fmt: skip
+def _stage(
+    layout: BootDiskLayout, image: Image, work: Path, root_uuid: str, esp_uuid: Optional[str]
+) -> Path:
     """A hard-link copy of the image's rootfs with fstab, the initramfs and grub.cfg in /boot."""
     staging = work / "staging"
     run(["cp", "-al", image.rootfs, staging])
@@ -313,8 +353,9 @@ def _stage(layout: BootDiskLayout, image: Image, work: Path, root_uuid: str,
     fstab.write_text(_fstab(layout, root_uuid, esp_uuid))
     boot = staging / "boot"
     if not (boot / f"vmlinuz-{image.kver}").exists():
-        raise LabError(f"The image {image.key} has no /boot/vmlinuz-{image.kver}; no bootable "
-                       "disk was built.")  # fmt: skip
+        raise LabError(
+            f"The image {image.key} has no /boot/vmlinuz-{image.kver}; no bootable disk was built."
+        )
     initrd = boot / f"initrd.img-{image.kver}"
     initrd.unlink(missing_ok=True)
     os.link(image.initrd, initrd)
@@ -330,8 +371,14 @@ def _stage(layout: BootDiskLayout, image: Image, work: Path, root_uuid: str,
 def _grub_image(firmware: Firmware, work: Path, early: Optional[str], prefix: str) -> Path:
     out = work / ("core.img" if firmware is Firmware.BIOS else "BOOTX64.EFI")
     argv: list[Union[str, Path]] = [
-        "grub-mkimage", "-O", PLATFORM[firmware], "-o", out, "-p", prefix,
-    ]  # fmt: skip
+        "grub-mkimage",
+        "-O",
+        PLATFORM[firmware],
+        "-o",
+        out,
+        "-p",
+        prefix,
+    ]
     if early is not None:
         (work / "early.cfg").write_text(early)
         argv += ["-c", work / "early.cfg"]
@@ -340,12 +387,15 @@ def _grub_image(firmware: Firmware, work: Path, early: Optional[str], prefix: st
 
 
 def _install_bios(disk: Path, work: Path, plan: BootPlan, root_uuid: str) -> None:
-    core = _grub_image(Firmware.BIOS, work, _serial_terminal() + find_root_cfg(root_uuid),
-                       GRUB_PREFIX)  # fmt: skip
+    core = _grub_image(
+        Firmware.BIOS, work, _serial_terminal() + find_root_cfg(root_uuid), GRUB_PREFIX
+    )
     core_bytes = core.read_bytes()
     if not core_image_fits(len(core_bytes), plan.root_offset):
-        raise LabError(f"GRUB's core image ({len(core_bytes)} bytes) does not fit before the "
-                       "first partition; no disk was built.")  # fmt: skip
+        raise LabError(
+            f"GRUB's core image ({len(core_bytes)} bytes) does not fit before the "
+            "first partition; no disk was built."
+        )
     boot_img = (GRUB_LIB / PLATFORM[Firmware.BIOS] / "boot.img").read_bytes()
     with open(disk, "r+b") as raw:
         mbr = raw.read(SECTOR)
@@ -380,21 +430,32 @@ def _load(folder: Path, *, cached: bool) -> BootDisk:
     info = json.loads((folder / "bootdisk.json").read_text())
     lay = info["layout"]
     layout = BootDiskLayout(
-        firmware=Firmware(lay["firmware"]), fs=Filesystem(lay["fs"]), root_mib=lay["root_mib"],
-        free_after_mib=lay["free_after_mib"], esp_mib=lay["esp_mib"],
-    )  # fmt: skip
+        firmware=Firmware(lay["firmware"]),
+        fs=Filesystem(lay["fs"]),
+        root_mib=lay["root_mib"],
+        free_after_mib=lay["free_after_mib"],
+        esp_mib=lay["esp_mib"],
+    )
     disk = Disk(
-        layout=layout.disk_layout(), key=info["key"], path=folder / "disk.raw",
-        root_uuid=info["root_uuid"], boot_uuid=None, root_partition=ROOT_PARTITION,
-        root_offset=info["root_offset"], root_bytes=info["root_bytes"],
-        size_bytes=info["size_bytes"], manifest_sha=info["manifest_sha"],
-        build_seconds=info["build_seconds"], cached=cached,
-    )  # fmt: skip
+        layout=layout.disk_layout(),
+        key=info["key"],
+        path=folder / "disk.raw",
+        root_uuid=info["root_uuid"],
+        boot_uuid=None,
+        root_partition=ROOT_PARTITION,
+        root_offset=info["root_offset"],
+        root_bytes=info["root_bytes"],
+        size_bytes=info["size_bytes"],
+        manifest_sha=info["manifest_sha"],
+        build_seconds=info["build_seconds"],
+        cached=cached,
+    )
     return BootDisk(layout, disk, info["kver"], info["esp_uuid"], info["grub_version"])
 
 
-def _build(layout: BootDiskLayout, image: Image, key: str, tmp: Path, final: Path,
-           version: str) -> None:  # fmt: skip
+def _build(
+    layout: BootDiskLayout, image: Image, key: str, tmp: Path, final: Path, version: str
+) -> None:
     started = time.monotonic()
     root_uuid = str(_uuid(key, "root-fs"))
     esp_uuid = esp_volume_id(key) if layout.firmware is Firmware.UEFI else None
@@ -402,8 +463,9 @@ def _build(layout: BootDiskLayout, image: Image, key: str, tmp: Path, final: Pat
     disk = tmp / "disk.raw"
     with open(disk, "wb") as f:
         f.truncate(plan.size)
-    script = sfdisk_script(layout, plan, str(disk), _uuid(key, "disk"), _uuid(key, "part-root"),
-                           _uuid(key, "part-esp"))  # fmt: skip
+    script = sfdisk_script(
+        layout, plan, str(disk), _uuid(key, "disk"), _uuid(key, "part-root"), _uuid(key, "part-esp")
+    )
     run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", disk], stdin=script.encode())
     staging = _stage(layout, image, tmp, root_uuid, esp_uuid)
     if layout.fs is Filesystem.EXT4:
@@ -412,17 +474,27 @@ def _build(layout: BootDiskLayout, image: Image, key: str, tmp: Path, final: Pat
     else:
         used = _used_bytes(staging)
         if used + 32 * MIB > plan.root_bytes:
-            raise LabError(f"The content ({used // MIB} MiB) does not fit a {layout.root_mib} MiB "
-                           f"{layout.fs.value} root; no disk was built.",
-                           hint="give the layout a larger root_mib")  # fmt: skip
+            raise LabError(
+                f"The content ({used // MIB} MiB) does not fit a {layout.root_mib} MiB "
+                f"{layout.fs.value} root; no disk was built.",
+                hint="give the layout a larger root_mib",
+            )
         source = tmp / "source.ext4"
         size = (used * 115 // 100 + 64 * MIB) // MIB * MIB
         _mkfs_ext4(staging, source, size, str(_uuid(key, "source-fs")), "erfssrc")
         shutil.rmtree(staging)
         pending = _Pending(
-            layout.disk_layout(), key, tmp, final, root_uuid, None, ROOT_PARTITION,
-            _Plan(plan.size, 0, plan.root_offset, plan.root_bytes), source, started,
-        )  # fmt: skip
+            layout.disk_layout(),
+            key,
+            tmp,
+            final,
+            root_uuid,
+            None,
+            ROOT_PARTITION,
+            _Plan(plan.size, 0, plan.root_offset, plan.root_bytes),
+            source,
+            started,
+        )
         logs = cache_root() / "logs" / f"bootfill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         _fill_in_guest([pending], logs)
         source.unlink()
@@ -435,12 +507,18 @@ def _build(layout: BootDiskLayout, image: Image, key: str, tmp: Path, final: Pat
     for leftover in ("core.img", "BOOTX64.EFI", "grub.cfg", "early.cfg"):
         (tmp / leftover).unlink(missing_ok=True)
     info = {
-        "layout": _layout_dict(layout), "key": key,
-        "root_uuid": root_uuid, "esp_uuid": esp_uuid, "root_offset": plan.root_offset,
-        "root_bytes": plan.root_bytes, "size_bytes": plan.size, "manifest_sha": _manifest_sha(),
-        "kver": image.kver, "grub_version": version,
+        "layout": _layout_dict(layout),
+        "key": key,
+        "root_uuid": root_uuid,
+        "esp_uuid": esp_uuid,
+        "root_offset": plan.root_offset,
+        "root_bytes": plan.root_bytes,
+        "size_bytes": plan.size,
+        "manifest_sha": _manifest_sha(),
+        "kver": image.kver,
+        "grub_version": version,
         "build_seconds": time.monotonic() - started,
-    }  # fmt: skip
+    }
     (tmp / "bootdisk.json").write_text(json.dumps(info, indent=1))
 
 

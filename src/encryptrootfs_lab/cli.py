@@ -1,9 +1,9 @@
 """encryptrootfs-lab: build lab images and disks, boot one guest, run the demo.
 
-  encryptrootfs-lab build [layout options]      image + disk (cached), prints build times
-  encryptrootfs-lab boot  [layout options] ...   one boot with the emulators up; prints the
-                                                 results, the console tail and timings
-  encryptrootfs-lab demo                         what `make demo` runs
+encryptrootfs-lab build [layout options]      image + disk (cached), prints build times
+encryptrootfs-lab boot  [layout options] ...   one boot with the emulators up; prints the
+                                               results, the console tail and timings
+encryptrootfs-lab demo                         what `make demo` runs
 """
 
 from __future__ import annotations
@@ -37,25 +37,39 @@ IMAGES = {"plain": PLAIN, "probe": PROBE}
 
 def _add_layout_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image and disk layout")
-    g.add_argument("--image", choices=sorted(IMAGES), default="plain",
-                   help="plain: the product installed, nothing more; probe: plus the lab's "
-                   "initramfs probe module (rd.erfslab.probe=1)")  # fmt: skip
+    g.add_argument(
+        "--image",
+        choices=sorted(IMAGES),
+        default="plain",
+        help="plain: the product installed, nothing more; probe: plus the lab's "
+        "initramfs probe module (rd.erfslab.probe=1)",
+    )
     g.add_argument("--fs", choices=[f.value for f in Filesystem], default="ext4")
     g.add_argument("--table", choices=[t.value for t in PartitionTable], default="gpt")
     g.add_argument("--root-mib", type=int, default=0, help="root partition size (0: automatic)")
-    g.add_argument("--free-mib", type=int, default=64,
-                   help="unpartitioned space after the root partition")  # fmt: skip
+    g.add_argument(
+        "--free-mib", type=int, default=64, help="unpartitioned space after the root partition"
+    )
     g.add_argument("--separate-boot", action="store_true", help="put /boot on its own partition")
-    g.add_argument("--sector", type=int, choices=(512, 4096), default=512,
-                   help="logical sector size of the disk")  # fmt: skip
+    g.add_argument(
+        "--sector",
+        type=int,
+        choices=(512, 4096),
+        default=512,
+        help="logical sector size of the disk",
+    )
 
 
 def _layout(args: argparse.Namespace) -> DiskLayout:
     return DiskLayout(
-        fs=Filesystem(args.fs), table=PartitionTable(args.table), root_mib=args.root_mib,
-        free_after_mib=args.free_mib, separate_boot=args.separate_boot, sector=args.sector,
+        fs=Filesystem(args.fs),
+        table=PartitionTable(args.table),
+        root_mib=args.root_mib,
+        free_after_mib=args.free_mib,
+        separate_boot=args.separate_boot,
+        sector=args.sector,
         content=Content.ROOTFS,
-    )  # fmt: skip
+    )
 
 
 def _build(spec: ImageSpec, layout: DiskLayout) -> tuple[Image, Disk]:
@@ -116,10 +130,17 @@ def cmd_boot(args: argparse.Namespace) -> int:
         append += ("rd.neednet=1", "ip=dhcp", "rd.erfslab.probe=1")
     with emulated_cloud() as cloud:
         spec = BootSpec(
-            kernel=image.kernel, initrd=image.initrd, root_uuid=disk.root_uuid,
-            drives=(drive,), script=script, append=append, forwards=cloud.forwards(),
-            timeout=args.timeout, kill_after=args.kill_after, kill_on_console=args.kill_on,
-        )  # fmt: skip
+            kernel=image.kernel,
+            initrd=image.initrd,
+            root_uuid=disk.root_uuid,
+            drives=(drive,),
+            script=script,
+            append=append,
+            forwards=cloud.forwards(),
+            timeout=args.timeout,
+            kill_after=args.kill_after,
+            kill_on_console=args.kill_on,
+        )
         result = boot(spec, workdir, "boot")
         _print_result(result, args.tail)
         print(f"IMDS requests: {len(cloud.imds.requests)}, KMS requests: {len(cloud.kms.requests)}")
@@ -154,8 +175,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_check(args: argparse.Namespace) -> int:
-    print("encryptrootfs lab cloud check: one boot of the plain image with the KMS and IMDS "
-          "emulators")
+    print(
+        "encryptrootfs lab cloud check: one boot of the plain image with the KMS and IMDS emulators"
+    )
     image, disk = _build(PLAIN, DiskLayout())
     workdir = Path(tempfile.mkdtemp(prefix="erfslab-demo-"))
     with emulated_cloud() as cloud:
@@ -163,13 +185,19 @@ def cmd_cloud_check(args: argparse.Namespace) -> int:
         guest_py = DEMO_GUEST_PY % {"kms": GUEST_KMS_URL, "key": key}
         script = (
             verify_root_script()
-            + "python3 - <<'PYEOF' || echo ERFS-DEMO-FAILED\n" + guest_py + "PYEOF\n"
+            + "python3 - <<'PYEOF' || echo ERFS-DEMO-FAILED\n"
+            + guest_py
+            + "PYEOF\n"
         )
         spec = BootSpec(
-            kernel=image.kernel, initrd=image.initrd, root_uuid=disk.root_uuid,
-            drives=(disk.drive(snapshot=True),), script=script, forwards=cloud.forwards(),
+            kernel=image.kernel,
+            initrd=image.initrd,
+            root_uuid=disk.root_uuid,
+            drives=(disk.drive(snapshot=True),),
+            script=script,
+            forwards=cloud.forwards(),
             timeout=args.timeout,
-        )  # fmt: skip
+        )
         result = boot(spec, workdir, "demo")
         imds_seen = [f"{r.method} {r.path} -> {r.status}" for r in cloud.imds.requests]
         kms_seen = [f"{r.action} -> {r.status}" for r in cloud.kms.requests]
@@ -177,14 +205,18 @@ def cmd_cloud_check(args: argparse.Namespace) -> int:
     kms_ok = result.marker("DEMO-KMS")
     up = result.guest_uptime_at_boot
     print("--- report ---")
-    print(f"boot:       {result.end.value} after {result.wall_seconds:.1f}s wall"
-          + (f" (multi-user at {up:.1f}s guest uptime)" if up is not None else ""))  # fmt: skip
+    print(
+        f"boot:       {result.end.value} after {result.wall_seconds:.1f}s wall"
+        + (f" (multi-user at {up:.1f}s guest uptime)" if up is not None else "")
+    )
     print(f"root:       UUID={disk.root_uuid} ({disk.layout.name})")
     print(f"manifest:   {'verified: ' + tree.value if tree else 'NOT verified'}")
     print(f"IMDS:       {len(imds_seen)} request(s): " + ", ".join(imds_seen[:6]))
     print(f"KMS:        {len(kms_seen)} request(s): " + ", ".join(kms_seen))
-    print(f"KMS in guest (botocore, role credentials from IMDS): "
-          f"{kms_ok.value if kms_ok else 'no answer'}")  # fmt: skip
+    print(
+        f"KMS in guest (botocore, role credentials from IMDS): "
+        f"{kms_ok.value if kms_ok else 'no answer'}"
+    )
     print(f"logs:       {workdir}")
     good = result.ok and tree is not None and kms_ok is not None and "ok" in kms_ok.value
     if not good:
@@ -193,8 +225,11 @@ def cmd_cloud_check(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="encryptrootfs-lab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="encryptrootfs-lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help="show every command and tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or reuse) the image and a disk")
@@ -203,8 +238,9 @@ def parser() -> argparse.ArgumentParser:
     o = sub.add_parser("boot", help="boot once with the emulators up")
     _add_layout_options(o)
     o.add_argument("--script", help="shell script to run in the guest once it is up")
-    o.add_argument("--no-verify", action="store_true",
-                   help="without --script: do not verify the test tree")  # fmt: skip
+    o.add_argument(
+        "--no-verify", action="store_true", help="without --script: do not verify the test tree"
+    )
     o.add_argument("--append", action="append", help="extra kernel argument (repeatable)")
     o.add_argument("--overlay", help="qcow2 overlay to boot (created if missing; persists)")
     o.add_argument("--workdir", help="where console and results logs go (default: a temp dir)")
@@ -214,13 +250,16 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--tail", type=int, default=25, help="console lines to print")
     o.set_defaults(func=cmd_boot)
     d = sub.add_parser(
-        "demo", help="what `make demo` runs: encrypt on boot 1, unlock on boot 2",
+        "demo",
+        help="what `make demo` runs: encrypt on boot 1, unlock on boot 2",
         description="Build (or reuse) an image with encryptrootfs installed, boot it twice "
         "against the local KMS and IMDS emulators and report: encrypted on the first boot, "
-        "unlocked on the second, the time of each boot and of the data pass.")
+        "unlocked on the second, the time of each boot and of the data pass.",
+    )
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser(
-        "cloud-check", help="one plain boot: the guest reaches the emulated IMDS and KMS")
+        "cloud-check", help="one plain boot: the guest reaches the emulated IMDS and KMS"
+    )
     c.add_argument("--timeout", type=float, default=300.0)
     c.set_defaults(func=cmd_cloud_check)
     return p
@@ -237,8 +276,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"encryptrootfs-lab: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
-        print("encryptrootfs-lab: interrupted; QEMU and the emulators were stopped",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "encryptrootfs-lab: interrupted; QEMU and the emulators were stopped", file=sys.stderr
+        )
         return int(ExitCode.FAILURE)
 
 

@@ -35,8 +35,7 @@ class EmulatedCloud:
     kms: KmsEmulator  # the instance's own region (IMDS placement/region)
     imds: ImdsEmulator
     # with more_regions: every region's emulator (``kms`` included) and the router before them
-    kms_regions: Mapping[str, KmsEmulator] = field(
-        default_factory=lambda: MappingProxyType({}))
+    kms_regions: Mapping[str, KmsEmulator] = field(default_factory=lambda: MappingProxyType({}))
     router: Optional[KmsRegionRouter] = None
 
     def kms_in(self, region: str) -> KmsEmulator:

@@ -44,13 +44,20 @@ def report_boot(r: BootResult, kms_calls: tuple[str, ...]) -> BootReport:
     for line in journal:
         m = _FINISHED.search(line)
         if m:
-            data_pass = (int(m.group(1)), float(m.group(2)),
-                         float(m.group(3)) if m.group(3) else None)
+            data_pass = (
+                int(m.group(1)),
+                float(m.group(2)),
+                float(m.group(3)) if m.group(3) else None,
+            )
     return BootReport(
-        name=r.name, wall_s=r.wall_seconds, multi_user_s=r.guest_uptime_at_boot,
+        name=r.name,
+        wall_s=r.wall_seconds,
+        multi_user_s=r.guest_uptime_at_boot,
         root_on_dm_crypt=bool(dev and dev.fields().get("dm") == "crypt"),
         manifest_ok=r.marker("TREE-OK") is not None and r.marker("VERIFY-FAILED") is None,
-        kms_calls=kms_calls, data_pass=data_pass, journal=journal,
+        kms_calls=kms_calls,
+        data_pass=data_pass,
+        journal=journal,
     )
 
 
@@ -59,8 +66,10 @@ def run_demo(out: Callable[[str], None] = print) -> int:
     out("encryptrootfs demo: building (or reusing) the image and disk ...")
     image = build_image(ENCRYPT)
     disk = build_disk(DiskLayout(), image)
-    out(f"  image {image.key} ({'cached' if image.cached else f'{image.build_seconds:.0f} s'}),"
-        f" disk {disk.layout.name} ({'cached' if disk.cached else f'{disk.build_seconds:.0f} s'})")
+    out(
+        f"  image {image.key} ({'cached' if image.cached else f'{image.build_seconds:.0f} s'}),"
+        f" disk {disk.layout.name} ({'cached' if disk.cached else f'{disk.build_seconds:.0f} s'})"
+    )
     reports = []
     with emulated_cloud() as cloud, tempfile.TemporaryDirectory(prefix="erfs-demo-") as tmp:
         arn = create_lab_key(cloud.kms)
@@ -82,18 +91,24 @@ def run_demo(out: Callable[[str], None] = print) -> int:
     out("encryptrootfs demo report")
     for rep in reports:
         settled = f", multi-user at {rep.multi_user_s:.1f} s" if rep.multi_user_s else ""
-        out(f"  {rep.name}: {rep.wall_s:.1f} s wall{settled}; root on dm-crypt: "
+        out(
+            f"  {rep.name}: {rep.wall_s:.1f} s wall{settled}; root on dm-crypt: "
             f"{'yes' if rep.root_on_dm_crypt else 'NO'}; test tree verified: "
-            f"{'yes' if rep.manifest_ok else 'NO'}; KMS calls: {', '.join(rep.kms_calls)}")
+            f"{'yes' if rep.manifest_ok else 'NO'}; KMS calls: {', '.join(rep.kms_calls)}"
+        )
         if rep.data_pass:
             mib, seconds, rate = rep.data_pass
-            out(f"    data pass: {mib} MiB in {seconds:.1f} s"
-                + (f" ({rate:.1f} MiB/s)" if rate else ""))
+            out(
+                f"    data pass: {mib} MiB in {seconds:.1f} s"
+                + (f" ({rate:.1f} MiB/s)" if rate else "")
+            )
     first, second = reports
     encrypted = first.root_on_dm_crypt and first.data_pass is not None
     unlocked = second.root_on_dm_crypt and second.kms_calls == ("Decrypt",)
     ok = encrypted and unlocked and all(r.manifest_ok for r in reports)
     total = time.monotonic() - started
-    out(f"  encrypted on boot 1: {'yes' if encrypted else 'NO'}; unlocked on boot 2: "
-        f"{'yes' if unlocked else 'NO'}; total {total:.0f} s")
+    out(
+        f"  encrypted on boot 1: {'yes' if encrypted else 'NO'}; unlocked on boot 2: "
+        f"{'yes' if unlocked else 'NO'}; total {total:.0f} s"
+    )
     return 0 if ok else 1

@@ -48,49 +48,140 @@ SUITE = "bookworm"
 # 2: mdadm, its shutdown unit masked; 3: GRUB (debconf preseeded); 4: slimmed (SLIM_PATHS)
 BASE_VERSION = "4"
 BASE_PACKAGES = (
-    "systemd", "systemd-sysv", "udev", "dbus", "kmod", "cryptsetup", "python3", "e2fsprogs",
-    "xfsprogs", "btrfs-progs", "util-linux", "fdisk", "iproute2", "ca-certificates", "procps",
-    "cpio", "zstd", "attr",
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "kmod",
+    "cryptsetup",
+    "python3",
+    "e2fsprogs",
+    "xfsprogs",
+    "btrfs-progs",
+    "util-linux",
+    "fdisk",
+    "iproute2",
+    "ca-certificates",
+    "procps",
+    "cpio",
+    "zstd",
+    "attr",
     # data volumes: RAID0 across instance-store disks (tests/vm/test_data_volumes.py)
     "mdadm",
-)  # fmt: skip
+)
 # Removed from the base after the packages are in (_slim). The kernel keeps its block, virtio,
 # NVMe, dm, md, netfilter, crypto and filesystem modules; what goes is hardware no lab guest
 # has (GPUs, sound, wireless, InfiniBand, media, Bluetooth ...).
 SLIM_PATHS = (
-    "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-    "usr/share/i18n", "usr/share/zoneinfo/right", "usr/share/zoneinfo/posix",
-    *(f"lib/modules/{{kver}}/kernel/{d}" for d in (
-        "sound", "drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/infiniband",
-        "drivers/staging", "drivers/bluetooth", "drivers/isdn", "drivers/iio", "drivers/mtd",
-        "drivers/thunderbolt", "drivers/usb", "drivers/hid", "drivers/input/touchscreen",
-        "drivers/input/joystick", "drivers/input/misc", "drivers/net/can",
-        "drivers/net/usb", "drivers/net/ieee802154", "drivers/net/wwan", "drivers/comedi",
-        "drivers/video", "drivers/watchdog", "drivers/hwmon", "drivers/leds", "drivers/mfd",
-        "drivers/platform", "drivers/power", "drivers/rtc", "drivers/spi", "drivers/i2c",
-        "drivers/gnss", "drivers/nfc", "drivers/misc", "drivers/mmc", "drivers/memstick",
-        "drivers/pcmcia", "drivers/atm", "drivers/firewire", "drivers/parport",
-        "drivers/scsi/qla2xxx", "drivers/scsi/lpfc", "drivers/scsi/mpt3sas",
-        "drivers/scsi/bfa", "drivers/scsi/qedf", "drivers/scsi/qedi", "drivers/scsi/be2iscsi",
-        "drivers/scsi/megaraid", "drivers/scsi/aic7xxx", "drivers/scsi/fnic",
-        "drivers/net/ethernet/mellanox", "drivers/net/ethernet/intel",
-        "drivers/net/ethernet/broadcom", "drivers/net/ethernet/chelsio",
-        "drivers/net/ethernet/qlogic", "drivers/net/ethernet/marvell",
-        "drivers/net/ethernet/sfc", "drivers/net/ethernet/emulex", "drivers/net/ethernet/cisco",
-        "net/wireless", "net/mac80211", "net/bluetooth", "net/nfc", "net/can", "net/atm",
-        "net/ieee802154", "net/mac802154", "fs/ocfs2", "fs/gfs2", "fs/nfs", "fs/nfsd",
-        "fs/ceph", "fs/smb", "fs/ntfs3", "fs/jfs", "fs/reiserfs", "fs/nilfs2", "fs/ubifs",
-        "fs/afs", "fs/coda", "fs/dlm", "fs/orangefs",
-    )),
-)  # fmt: skip
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/i18n",
+    "usr/share/zoneinfo/right",
+    "usr/share/zoneinfo/posix",
+    *(
+        f"lib/modules/{{kver}}/kernel/{d}"
+        for d in (
+            "sound",
+            "drivers/gpu",
+            "drivers/media",
+            "drivers/net/wireless",
+            "drivers/infiniband",
+            "drivers/staging",
+            "drivers/bluetooth",
+            "drivers/isdn",
+            "drivers/iio",
+            "drivers/mtd",
+            "drivers/thunderbolt",
+            "drivers/usb",
+            "drivers/hid",
+            "drivers/input/touchscreen",
+            "drivers/input/joystick",
+            "drivers/input/misc",
+            "drivers/net/can",
+            "drivers/net/usb",
+            "drivers/net/ieee802154",
+            "drivers/net/wwan",
+            "drivers/comedi",
+            "drivers/video",
+            "drivers/watchdog",
+            "drivers/hwmon",
+            "drivers/leds",
+            "drivers/mfd",
+            "drivers/platform",
+            "drivers/power",
+            "drivers/rtc",
+            "drivers/spi",
+            "drivers/i2c",
+            "drivers/gnss",
+            "drivers/nfc",
+            "drivers/misc",
+            "drivers/mmc",
+            "drivers/memstick",
+            "drivers/pcmcia",
+            "drivers/atm",
+            "drivers/firewire",
+            "drivers/parport",
+            "drivers/scsi/qla2xxx",
+            "drivers/scsi/lpfc",
+            "drivers/scsi/mpt3sas",
+            "drivers/scsi/bfa",
+            "drivers/scsi/qedf",
+            "drivers/scsi/qedi",
+            "drivers/scsi/be2iscsi",
+            "drivers/scsi/megaraid",
+            "drivers/scsi/aic7xxx",
+            "drivers/scsi/fnic",
+            "drivers/net/ethernet/mellanox",
+            "drivers/net/ethernet/intel",
+            "drivers/net/ethernet/broadcom",
+            "drivers/net/ethernet/chelsio",
+            "drivers/net/ethernet/qlogic",
+            "drivers/net/ethernet/marvell",
+            "drivers/net/ethernet/sfc",
+            "drivers/net/ethernet/emulex",
+            "drivers/net/ethernet/cisco",
+            "net/wireless",
+            "net/mac80211",
+            "net/bluetooth",
+            "net/nfc",
+            "net/can",
+            "net/atm",
+            "net/ieee802154",
+            "net/mac802154",
+            "fs/ocfs2",
+            "fs/gfs2",
+            "fs/nfs",
+            "fs/nfsd",
+            "fs/ceph",
+            "fs/smb",
+            "fs/ntfs3",
+            "fs/jfs",
+            "fs/reiserfs",
+            "fs/nilfs2",
+            "fs/ubifs",
+            "fs/afs",
+            "fs/coda",
+            "fs/dlm",
+            "fs/orangefs",
+        )
+    ),
+)
 # debootstrap's resolver picks initramfs-tools for the kernel and that conflicts with dracut,
 # so the kernel and dracut come in a second stage with apt inside the chroot.
 # GRUB as a cloud image has it (issue 6): grub-pc for BIOS disks (grub-install, update-grub and
 # the kernel hook that runs it), the x86_64-efi modules for UEFI disks. The lab's disks are
 # made bootable by the host (bootloader.py); the guest's GRUB is what the product's first boot
 # and a kernel update inside the guest use.
-STAGE2_PACKAGES = ("linux-image-amd64", "dracut", "dracut-network", "dmsetup", "grub-pc",
-                   "grub-efi-amd64-bin")  # fmt: skip
+STAGE2_PACKAGES = (
+    "linux-image-amd64",
+    "dracut",
+    "dracut-network",
+    "dmsetup",
+    "grub-pc",
+    "grub-efi-amd64-bin",
+)
 # grub-pc asks which disks to install to; an image build has none (the lab writes the boot
 # loader onto each disk), which these answers say without a prompt.
 GRUB_DEBCONF = (
@@ -187,9 +278,14 @@ class BuildLog:
             base = CHROOT_ENV if argv[0] == "chroot" else dict(os.environ)
             full_env = {**base, **env}
             proc = subprocess.run(
-                list(argv), stdout=f, stderr=subprocess.STDOUT, env=full_env,
-                timeout=timeout, check=False, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                list(argv),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
         if proc.returncode != 0:
             tail = self.path.read_text(errors="replace").splitlines()[-15:]
             raise LabError(
@@ -284,12 +380,18 @@ def _configure_base(root: Path) -> None:
     # (arrays the tests make are stopped by the kernel at power-off anyway), and its monthly
     # check would fire mid-test.
     for unit in (
-        "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
-        "e2scrub_all.timer", "fstrim.timer", "e2scrub_reap.service",
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "dpkg-db-backup.timer",
+        "e2scrub_all.timer",
+        "fstrim.timer",
+        "e2scrub_reap.service",
         "systemd-networkd-wait-online.service",
-        "mdadm-shutdown.service", "mdcheck_start.timer", "mdcheck_continue.timer",
+        "mdadm-shutdown.service",
+        "mdcheck_start.timer",
+        "mdcheck_continue.timer",
         "mdmonitor-oneshot.timer",
-    ):  # fmt: skip
+    ):
         masked = root / "etc/systemd/system" / unit
         if not masked.is_symlink():
             masked.symlink_to("/dev/null")
@@ -313,10 +415,16 @@ def build_base(blog: Optional[BuildLog] = None) -> Path:
         log.info("building the base rootfs %s (debootstrap, ~2-3 min); log: %s", key, blog.path)
         with building(final) as tmp:
             root = tmp / "rootfs"
-            blog.run([
-                "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-                SUITE, str(root), _mirror(),
-            ])  # fmt: skip
+            blog.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(BASE_PACKAGES)}",
+                    SUITE,
+                    str(root),
+                    _mirror(),
+                ]
+            )
             shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
             policy = root / "usr/sbin/policy-rc.d"
             policy.write_text("#!/bin/sh\nexit 101\n")
@@ -328,10 +436,18 @@ def build_base(blog: Optional[BuildLog] = None) -> Path:
                 answers.unlink()
                 # INITRD=No: skips the kernel postinst's two dracut runs (~1 min each).
                 blog.run(
-                    ["chroot", str(root), "apt-get", "install", "-y", "--no-install-recommends",
-                     *STAGE2_PACKAGES],
-                    DEBIAN_FRONTEND="noninteractive", INITRD="No",
-                )  # fmt: skip
+                    [
+                        "chroot",
+                        str(root),
+                        "apt-get",
+                        "install",
+                        "-y",
+                        "--no-install-recommends",
+                        *STAGE2_PACKAGES,
+                    ],
+                    DEBIAN_FRONTEND="noninteractive",
+                    INITRD="No",
+                )
                 blog.run(["chroot", str(root), "apt-get", "clean"])
                 _slim(root, _kver(root))
                 blog.run(["chroot", str(root), "depmod", _kver(root)])
@@ -352,15 +468,25 @@ def _dep_pins() -> list[str]:
 
 def product_key(spec: ImageSpec) -> str:
     project = _project_root()
-    return digest([
-        "product", base_key(), spec.name, list(spec.dracut_modules),
-        [list(c) for c in spec.chroot_commands], spec.config_toml, spec.lab_probe,
-        list(spec.extra_dracut_args), spec.kernel_update, _dep_pins(), kernel_cmdline("UUID"),
-        tree_digest(project / "src" / "encryptrootfs"),
-        (project / "pyproject.toml").read_text(),
-        tree_digest(_guest_data()),
-        Path(__file__).read_text(),
-    ])  # fmt: skip
+    return digest(
+        [
+            "product",
+            base_key(),
+            spec.name,
+            list(spec.dracut_modules),
+            [list(c) for c in spec.chroot_commands],
+            spec.config_toml,
+            spec.lab_probe,
+            list(spec.extra_dracut_args),
+            spec.kernel_update,
+            _dep_pins(),
+            kernel_cmdline("UUID"),
+            tree_digest(project / "src" / "encryptrootfs"),
+            (project / "pyproject.toml").read_text(),
+            tree_digest(_guest_data()),
+            Path(__file__).read_text(),
+        ]
+    )
 
 
 def _install_project(root: Path, blog: BuildLog) -> None:
@@ -380,17 +506,27 @@ def _install_project(root: Path, blog: BuildLog) -> None:
             src / "src" / "encryptrootfs",
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
-        blog.run([
-            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-            "--no-warn-script-location", "--disable-pip-version-check", "--target", str(site),
-            str(src), *_dep_pins(),
-        ])  # fmt: skip
+        blog.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-warn-script-location",
+                "--disable-pip-version-check",
+                "--target",
+                str(site),
+                str(src),
+                *_dep_pins(),
+            ]
+        )
     # pip's --target puts console scripts in <site>/bin with the host interpreter's path.
     shutil.rmtree(site / "bin", ignore_errors=True)
     launcher = root / "usr/local/sbin/encryptrootfs"
     launcher.write_text(
-        "#!/usr/bin/python3\nimport sys\n\nfrom encryptrootfs.cli import main\n\n"
-        "sys.exit(main())\n"
+        "#!/usr/bin/python3\nimport sys\n\nfrom encryptrootfs.cli import main\n\nsys.exit(main())\n"
     )
     launcher.chmod(0o755)
 
@@ -438,7 +574,7 @@ def grub_append_cfg() -> str:
     # Offset 4 of an OEM-strings structure is its string count; with the lab's single string
     # that is string number 1, which --get-string returns.
     return (
-        "insmod smbios\ninsmod regexp\nset erfs_append=\"\"\n"
+        'insmod smbios\ninsmod regexp\nset erfs_append=""\n'
         "if smbios --type 11 --get-string 4 --set erfs_oem; then\n"
         f"  regexp --set 1:erfs_append '^{SMBIOS_APPEND_PREFIX}(.*)$' \"$erfs_oem\"\n"
         "fi\n"
@@ -455,8 +591,8 @@ def grub_defaults() -> str:
         "# encryptrootfs lab (encryptrootfs_lab.image)\n"
         "GRUB_TIMEOUT=0\nGRUB_DISABLE_RECOVERY=true\nGRUB_DISABLE_OS_PROBER=true\n"
         "GRUB_DISABLE_SUBMENU=y\nGRUB_TERMINAL=serial\n"
-        "GRUB_SERIAL_COMMAND=\"serial --unit=0 --speed=115200\"\n"
-        f"GRUB_CMDLINE_LINUX_DEFAULT=\"\"\nGRUB_CMDLINE_LINUX=\"{args}\"\n"
+        'GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"\n'
+        f'GRUB_CMDLINE_LINUX_DEFAULT=""\nGRUB_CMDLINE_LINUX="{args}"\n'
     )
 
 
@@ -466,8 +602,11 @@ def _install_grub_config(root: Path) -> None:
     (defaults / "erfs-lab.cfg").write_text(grub_defaults())
     script = root / "etc/grub.d/01_erfs_lab"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text("#!/bin/sh\n# encryptrootfs lab: per-boot kernel arguments\ncat <<'EOF'\n"
-                      + grub_append_cfg() + "EOF\n")
+    script.write_text(
+        "#!/bin/sh\n# encryptrootfs lab: per-boot kernel arguments\ncat <<'EOF'\n"
+        + grub_append_cfg()
+        + "EOF\n"
+    )
     script.chmod(0o755)
 
 
@@ -480,8 +619,15 @@ def _download_kernel_update(root: Path, kver: str, blog: BuildLog) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
     try:
-        blog.run(["chroot", str(root), "sh", "-c",
-                  f"cd /{KERNEL_UPDATE_DIR} && apt-get download {package}"])  # fmt: skip
+        blog.run(
+            [
+                "chroot",
+                str(root),
+                "sh",
+                "-c",
+                f"cd /{KERNEL_UPDATE_DIR} && apt-get download {package}",
+            ]
+        )
     finally:
         (root / "etc/resolv.conf").unlink()
 
@@ -512,12 +658,23 @@ def build_image(spec: ImageSpec = PLAIN) -> Image:
                     _download_kernel_update(root, kver, blog)
                 for command in spec.chroot_commands:
                     blog.run(["chroot", str(root), *command])
-                blog.run([
-                    "chroot", str(root), "dracut", "--force", "--no-hostonly", "--kver", kver,
-                    "--add-drivers", " ".join(ADD_DRIVERS),
-                    "--add", " ".join(spec.dracut_modules), *spec.extra_dracut_args,
-                    "/boot/erfslab-initrd.img",
-                ])  # fmt: skip
+                blog.run(
+                    [
+                        "chroot",
+                        str(root),
+                        "dracut",
+                        "--force",
+                        "--no-hostonly",
+                        "--kver",
+                        kver,
+                        "--add-drivers",
+                        " ".join(ADD_DRIVERS),
+                        "--add",
+                        " ".join(spec.dracut_modules),
+                        *spec.extra_dracut_args,
+                        "/boot/erfslab-initrd.img",
+                    ]
+                )
             shutil.move(str(root / "boot/erfslab-initrd.img"), str(tmp / "initrd.img"))
             shutil.copy(root / "boot" / f"vmlinuz-{kver}", tmp / "vmlinuz")
         touch(final)

@@ -99,8 +99,12 @@ class DiskLayout:
 
     @property
     def name(self) -> str:
-        parts = [self.fs.value, self.table.value, f"root{self.effective_root_mib}M",
-                 f"free{self.free_after_mib}M"]  # fmt: skip
+        parts = [
+            self.fs.value,
+            self.table.value,
+            f"root{self.effective_root_mib}M",
+            f"free{self.free_after_mib}M",
+        ]
         if self.separate_boot:
             parts.append(f"boot{self.boot_mib}M")
         if self.sector != 512:
@@ -131,8 +135,9 @@ class Disk:
     build_seconds: float
     cached: bool
 
-    def drive(self, path: Optional[Path] = None, *, snapshot: bool = False,
-              serial: Optional[str] = None) -> Drive:  # fmt: skip
+    def drive(
+        self, path: Optional[Path] = None, *, snapshot: bool = False, serial: Optional[str] = None
+    ) -> Drive:
         """A QEMU drive for this disk (or for an overlay ``path`` over it)."""
         target = path or self.path
         fmt = "raw" if target == self.path else "qcow2"
@@ -146,10 +151,16 @@ def _layout_key(layout: DiskLayout, image: Image) -> str:
     here = Path(__file__).parent
     content = image.key if layout.content is Content.ROOTFS else str(cached_tree()[0].parent.name)
     builder = "host" if layout.built_on_host else f"guest-{base_key()}"
-    return digest([
-        "disk", asdict(layout), content, builder,
-        (here / "layout.py").read_text(), (here / "partition.py").read_text(),
-    ])  # fmt: skip
+    return digest(
+        [
+            "disk",
+            asdict(layout),
+            content,
+            builder,
+            (here / "layout.py").read_text(),
+            (here / "partition.py").read_text(),
+        ]
+    )
 
 
 def _uuid(key: str, what: str) -> uuid.UUID:
@@ -165,8 +176,9 @@ def _fstab(layout: DiskLayout, root_uuid: str, boot_uuid: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stage(layout: DiskLayout, image: Image, work: Path, root_uuid: str,
-           boot_uuid: Optional[str]) -> tuple[Path, Optional[Path]]:  # fmt: skip
+def _stage(
+    layout: DiskLayout, image: Image, work: Path, root_uuid: str, boot_uuid: Optional[str]
+) -> tuple[Path, Optional[Path]]:
     """Hard-link copies of the content: ``(root folder, boot folder or None)``."""
     staging = work / "staging"
     if layout.content is Content.ROOTFS:
@@ -192,14 +204,40 @@ def _mkfs_ext4(source: Path, target: Path, size_bytes: int, fs_uuid: str, label:
     target.unlink(missing_ok=True)
     # Inode tables and journal written now: a lazily initialised filesystem has the guest's
     # ext4lazyinit thread write them in the background of every TCG boot.
-    run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", label, "-U", fs_uuid,
-         "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", source, target,
-         f"{size_bytes // 1024}k"])  # fmt: skip
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-L",
+            label,
+            "-U",
+            fs_uuid,
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+            source,
+            target,
+            f"{size_bytes // 1024}k",
+        ]
+    )
 
 
 def _place(fs_image: Path, disk: Path, offset: int) -> None:
-    run(["dd", f"if={fs_image}", f"of={disk}", "bs=4M", f"seek={offset}", "oflag=seek_bytes",
-         "conv=notrunc,sparse", "status=none"])  # fmt: skip
+    run(
+        [
+            "dd",
+            f"if={fs_image}",
+            f"of={disk}",
+            "bs=4M",
+            f"seek={offset}",
+            "oflag=seek_bytes",
+            "conv=notrunc,sparse",
+            "status=none",
+        ]
+    )
     fs_image.unlink()
 
 
@@ -235,10 +273,16 @@ def _write_table(layout: DiskLayout, disk: Path, key: str, plan: _Plan) -> int:
     s = layout.sector
     parts = []
     if layout.separate_boot:
-        parts.append(partition.Partition(plan.boot_offset // s, layout.boot_mib * MIB // s, "boot",
-                                         _uuid(key, "part-boot")))  # fmt: skip
-    parts.append(partition.Partition(plan.root_offset // s, plan.root_bytes // s, "root",
-                                     _uuid(key, "part-root")))  # fmt: skip
+        parts.append(
+            partition.Partition(
+                plan.boot_offset // s, layout.boot_mib * MIB // s, "boot", _uuid(key, "part-boot")
+            )
+        )
+    parts.append(
+        partition.Partition(
+            plan.root_offset // s, plan.root_bytes // s, "root", _uuid(key, "part-root")
+        )
+    )
     if layout.table is PartitionTable.GPT:
         partition.write_gpt(disk, s, _uuid(key, "disk"), parts)
     else:
@@ -292,8 +336,9 @@ def _prepare(layout: DiskLayout, image: Image, key: str, tmp: Path, final: Path)
         size = (used * 115 // 100 + 64 * MIB) // MIB * MIB
         _mkfs_ext4(staging, source, size, str(_uuid(key, "source-fs")), "erfssrc")
     shutil.rmtree(staging)
-    return _Pending(layout, key, tmp, final, root_uuid, boot_uuid, root_partition, plan, source,
-                    started)  # fmt: skip
+    return _Pending(
+        layout, key, tmp, final, root_uuid, boot_uuid, root_partition, plan, source, started
+    )
 
 
 def _manifest_sha() -> str:
@@ -303,11 +348,17 @@ def _manifest_sha() -> str:
 def _finish(p: _Pending) -> Disk:
     seconds = time.monotonic() - p.started
     info = {
-        "layout": asdict(p.layout), "key": p.key, "root_uuid": p.root_uuid,
-        "boot_uuid": p.boot_uuid, "root_partition": p.root_partition,
-        "root_offset": p.plan.root_offset, "root_bytes": p.plan.root_bytes,
-        "size_bytes": p.plan.size, "manifest_sha": _manifest_sha(), "build_seconds": seconds,
-    }  # fmt: skip
+        "layout": asdict(p.layout),
+        "key": p.key,
+        "root_uuid": p.root_uuid,
+        "boot_uuid": p.boot_uuid,
+        "root_partition": p.root_partition,
+        "root_offset": p.plan.root_offset,
+        "root_bytes": p.plan.root_bytes,
+        "size_bytes": p.plan.size,
+        "manifest_sha": _manifest_sha(),
+        "build_seconds": seconds,
+    }
     if p.source is not None:
         p.source.unlink(missing_ok=True)
     (p.tmp / "disk.json").write_text(json.dumps(info, indent=1, default=str))
@@ -318,17 +369,29 @@ def _load(folder: Path, *, cached: bool) -> Disk:
     info = json.loads((folder / "disk.json").read_text())
     lay = info["layout"]
     layout = DiskLayout(
-        fs=Filesystem(lay["fs"]), table=PartitionTable(lay["table"]), root_mib=lay["root_mib"],
-        free_after_mib=lay["free_after_mib"], separate_boot=lay["separate_boot"],
-        boot_mib=lay["boot_mib"], sector=lay["sector"], content=Content(lay["content"]),
-    )  # fmt: skip
+        fs=Filesystem(lay["fs"]),
+        table=PartitionTable(lay["table"]),
+        root_mib=lay["root_mib"],
+        free_after_mib=lay["free_after_mib"],
+        separate_boot=lay["separate_boot"],
+        boot_mib=lay["boot_mib"],
+        sector=lay["sector"],
+        content=Content(lay["content"]),
+    )
     return Disk(
-        layout=layout, key=info["key"], path=folder / "disk.raw", root_uuid=info["root_uuid"],
-        boot_uuid=info["boot_uuid"], root_partition=info["root_partition"],
-        root_offset=info["root_offset"], root_bytes=info["root_bytes"],
-        size_bytes=info["size_bytes"], manifest_sha=info["manifest_sha"],
-        build_seconds=info["build_seconds"], cached=cached,
-    )  # fmt: skip
+        layout=layout,
+        key=info["key"],
+        path=folder / "disk.raw",
+        root_uuid=info["root_uuid"],
+        boot_uuid=info["boot_uuid"],
+        root_partition=info["root_partition"],
+        root_offset=info["root_offset"],
+        root_bytes=info["root_bytes"],
+        size_bytes=info["size_bytes"],
+        manifest_sha=info["manifest_sha"],
+        build_seconds=info["build_seconds"],
+        cached=cached,
+    )
 
 
 def _guest_fill_script(pending: Sequence[_Pending]) -> str:
@@ -363,10 +426,13 @@ def _fill_in_guest(pending: Sequence[_Pending], logs: Path) -> None:
         drives.append(Drive(p.tmp / "disk.raw", "raw", p.layout.sector, serial=f"t{i}"))
         drives.append(Drive(p.source, "raw", 512, readonly=True, serial=f"s{i}"))
     spec = BootSpec(
-        kernel=builder_image.kernel, initrd=builder_image.initrd,
-        root_uuid=builder_disk.root_uuid, drives=tuple(drives),
-        script=_guest_fill_script(pending), timeout=300 + 120 * len(pending),
-    )  # fmt: skip
+        kernel=builder_image.kernel,
+        initrd=builder_image.initrd,
+        root_uuid=builder_disk.root_uuid,
+        drives=tuple(drives),
+        script=_guest_fill_script(pending),
+        timeout=300 + 120 * len(pending),
+    )
     log.info("filling %d xfs/btrfs disk(s) in a builder guest", len(pending))
     result = boot(spec, logs, "fill")
     filled = {m.value.split()[0] for m in result.all("DISK-FILLED")}
@@ -417,8 +483,9 @@ def build_disks(layouts: Iterable[DiskLayout], image: Optional[Image] = None) ->
     # Host-built disks first and published: the builder guest boots from one of them, and its
     # lock must not be held by this run while the guest group is being built.
     out = _build_group([(k, lay) for k, lay in unique if lay.built_on_host], image, folder)
-    out.update(_build_group([(k, lay) for k, lay in unique if not lay.built_on_host], image,
-                            folder))  # fmt: skip
+    out.update(
+        _build_group([(k, lay) for k, lay in unique if not lay.built_on_host], image, folder)
+    )
     prune(folder, KEEP_DISKS)
     return [out[k] for k in keys]
 
@@ -439,8 +506,9 @@ def matrix_layouts() -> list[DiskLayout]:
         for table in PartitionTable
         for free in (0, 64)
     ]
-    out.append(DiskLayout(fs=Filesystem.XFS, table=PartitionTable.GPT, sector=4096,
-                          content=Content.TREE))  # fmt: skip
+    out.append(
+        DiskLayout(fs=Filesystem.XFS, table=PartitionTable.GPT, sector=4096, content=Content.TREE)
+    )
     return out
 
 
@@ -487,7 +555,7 @@ def verify_disks_script(disks: Sequence[tuple[str, Disk]]) -> str:
             f"mkdir -p {mnt}",
             f'echo "ERFS-DISK serial={serial} dev=$(readlink -f {dev}) '
             f"fstype=$(blkid -o value -s TYPE {dev}) uuid=$(blkid -o value -s UUID {dev}) "
-            f'lbs=$(blockdev --getss {dev}) pttype=$(blkid -o value -s PTTYPE '
+            f"lbs=$(blockdev --getss {dev}) pttype=$(blkid -o value -s PTTYPE "
             f'/dev/disk/by-id/virtio-{serial})"',
             fsck_script(disk.layout.fs, dev, serial).rstrip("\n"),
             f"if mount -o ro {dev} {mnt}; then",
@@ -528,8 +596,9 @@ def disk_sha256(image: Path, fmt: str = "qcow2", scratch: Optional[Path] = None)
             raw.unlink(missing_ok=True)
 
 
-def disk_contains(image: Path, needles: Sequence[bytes], fmt: str = "qcow2",
-                  scratch: Optional[Path] = None) -> dict[bytes, bool]:  # fmt: skip
+def disk_contains(
+    image: Path, needles: Sequence[bytes], fmt: str = "qcow2", scratch: Optional[Path] = None
+) -> dict[bytes, bool]:
     """Which of ``needles`` occur anywhere in the guest-visible bytes of ``image``."""
     scratch = scratch or image.with_name(image.name + ".flat")
     raw = raw_view(image, fmt, scratch)

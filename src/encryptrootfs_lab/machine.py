@@ -71,8 +71,9 @@ class Machine:
         self.extra.append(drive)
         return drive
 
-    def attach_blank(self, size_bytes: int, serial: Optional[str] = None,
-                     sector: int = 512) -> Drive:  # fmt: skip
+    def attach_blank(
+        self, size_bytes: int, serial: Optional[str] = None, sector: int = 512
+    ) -> Drive:
         path = create_blank(self.workdir / f"blank{len(self.extra)}.qcow2", size_bytes)
         drive = Drive(path, "qcow2", sector, serial=serial)
         self.extra.append(drive)
@@ -106,15 +107,22 @@ class Machine:
         direct = self.boot_from_disk is None
         spec = BootSpec(
             kernel=self.image.kernel if direct else None,
-            initrd=self.image.initrd if direct else None, root_uuid=self.disk.root_uuid,
-            drives=(self.root_drive, *self.extra), script=script, append=tuple(append),
-            forwards=self.forwards, timeout=timeout, kill_after=kill_after,
-            kill_on_console=kill_on_console, kill_delay=kill_delay,
+            initrd=self.image.initrd if direct else None,
+            root_uuid=self.disk.root_uuid,
+            drives=(self.root_drive, *self.extra),
+            script=script,
+            append=tuple(append),
+            forwards=self.forwards,
+            timeout=timeout,
+            kill_after=kill_after,
+            kill_on_console=kill_on_console,
+            kill_delay=kill_delay,
             memory_mib=BootSpec.memory_mib if memory_mib is None else memory_mib,
             rtc_base=rtc_base,
             cache="writeback" if kill_after is not None or kill_on_console else "unsafe",
-            firmware=self.boot_from_disk, efi_vars=self.efi_vars,
-        )  # fmt: skip
+            firmware=self.boot_from_disk,
+            efi_vars=self.efi_vars,
+        )
         # Recently used: the cache keeps what a running session still boots (cache.prune).
         for entry in (self.image.folder, self.disk.path.parent):
             if entry.is_dir() and entry.parent.parent == cache_root():
@@ -123,8 +131,12 @@ class Machine:
         folder = Path(tempfile.mkdtemp(prefix="erfs-con-"))
         self.console_socket = folder / "console.sock"
         try:
-            result = boot(spec, self.workdir, name or f"boot{len(self.boots) + 1}",
-                          console_socket=self.console_socket)
+            result = boot(
+                spec,
+                self.workdir,
+                name or f"boot{len(self.boots) + 1}",
+                console_socket=self.console_socket,
+            )
         finally:
             self.console_socket = None
             shutil.rmtree(folder, ignore_errors=True)
@@ -142,9 +154,13 @@ class Machine:
         type_on(socket_path, line + "\n")
 
     def boot_twice(
-        self, first: Optional[str], second: Optional[str], *, append: Sequence[str] = (),
+        self,
+        first: Optional[str],
+        second: Optional[str],
+        *,
+        append: Sequence[str] = (),
         timeout: float = 300.0,
-    ) -> tuple[BootResult, BootResult]:  # fmt: skip
+    ) -> tuple[BootResult, BootResult]:
         """First boot, then a second boot on the same overlay (what every product test does)."""
         one = self.boot(first, append=append, timeout=timeout, name="first")
         two = self.boot(second, append=append, timeout=timeout, name="second")

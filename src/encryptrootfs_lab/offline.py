@@ -57,7 +57,7 @@ def partition_extent(raw: Path, number: int) -> tuple[int, int]:
     sector = int(table.get("sectorsize", 512))
     for p in table["partitions"]:
         # sfdisk names a file's partitions <file><n> (or <file>p<n> after a digit)
-        if p["node"][len(str(raw)):].lstrip("p") == str(number):
+        if p["node"][len(str(raw)) :].lstrip("p") == str(number):
             return int(p["start"]) * sector, int(p["size"]) * sector
     raise LabError(f"{raw} has no partition {number}")
 
@@ -88,16 +88,23 @@ def unwrap(kms: KmsEmulator, token: Mapping[str, Any]) -> bytes:
     import botocore.session
 
     client = botocore.session.get_session().create_client(
-        "kms", region_name=str(token["region"]), endpoint_url=kms.url,
+        "kms",
+        region_name=str(token["region"]),
+        endpoint_url=kms.url,
         # the emulator accepts any credentials
-        aws_access_key_id="lab", aws_secret_access_key="lab")  # noqa: S106  # fmt: skip
-    out = client.decrypt(CiphertextBlob=base64.b64decode(str(token["ciphertext"])),
-                         EncryptionContext=dict(token["encryption_context"]))  # fmt: skip
+        aws_access_key_id="lab",
+        aws_secret_access_key="lab",  # noqa: S106
+    )
+    out = client.decrypt(
+        CiphertextBlob=base64.b64decode(str(token["ciphertext"])),
+        EncryptionContext=dict(token["encryption_context"]),
+    )
     return bytes(out["Plaintext"])
 
 
-def root_key(image: Path, disk: Disk, kms: KmsEmulator, scratch: Path,
-             *, fmt: str = "qcow2") -> bytes:  # fmt: skip
+def root_key(
+    image: Path, disk: Disk, kms: KmsEmulator, scratch: Path, *, fmt: str = "qcow2"
+) -> bytes:
     """The key the root's token wraps, unwrapped by the emulator: what must be on no disk."""
     from .layout import raw_view
 
@@ -117,8 +124,20 @@ def volume_key(header: Path, passphrase: bytes, scratch: Path) -> bytes:
     """The volume key, from the header and a passphrase of one of its keyslots."""
     out = scratch.with_name(scratch.name + ".vk")
     try:
-        run(["cryptsetup", "luksDump", "--batch-mode", "--dump-volume-key",
-             "--volume-key-file", out, "--key-file", "-", header], stdin=passphrase)  # fmt: skip
+        run(
+            [
+                "cryptsetup",
+                "luksDump",
+                "--batch-mode",
+                "--dump-volume-key",
+                "--volume-key-file",
+                out,
+                "--key-file",
+                "-",
+                header,
+            ],
+            stdin=passphrase,
+        )
         return out.read_bytes()
     finally:
         out.unlink(missing_ok=True)
@@ -137,7 +156,7 @@ def decrypt(raw: Path, offset: int, size: int, key: bytes, sector: int, out: Pat
             for i in range(0, len(chunk) - len(chunk) % sector, sector):
                 tweak = ((done + i) // 512).to_bytes(16, "little")
                 d = Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor()
-                plain[i:i + sector] = d.update(chunk[i:i + sector]) + d.finalize()
+                plain[i : i + sector] = d.update(chunk[i : i + sector]) + d.finalize()
             dst.write(plain)
             done += len(chunk)
 
@@ -149,9 +168,13 @@ def fsck(fs: Filesystem, image: Path) -> FsckResult:
 
 
 def check_encrypted_root(
-    image: Path, disk: Disk, kms: KmsEmulator, scratch: Path,
-    *, fmt: str = "qcow2",
-) -> FsckResult:  # fmt: skip
+    image: Path,
+    disk: Disk,
+    kms: KmsEmulator,
+    scratch: Path,
+    *,
+    fmt: str = "qcow2",
+) -> FsckResult:
     """Decrypt the root partition of ``image`` (a disk of layout ``disk``) on the host and
     check its filesystem read-only. Scratch files next to ``scratch`` are removed after."""
     from .layout import raw_view
@@ -164,8 +187,10 @@ def check_encrypted_root(
         _copy_range(raw, start, HEADER_BYTES, header)
         hdr = luks2.read_header(header)
         if hdr.requirements:
-            raise LabError(f"the root header still has requirements {hdr.requirements} "
-                           "(an unfinished conversion)")
+            raise LabError(
+                f"the root header still has requirements {hdr.requirements} "
+                "(an unfinished conversion)"
+            )
         (segment,) = [s for s in hdr.segments if s.type == "crypt"]
         if segment.encryption != "aes-xts-plain64":
             raise LabError(f"cannot decrypt {segment.encryption} on the host")

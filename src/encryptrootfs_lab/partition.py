@@ -31,13 +31,31 @@ class Partition:
 
 
 def _gpt_header(
-    sector: int, current: int, backup: int, first: int, last: int, disk: uuid.UUID,
-    entries_lba: int, entries_crc: int,
-) -> bytes:  # fmt: skip
+    sector: int,
+    current: int,
+    backup: int,
+    first: int,
+    last: int,
+    disk: uuid.UUID,
+    entries_lba: int,
+    entries_crc: int,
+) -> bytes:
     fields = [
-        b"EFI PART", 0x00010000, 92, 0, 0, current, backup, first, last, disk.bytes_le,
-        entries_lba, GPT_ENTRIES, GPT_ENTRY_SIZE, entries_crc,
-    ]  # fmt: skip
+        b"EFI PART",
+        0x00010000,
+        92,
+        0,
+        0,
+        current,
+        backup,
+        first,
+        last,
+        disk.bytes_le,
+        entries_lba,
+        GPT_ENTRIES,
+        GPT_ENTRY_SIZE,
+        entries_crc,
+    ]
     fmt = "<8sIIII QQQQ 16s QIII"
     header = struct.pack(fmt, *fields)
     crc = zlib.crc32(header)
@@ -63,9 +81,14 @@ def write_gpt(path: Path, sector: int, disk_guid: uuid.UUID, parts: list[Partiti
             raise ValueError(f"partition {p.name} does not fit into the disk")
         name = p.name.encode("utf-16-le")[:72]
         entries += struct.pack(
-            "<16s16sQQQ72s", GPT_LINUX_FS.bytes_le, p.guid.bytes_le, p.start,
-            p.start + p.sectors - 1, 0, name + bytes(72 - len(name)),
-        )  # fmt: skip
+            "<16s16sQQQ72s",
+            GPT_LINUX_FS.bytes_le,
+            p.guid.bytes_le,
+            p.start,
+            p.start + p.sectors - 1,
+            0,
+            name + bytes(72 - len(name)),
+        )
     entries += bytes(GPT_ENTRIES * GPT_ENTRY_SIZE - len(entries))
     crc = zlib.crc32(entries)
     last = total - 1
@@ -90,9 +113,14 @@ def write_mbr(path: Path, signature: int, parts: list[Partition]) -> None:
     for i, p in enumerate(parts):
         # CHS fields are ignored by Linux; fill them with the "use LBA" maximum.
         table += struct.pack(
-            "<B3sB3sII", 0x80 if i == 0 else 0, b"\xfe\xff\xff", MBR_LINUX, b"\xfe\xff\xff",
-            p.start, p.sectors,
-        )  # fmt: skip
+            "<B3sB3sII",
+            0x80 if i == 0 else 0,
+            b"\xfe\xff\xff",
+            MBR_LINUX,
+            b"\xfe\xff\xff",
+            p.start,
+            p.sectors,
+        )
     table += bytes(64 - len(table))
     with open(path, "r+b") as f:
         f.seek(440)

@@ -20,8 +20,13 @@ LAB_KEY_ALIAS = "alias/encryptrootfs-lab"
 INSTALL = ("/usr/local/sbin/encryptrootfs", "install", "--no-regenerate")
 
 
-def lab_config(*, grow: bool = False, unlock_timeout: float = 120.0,
-               extra: str = "", first_boot_extra: str = "") -> str:
+def lab_config(
+    *,
+    grow: bool = False,
+    unlock_timeout: float = 120.0,
+    extra: str = "",
+    first_boot_extra: str = "",
+) -> str:
     return f"""\
 # encryptrootfs lab image: the emulated cloud of encryptrootfs_lab.cloud
 [root]
@@ -46,8 +51,9 @@ unlock_timeout = {unlock_timeout}
 {extra}"""
 
 
-def encrypt_spec(name: str = "encrypt", *, grow: bool = False,
-                 config: Optional[str] = None) -> ImageSpec:
+def encrypt_spec(
+    name: str = "encrypt", *, grow: bool = False, config: Optional[str] = None
+) -> ImageSpec:
     """The plain image plus encryptrootfs installed and configured for the lab's cloud."""
     return ImageSpec(
         name=name,
@@ -71,8 +77,11 @@ def inspect_script() -> str:
     show --json`` of the root partition), ``ERFS-JOURNAL`` (what encryptrootfs said in the
     initramfs), and the test tree's verification.
     """
-    return verify_root_script() + """\
+    return (
+        verify_root_script()
+        + """\
 echo "ERFS-ROOTDEV dm=$(lsblk -no TYPE "$(findmnt -no SOURCE /)") uuid=$(findmnt -no UUID /)"
 echo "ERFS-TOKEN $(encryptrootfs token show /dev/vda1 --json | tr -d '\\n ')"
 journalctl -b -u encryptrootfs.service --no-pager -o cat | sed 's/^/ERFS-JOURNAL /'
 """
+    )

@@ -79,13 +79,20 @@ class Firmware(str, Enum):
 
 def kernel_cmdline(root_uuid: str, append: Sequence[str] = ()) -> str:
     """The lab's kernel command line (``-append`` of a direct boot, grub.cfg of a disk boot)."""
-    return " ".join([
-        f"root=UUID={root_uuid}", "ro", "console=ttyS0,115200", "panic=-1",
-        # rd.emergency=poweroff: a failed initramfs (e.g. encryptrootfs failing closed)
-        # powers off, so QEMU exits at once instead of halting until the timeout.
-        "rd.shell=0", "rd.emergency=poweroff", f"modprobe.blacklist={MODULE_BLACKLIST}",
-        *append,
-    ])  # fmt: skip
+    return " ".join(
+        [
+            f"root=UUID={root_uuid}",
+            "ro",
+            "console=ttyS0,115200",
+            "panic=-1",
+            # rd.emergency=poweroff: a failed initramfs (e.g. encryptrootfs failing closed)
+            # powers off, so QEMU exits at once instead of halting until the timeout.
+            "rd.shell=0",
+            "rd.emergency=poweroff",
+            f"modprobe.blacklist={MODULE_BLACKLIST}",
+            *append,
+        ]
+    )
 
 
 def smbios_append_value(append: Sequence[str]) -> str:
@@ -252,8 +259,20 @@ class BootResult:
 
 def create_overlay(base: Path, overlay: Path, base_format: str = "raw") -> Path:
     """A qcow2 overlay whose writes stay out of ``base``."""
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", base.resolve(),
-         overlay])  # fmt: skip
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            base_format,
+            "-b",
+            base.resolve(),
+            overlay,
+        ]
+    )
     return overlay
 
 
@@ -269,24 +288,31 @@ def _relay_command(port: int) -> str:
 def _boot_argv(spec: BootSpec) -> list[str]:
     if spec.firmware is None:
         if spec.kernel is None or spec.initrd is None:
-            raise LabError("A boot without a firmware needs a kernel and an initrd; QEMU was "
-                           "not started.", hint="give BootSpec kernel= and initrd=")  # fmt: skip
-        return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append",
-                spec.cmdline()]  # fmt: skip
+            raise LabError(
+                "A boot without a firmware needs a kernel and an initrd; QEMU was not started.",
+                hint="give BootSpec kernel= and initrd=",
+            )
+        return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline()]
     if spec.kernel is not None or spec.initrd is not None:
-        raise LabError(f"A {spec.firmware.value} boot loads the kernel from the disk; QEMU was "
-                       "not started.", hint="leave BootSpec kernel and initrd at None")  # fmt: skip
+        raise LabError(
+            f"A {spec.firmware.value} boot loads the kernel from the disk; QEMU was not started.",
+            hint="leave BootSpec kernel and initrd at None",
+        )
     if not spec.drives:
         raise LabError("A firmware boot needs a disk to boot from; QEMU was not started.")
     argv: list[str] = []
     if spec.firmware is Firmware.UEFI:
         if spec.efi_vars is None:
-            raise LabError("A UEFI boot needs its machine's copy of OVMF_VARS; QEMU was not "
-                           "started.", hint="give BootSpec efi_vars= (Machine does)")  # fmt: skip
+            raise LabError(
+                "A UEFI boot needs its machine's copy of OVMF_VARS; QEMU was not started.",
+                hint="give BootSpec efi_vars= (Machine does)",
+            )
         argv += [
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={spec.efi_vars}",
-        ]  # fmt: skip
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={spec.efi_vars}",
+        ]
     if spec.append:
         argv += ["-smbios", smbios_append_value(spec.append)]
     return argv
@@ -303,13 +329,17 @@ def console_argv(console: Path, socket_path: Optional[Path]) -> list[str]:
         return ["-serial", f"file:{console}"]
     for path in (console, socket_path):
         if "," in str(path):
-            raise LabError(f"QEMU's option syntax cannot take the path {path} (a comma); "
-                           "QEMU was not started.", hint="use a work folder without commas")
+            raise LabError(
+                f"QEMU's option syntax cannot take the path {path} (a comma); "
+                "QEMU was not started.",
+                hint="use a work folder without commas",
+            )
     return [
-        "-chardev", f"socket,id=con0,path={socket_path},server=on,wait=off,"
-                    f"logfile={console},logappend=off",
-        "-serial", "chardev:con0",
-    ]  # fmt: skip
+        "-chardev",
+        f"socket,id=con0,path={socket_path},server=on,wait=off,logfile={console},logappend=off",
+        "-serial",
+        "chardev:con0",
+    ]
 
 
 def type_on(socket_path: Path, text: str, *, settle: float = 1.0) -> None:
@@ -324,17 +354,23 @@ def type_on(socket_path: Path, text: str, *, settle: float = 1.0) -> None:
         try:
             s.connect(str(socket_path))
         except OSError as exc:
-            raise LabError(f"Cannot reach the guest's console at {socket_path}: {exc}; is the "
-                           "boot still running?") from None
+            raise LabError(
+                f"Cannot reach the guest's console at {socket_path}: {exc}; is the "
+                "boot still running?"
+            ) from None
         s.sendall(text.encode())
         time.sleep(settle)
 
 
-def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Path],
-              console_socket: Optional[Path] = None) -> list[str]:
+def qemu_argv(
+    spec: BootSpec,
+    console: Path,
+    results: Path,
+    script: Optional[Path],
+    console_socket: Optional[Path] = None,
+) -> list[str]:
     netdev = (
-        f"user,id=n0,restrict=on,net={GUEST_NET},host={GUEST_HOST},"
-        f"dhcpstart={GUEST_DHCP_START}"
+        f"user,id=n0,restrict=on,net={GUEST_NET},host={GUEST_HOST},dhcpstart={GUEST_DHCP_START}"
     )
     for fwd in spec.forwards:
         netdev += (
@@ -342,15 +378,31 @@ def qemu_argv(spec: BootSpec, console: Path, results: Path, script: Optional[Pat
             f"{_relay_command(fwd.host_port)}"
         )
     argv = [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", GUEST_CPU,
-        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-        "-nodefaults", "-display", "none", "-no-reboot", *_boot_argv(spec),
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        GUEST_CPU,
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        str(spec.memory_mib),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        *_boot_argv(spec),
         # romfile= (firmware boots): no iPXE; the firmware boots the disk and nothing else.
-        "-netdev", netdev,
-        "-device", "virtio-net-pci,netdev=n0" + (",romfile=" if spec.firmware else ""),
-        "-device", "virtio-rng-pci",
-        *console_argv(console, console_socket), "-serial", f"file:{results}",
-    ]  # fmt: skip
+        "-netdev",
+        netdev,
+        "-device",
+        "virtio-net-pci,netdev=n0" + (",romfile=" if spec.firmware else ""),
+        "-device",
+        "virtio-rng-pci",
+        *console_argv(console, console_socket),
+        "-serial",
+        f"file:{results}",
+    ]
     if spec.rtc_base is not None:
         argv += ["-rtc", f"base={spec.rtc_base}"]
     for i, d in enumerate(spec.drives):
@@ -406,8 +458,9 @@ def _classify(console: str, returncode: int) -> BootEnd:
     return BootEnd.POWEROFF
 
 
-def boot(spec: BootSpec, workdir: Path, name: str = "boot",
-         console_socket: Optional[Path] = None) -> BootResult:
+def boot(
+    spec: BootSpec, workdir: Path, name: str = "boot", console_socket: Optional[Path] = None
+) -> BootResult:
     """Run one boot to its end; returns how it ended and what it printed.
 
     ``console_socket``: where the console listens for typing (:func:`type_on`) while the boot
@@ -439,9 +492,13 @@ def boot(spec: BootSpec, workdir: Path, name: str = "boot",
     matched_at: Optional[float] = None
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True, env=env,
-        )  # fmt: skip
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
+            env=env,
+        )
     STARTED_GROUPS.add(proc.pid)
     try:
         seen = 0
@@ -480,10 +537,17 @@ def boot(spec: BootSpec, workdir: Path, name: str = "boot",
             reason = _read_text(stderr_path).strip()[-2000:]
     results_text = _read_text(results)
     result = BootResult(
-        name=name, end=end, wall_seconds=wall, console=console_text, results=results_text,
-        console_path=console, results_path=results, returncode=proc.returncode,
-        markers=parse_markers(results_text), kill_reason=reason,
-    )  # fmt: skip
+        name=name,
+        end=end,
+        wall_seconds=wall,
+        console=console_text,
+        results=results_text,
+        console_path=console,
+        results_path=results,
+        returncode=proc.returncode,
+        markers=parse_markers(results_text),
+        kill_reason=reason,
+    )
     log.info("boot %s: %s after %.1fs", name, end.value, wall)
     if end is BootEnd.QEMU_FAILED:
         raise LabError(

@@ -127,8 +127,7 @@ def bytes_lost(results: str, manifest: Path) -> Optional[int]:
     """
     if "ERFS-TREE-OK" not in results and "ERFS-TREE-FAIL" not in results:
         return None
-    sizes = {e["path"]: int(e.get("size", 0))
-             for e in json.loads(manifest.read_text())["entries"]}  # fmt: skip
+    sizes = {e["path"]: int(e.get("size", 0)) for e in json.loads(manifest.read_text())["entries"]}
     # Paths may contain spaces: take the longest manifest path the line names.
     by_length = sorted(sizes, key=len, reverse=True)
     lost: dict[str, int] = {}
@@ -138,6 +137,6 @@ def bytes_lost(results: str, manifest: Path) -> Optional[int]:
             continue
         _, sep, rest = rest.partition(" path=")
         path = next((p for p in by_length if rest.startswith(p + " ")), None)
-        if path is not None and not rest[len(path) + 1:].startswith("unexpected"):
+        if path is not None and not rest[len(path) + 1 :].startswith("unexpected"):
             lost[path] = sizes[path]
     return sum(lost.values())

@@ -38,9 +38,22 @@ class Ext4Image:
 
 def luks_format(path: Path, passphrase: bytes, *args: str) -> None:
     # PBKDF2 at the minimum: the tier tests header operations, not the PBKDF's cost.
-    run(["cryptsetup", "luksFormat", "--batch-mode", "--pbkdf", "pbkdf2",
-         "--pbkdf-force-iterations", "1000", *args, "--key-file", "-", str(path)],
-        stdin=passphrase)
+    run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            *args,
+            "--key-file",
+            "-",
+            str(path),
+        ],
+        stdin=passphrase,
+    )
 
 
 @pytest.fixture
@@ -66,7 +79,8 @@ def make_ext4_image(tmp_path: Path) -> Callable[[int], Ext4Image]:
         (tree / "zeros.bin").write_bytes(bytes(MIB))
         files = {
             str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in tree.rglob("*") if p.is_file()
+            for p in tree.rglob("*")
+            if p.is_file()
         }
         image = tmp_path / f"ext4-{size}.img"
         image.write_bytes(b"")
@@ -89,9 +103,21 @@ def _decrypt(image: Path, key: bytes, workdir: Path) -> Path:
     state in a detached header file; without device-mapper this is how the tier reads the
     data back. Returns the image, now holding the plain filesystem at offset 0.
     """
-    run(["cryptsetup", "reencrypt", "--decrypt", "--batch-mode", "--force-offline-reencrypt",
-         "--header", str(workdir / f"{image.stem}-decrypt-header"), "--key-file", "-",
-         str(image)], stdin=key)
+    run(
+        [
+            "cryptsetup",
+            "reencrypt",
+            "--decrypt",
+            "--batch-mode",
+            "--force-offline-reencrypt",
+            "--header",
+            str(workdir / f"{image.stem}-decrypt-header"),
+            "--key-file",
+            "-",
+            str(image),
+        ],
+        stdin=key,
+    )
     return image
 
 

@@ -51,15 +51,22 @@ def probe(path: Path) -> devices.Partition:
 VALID_KMS = '[providers.aws_kms]\nkey_id = "alias/x"\n'
 
 
-@pytest.mark.parametrize(("text", "names"), [
-    ("[root]\ndevice = 42\n" + VALID_KMS, "root.device"),
-    ('[providers.aws_kms]\nkey_id = ""\n', "key_id"),
-    (VALID_KMS + "[boot]\nunlock_timeout = -5\n", "unlock_timeout"),
-    ("[root\n", "line 1"),
-])
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("[root]\ndevice = 42\n" + VALID_KMS, "root.device"),
+        ('[providers.aws_kms]\nkey_id = ""\n', "key_id"),
+        (VALID_KMS + "[boot]\nunlock_timeout = -5\n", "unlock_timeout"),
+        ("[root\n", "line 1"),
+    ],
+)
 def test_invalid_config_stops_the_boot_before_any_device_is_touched(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], robustness: Case, text: str, names: str,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    robustness: Case,
+    text: str,
+    names: str,
+) -> None:
     disk = blank(tmp_path / "disk.img", 64 * MIB)
     run(["mkfs.ext4", "-q", "-F", disk])
     before = sha(disk)
@@ -72,9 +79,7 @@ def test_invalid_config_stops_the_boot_before_any_device_is_touched(
     unchanged(robustness, disk, before)
 
 
-def test_a_selector_matching_no_device_names_the_selector(
-    tmp_path: Path, robustness: Case
-) -> None:
+def test_a_selector_matching_no_device_names_the_selector(tmp_path: Path, robustness: Case) -> None:
     disk = blank(tmp_path / "disk.img", 64 * MIB)
     run(["mkfs.ext4", "-q", "-F", disk])
     before = sha(disk)
@@ -97,11 +102,14 @@ def test_a_selector_matching_two_devices_is_refused_never_guessed(
     unchanged(robustness, disk, before)
 
 
-@pytest.mark.parametrize(("mkfs", "fs"), [
-    (["mkfs.ext2", "-q", "-F"], "ext2"),
-    (["mkfs.ext3", "-q", "-F"], "ext3"),
-    (["mkswap"], "swap"),
-])
+@pytest.mark.parametrize(
+    ("mkfs", "fs"),
+    [
+        (["mkfs.ext2", "-q", "-F"], "ext2"),
+        (["mkfs.ext3", "-q", "-F"], "ext3"),
+        (["mkswap"], "swap"),
+    ],
+)
 def test_an_unsupported_filesystem_is_refused_by_name(
     tmp_path: Path, robustness: Case, mkfs: list[str], fs: str
 ) -> None:
@@ -122,9 +130,7 @@ def test_a_luks1_root_is_refused(tmp_path: Path, robustness: Case) -> None:
     unchanged(robustness, disk, before)
 
 
-def test_a_partition_too_small_for_the_header_is_refused(
-    tmp_path: Path, robustness: Case
-) -> None:
+def test_a_partition_too_small_for_the_header_is_refused(tmp_path: Path, robustness: Case) -> None:
     disk = blank(tmp_path / "disk.img", 24 * MIB)
     run(["mkfs.ext4", "-q", "-F", disk])
     before = sha(disk)
@@ -135,9 +141,7 @@ def test_a_partition_too_small_for_the_header_is_refused(
     unchanged(robustness, disk, before)
 
 
-def test_a_full_filesystem_that_cannot_shrink_is_refused(
-    tmp_path: Path, robustness: Case
-) -> None:
+def test_a_full_filesystem_that_cannot_shrink_is_refused(tmp_path: Path, robustness: Case) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "big.bin").write_bytes(os.urandom(100 * MIB))

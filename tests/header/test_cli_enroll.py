@@ -65,8 +65,7 @@ def test_enroll_show_verify_and_no_secret_anywhere(
     assert token["provider"] == "aws-kms"
     assert token["key_id"] == key_arn
     assert token["region"] == REGION
-    assert token["encryption_context"] == {
-        "encryptrootfs:luks_uuid": header.uuid, "fleet": "web"}
+    assert token["encryption_context"] == {"encryptrootfs:luks_uuid": header.uuid, "fleet": "web"}
     assert token["keyslots"] == [str(enrolled["keyslot"])]
 
     r = cli("token", "show", str(luks_image.path))
@@ -79,14 +78,19 @@ def test_enroll_show_verify_and_no_secret_anywhere(
     # Decrypt calls carried the volume's context.
     decrypts = kms.requests_for("Decrypt")
     assert decrypts and all(
-        d.encryption_context.get("encryptrootfs:luks_uuid") == header.uuid for d in decrypts)
+        d.encryption_context.get("encryptrootfs:luks_uuid") == header.uuid for d in decrypts
+    )
 
     _, exported = our_token(luks_image.path)
     secret = unwrap(kms, exported)
     assert len(secret) == 64
     output = "\n".join(cli.transcript)
-    for form in (secret.hex(), secret.hex().upper(), base64.b64encode(secret).decode(),
-                 secret.decode("latin-1")):
+    for form in (
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode(),
+        secret.decode("latin-1"),
+    ):
         assert form not in output
     assert "+ " in output  # --debug really logged the commands that were searched
 
@@ -127,8 +131,21 @@ def test_enroll_refuses_luks1_and_plain_files(cli: Cli, tmp_path: Path) -> None:
     luks1 = tmp_path / "luks1.img"
     luks1.write_bytes(b"")
     os.truncate(luks1, 32 * 1024 * 1024)
-    run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks1", "--pbkdf-force-iterations",
-         "1000", "--key-file", "-", str(luks1)], stdin=b"pw")
+    run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks1",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            "-",
+            str(luks1),
+        ],
+        stdin=b"pw",
+    )
     r = cli("enroll", str(luks1), stdin=b"pw")
     assert r.returncode == ExitCode.DEVICE
     assert "LUKS1" in r.stderr and "tokens need LUKS2" in r.stderr

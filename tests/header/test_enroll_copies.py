@@ -28,7 +28,8 @@ def cli(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str) -> C
 @pytest.fixture
 def other_key(kms: KmsEmulator) -> str:
     return KmsEmulator(region=OTHER_REGION, account_id=kms.account_id).create_key(
-        alias="encryptrootfs-other")
+        alias="encryptrootfs-other"
+    )
 
 
 def tokens(path: Path) -> dict[int, dict[str, Any]]:
@@ -72,8 +73,9 @@ def test_a_copy_in_another_region_wraps_the_same_key_for_the_same_keyslot(
     assert results[copy["token_id"]]["ok"] is True
 
 
-def test_a_copy_with_the_key_already_there_is_refused(cli: Cli, luks_image: Any,
-                                                      key_arn: str, other_key: str) -> None:
+def test_a_copy_with_the_key_already_there_is_refused(
+    cli: Cli, luks_image: Any, key_arn: str, other_key: str
+) -> None:
     assert cli("enroll", str(luks_image.path), stdin=luks_image.passphrase).returncode == 0
     before = tokens(luks_image.path)
     r = cli("enroll", str(luks_image.path), "--copy", "--key-id", key_arn)
@@ -86,8 +88,7 @@ def test_a_copy_with_the_key_already_there_is_refused(cli: Cli, luks_image: Any,
     assert r.returncode == ExitCode.REFUSED and "--token-id" in r.stderr
 
 
-def test_copy_options_without_copy_are_refused(cli: Cli, luks_image: Any, other_key: str
-                                               ) -> None:
+def test_copy_options_without_copy_are_refused(cli: Cli, luks_image: Any, other_key: str) -> None:
     r = cli("enroll", str(luks_image.path), "--key-id", other_key, stdin=luks_image.passphrase)
     assert r.returncode != 0 and "go with --copy" in r.stderr
     assert tokens(luks_image.path) == {}

@@ -32,8 +32,13 @@ from support.emulators import provider
 MIB = 1024 * 1024
 SIZE = 96 * MIB
 # Only the retry budget of the boot matters here; the provider is built by the fixture.
-CONFIG = parse_config({"providers": {"aws_kms": {"key_id": "alias/encryptrootfs-test"}},
-                       "boot": {"unlock_timeout": 30}}, source="test")
+CONFIG = parse_config(
+    {
+        "providers": {"aws_kms": {"key_id": "alias/encryptrootfs-test"}},
+        "boot": {"unlock_timeout": 30},
+    },
+    source="test",
+)
 
 
 @pytest.fixture
@@ -51,15 +56,23 @@ def start_first_boot(image: Path, p: AwsKmsProvider) -> tuple[NewKey, PlanRecord
     luks_uuid = str(uuid.uuid4())
     key = first_boot.verified_new_key(p, luks_uuid)
     token = first_boot.new_token(key.wrapped, 0, part)
-    record = PlanRecord(luks_uuid, SIZE, "ext4", part.signature.uuid, part.signature.label,
-                        plan_record.head_sha256(str(image)), token_to_json(token))
+    record = PlanRecord(
+        luks_uuid,
+        SIZE,
+        "ext4",
+        part.signature.uuid,
+        part.signature.label,
+        plan_record.head_sha256(str(image)),
+        token_to_json(token),
+    )
     plan_record.write(str(image), record)
     return key, record
 
 
 def init_header(image: Path, key: NewKey, record: PlanRecord) -> None:
-    luks2.reencrypt_encrypt_init(image, key.plaintext, uuid=record.luks_uuid,
-                                 reduce_device_size=REDUCE_DEVICE_SIZE)
+    luks2.reencrypt_encrypt_init(
+        image, key.plaintext, uuid=record.luks_uuid, reduce_device_size=REDUCE_DEVICE_SIZE
+    )
 
 
 def fsck_clean(image: Path) -> bool:
@@ -71,8 +84,9 @@ def assert_files_intact(image: Path, ext4: Any, images: Any) -> None:
         assert hashlib.sha256(images.read_file_in_ext4(image, inside)).hexdigest() == digest
 
 
-def test_cut_before_the_header_starts_again(make_ext4_image: Any, kms_provider: AwsKmsProvider
-                                            ) -> None:
+def test_cut_before_the_header_starts_again(
+    make_ext4_image: Any, kms_provider: AwsKmsProvider
+) -> None:
     ext4 = make_ext4_image(SIZE)
     key, _ = start_first_boot(ext4.path, kms_provider)
     key.wipe()

@@ -46,14 +46,20 @@ def image(tmp_path: Path) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int, float]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_install_writes_config_module_and_dracut_conf(image: Path) -> None:
     result = install(image, EXAMPLE_CONFIG, regenerate_initramfs=False)
     assert (result.config, result.module, result.dracut_conf) == (
-        Change.WRITTEN, Change.WRITTEN, Change.WRITTEN)
+        Change.WRITTEN,
+        Change.WRITTEN,
+        Change.WRITTEN,
+    )
     assert result.initramfs == ()
     config = image / "etc/encryptrootfs/config.toml"
     assert config.read_bytes() == EXAMPLE_CONFIG.read_bytes()
@@ -75,7 +81,10 @@ def test_install_twice_changes_nothing_the_second_time(image: Path) -> None:
     before = _snapshot(image)
     again = install(image, EXAMPLE_CONFIG, regenerate_initramfs=False)
     assert (again.config, again.module, again.dracut_conf) == (
-        Change.UNCHANGED, Change.UNCHANGED, Change.UNCHANGED)
+        Change.UNCHANGED,
+        Change.UNCHANGED,
+        Change.UNCHANGED,
+    )
     keep = install(image, None, regenerate_initramfs=False)
     assert keep.config is Change.KEPT
     assert _snapshot(image) == before
@@ -89,7 +98,8 @@ def test_install_replaces_a_changed_module_whole(image: Path) -> None:
     result = install(image, None, regenerate_initramfs=False)
     assert result.module is Change.UPDATED
     assert (module / "module-setup.sh").read_bytes() == (
-        module_source() / "module-setup.sh").read_bytes()
+        module_source() / "module-setup.sh"
+    ).read_bytes()
     assert not (module / "stale-file").exists()
     assert sorted(p.name for p in (image / MODULES_D).iterdir()) == ["50encryptrootfs", "90crypt"]
 
@@ -122,9 +132,13 @@ def test_without_dracut_nothing_is_written(tmp_path: Path) -> None:
 def _record_commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     calls: list[list[str]] = []
 
-    def spawn(argv: Sequence[str], stdin: Optional[bytes], timeout: Optional[float],
-              env: Optional[Mapping[str, str]], pass_fds: Sequence[int],
-              ) -> subprocess.CompletedProcess[bytes]:
+    def spawn(
+        argv: Sequence[str],
+        stdin: Optional[bytes],
+        timeout: Optional[float],
+        env: Optional[Mapping[str, str]],
+        pass_fds: Sequence[int],
+    ) -> subprocess.CompletedProcess[bytes]:
         calls.append(list(argv))
         return subprocess.CompletedProcess(list(argv), 0, b"", b"")
 
@@ -133,7 +147,8 @@ def _record_commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 def test_regenerates_every_installed_kernel_inside_the_image(
-    image: Path, monkeypatch: pytest.MonkeyPatch,
+    image: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for kver in ("6.1.0-10-amd64", "6.1.0-9-amd64"):
         (image / "lib/modules" / kver).mkdir(parents=True)
@@ -151,7 +166,8 @@ def test_regenerates_every_installed_kernel_inside_the_image(
 
 
 def test_regenerate_in_an_image_without_proc_says_so(
-    image: Path, monkeypatch: pytest.MonkeyPatch,
+    image: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (image / "lib/modules/6.1.0-9-amd64/kernel").mkdir(parents=True)
     calls = _record_commands(monkeypatch)
@@ -199,10 +215,19 @@ def test_check_of_a_ready_image(image: Path, capsys: pytest.CaptureFixture[str])
     install(image, EXAMPLE_CONFIG, regenerate_initramfs=False)
     code, items = _check(image, capsys)
     assert {n: i["status"] for n, i in items.items()} == {
-        "python": "ok", "tools (luks)": "ok", "tools (partition)": "ok", "tools (ext4)": "ok",
-        "tools (xfs)": "ok", "tools (btrfs)": "ok", "tools (boot)": "ok", "dracut": "ok",
+        "python": "ok",
+        "tools (luks)": "ok",
+        "tools (partition)": "ok",
+        "tools (ext4)": "ok",
+        "tools (xfs)": "ok",
+        "tools (btrfs)": "ok",
+        "tools (boot)": "ok",
+        "dracut": "ok",
         "dracut module": "ok",
-        "config": "ok", "root": "ok", "network": "ok"}
+        "config": "ok",
+        "root": "ok",
+        "network": "ok",
+    }
     assert code == ExitCode.OK
     assert items["python"]["detail"].startswith("3.11")
     assert items["dracut"]["detail"].startswith("059-4")
@@ -219,11 +244,20 @@ def test_the_trace_of_this_interpreter_selects_the_kms_path() -> None:
         # A module goes in as its source or as sourceless byte code (x.pyc where x.py was).
         return any(f.endswith((suffix, suffix + "c")) for f in installed)
 
-    for suffix in ("/botocore/session.py", "/botocore/data/kms/2014-11-01/service-2.json.gz",
-                   "/botocore/data/partitions.json", "/encryptrootfs/boot/__init__.py",
-                   "/encryptrootfs/providers/aws_kms.py", "/urllib3/connectionpool.py",
-                   "/jmespath/parser.py", "/dateutil/parser/_parser.py", "/encodings/idna.py",
-                   "/http/client.py", "/json/decoder.py", "/os.py"):
+    for suffix in (
+        "/botocore/session.py",
+        "/botocore/data/kms/2014-11-01/service-2.json.gz",
+        "/botocore/data/partitions.json",
+        "/encryptrootfs/boot/__init__.py",
+        "/encryptrootfs/providers/aws_kms.py",
+        "/urllib3/connectionpool.py",
+        "/jmespath/parser.py",
+        "/dateutil/parser/_parser.py",
+        "/encodings/idna.py",
+        "/http/client.py",
+        "/json/decoder.py",
+        "/os.py",
+    ):
         assert has(suffix), suffix
     assert not any("/botocore/data/s3/" in f or "/botocore/data/ec2/" in f for f in files)
     assert not any("/encryptrootfs/dracut/" in f for f in files)
@@ -236,7 +270,8 @@ def test_the_trace_of_this_interpreter_selects_the_kms_path() -> None:
 
 
 def test_dracut_files_refuses_an_invalid_config(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[root]\nmapper_name = 'a b'\n")

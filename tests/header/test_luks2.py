@@ -91,9 +91,7 @@ def test_added_keyslot_is_pbkdf2_with_1000_iterations(luks_image: LuksImage) -> 
     assert luks2.test_keyslot(device, luks_image.passphrase, 0) is True
     assert luks2.test_any_keyslot(device, key) is True
 
-    chosen = luks2.add_keyslot(
-        device, existing_key=key, new_key=secrets.token_bytes(64), keyslot=6
-    )
+    chosen = luks2.add_keyslot(device, existing_key=key, new_key=secrets.token_bytes(64), keyslot=6)
     assert chosen == 6
     assert [k.id for k in luks2.read_header(device).key_keyslots] == [0, 1, 6]
 
@@ -128,8 +126,21 @@ def test_luks1_is_detected(tmp_path: Path) -> None:
     path = tmp_path / "luks1.img"
     path.write_bytes(b"")
     os.truncate(path, 32 * MIB)
-    run(["cryptsetup", "luksFormat", "--type", "luks1", "--batch-mode",
-         "--pbkdf-force-iterations", "1000", "--key-file", "-", str(path)], stdin=b"passphrase")
+    run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--type",
+            "luks1",
+            "--batch-mode",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            "-",
+            str(path),
+        ],
+        stdin=b"passphrase",
+    )
     assert luks2.is_luks(path)
     assert luks2.luks_version(path) == 1
     with pytest.raises(DeviceError, match="is LUKS1; encryptrootfs needs LUKS2"):
@@ -155,14 +166,18 @@ def test_encrypt_init_refuses_a_luks_device(luks_image: LuksImage) -> None:
     before = digest(luks_image.path)
     with pytest.raises(RefusedError, match="already has a LUKS header"):
         luks2.reencrypt_encrypt_init(
-            luks_image.path, secrets.token_bytes(64), uuid=str(uuid.uuid4()),
+            luks_image.path,
+            secrets.token_bytes(64),
+            uuid=str(uuid.uuid4()),
             reduce_device_size=32 * MIB,
         )
     assert digest(luks_image.path) == before
 
 
 def test_in_place_encryption(
-    make_ext4_image: Callable[[int], Ext4Image], images: ImageTools, tmp_path: Path,
+    make_ext4_image: Callable[[int], Ext4Image],
+    images: ImageTools,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="encryptrootfs")
@@ -232,8 +247,9 @@ def test_interrupted_data_pass_resumes_and_loses_nothing(
     processes: list[subprocess.Popen[bytes]] = []
     real_popen = run_module._popen
 
-    def keep(argv: Sequence[str], env: Optional[Mapping[str, str]], pass_fds: Sequence[int]
-             ) -> subprocess.Popen[bytes]:
+    def keep(
+        argv: Sequence[str], env: Optional[Mapping[str, str]], pass_fds: Sequence[int]
+    ) -> subprocess.Popen[bytes]:
         processes.append(real_popen(argv, env, pass_fds))
         return processes[-1]
 
@@ -252,8 +268,10 @@ def test_interrupted_data_pass_resumes_and_loses_nothing(
         assert exc.returncode == 128 + 9
     else:
         assert not killed_at
-        pytest.skip("cryptsetup encrypted 2 GiB before its first progress report (0.5 s): "
-                    "too fast to interrupt here")
+        pytest.skip(
+            "cryptsetup encrypted 2 GiB before its first progress report (0.5 s): "
+            "too fast to interrupt here"
+        )
     assert killed_at and killed_at[0] > 0
     assert luks2.read_header(path).reencryption_pending
 
@@ -288,12 +306,19 @@ def pending_image(tmp_path: Path) -> tuple[Path, bytes, int]:
 
 def test_token_goes_in_before_the_data_pass(pending_image: tuple[Path, bytes, int]) -> None:
     path, key, slot = pending_image
-    token = {"type": "encryptrootfs", "keyslots": [str(slot)], "version": 1,
-             "ciphertext": "AQID/+8=", "encryption_context": {"encryptrootfs:luks_uuid": "u"}}
+    token = {
+        "type": "encryptrootfs",
+        "keyslots": [str(slot)],
+        "version": 1,
+        "ciphertext": "AQID/+8=",
+        "encryption_context": {"encryptrootfs:luks_uuid": "u"},
+    }
     # cryptsetup itself refuses token changes while the encryption is pending ...
     refused = subprocess.run(
         ["cryptsetup", "token", "import", "--json-file", "-", str(path)],
-        input=b'{"type":"x","keyslots":[]}', capture_output=True, check=False,
+        input=b'{"type":"x","keyslots":[]}',
+        capture_output=True,
+        check=False,
     )
     assert refused.returncode != 0
     # ... so the wrapper writes it into the JSON area itself.
@@ -319,7 +344,8 @@ def test_token_goes_in_before_the_data_pass(pending_image: tuple[Path, bytes, in
 
 @pytest.mark.parametrize("crash_at_write", [1, 2, 3, 4, 5, 6])
 def test_token_write_survives_a_crash_at_any_write(
-    pending_image: tuple[Path, bytes, int], monkeypatch: pytest.MonkeyPatch,
+    pending_image: tuple[Path, bytes, int],
+    monkeypatch: pytest.MonkeyPatch,
     crash_at_write: int,
 ) -> None:
     # Six writes: per copy (primary, then secondary) binary header, JSON area, checksum.
@@ -380,8 +406,10 @@ def test_in_place_encryption_with_a_detached_header(
 
 @pytest.mark.parametrize("crash_at_write", [None, 1, 8, 16])
 def test_undo_an_initialised_encryption(
-    make_ext4_image: Callable[[int], Ext4Image], images: ImageTools,
-    monkeypatch: pytest.MonkeyPatch, crash_at_write: Optional[int],
+    make_ext4_image: Callable[[int], Ext4Image],
+    images: ImageTools,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_at_write: Optional[int],
 ) -> None:
     # The first boot's way back when the key cannot be made safe after init (e.g. the token
     # does not verify): the device is plain again. 16 writes of 1 MiB; the last one holds the

@@ -79,8 +79,7 @@ def test_a_second_recovery_key_is_refused(cli: Cli, luks_image: Any, enrolled: i
     assert (after.keyslots, after.tokens) == (before.keyslots, before.tokens)
 
 
-def test_remove_kills_only_the_recovery_keyslot(cli: Cli, luks_image: Any, enrolled: int
-                                                ) -> None:
+def test_remove_kills_only_the_recovery_keyslot(cli: Cli, luks_image: Any, enrolled: int) -> None:
     added = add(cli, luks_image.path)
     key = added["recovery_key"].encode()
     before = luks2.read_header(luks_image.path)
@@ -103,8 +102,7 @@ def test_remove_after_a_kill_between_slot_and_token_finishes(
 ) -> None:
     added = add(cli, luks_image.path)
     # The first half of a remove: the keyslot is gone, cryptsetup emptied the token's list.
-    run(["cryptsetup", "luksKillSlot", "--batch-mode", str(luks_image.path),
-         str(added["keyslot"])])
+    run(["cryptsetup", "luksKillSlot", "--batch-mode", str(luks_image.path), str(added["keyslot"])])
     header = luks2.read_header(luks_image.path)
     assert header.tokens[str(added["token_id"])]["keyslots"] == ()
 
@@ -115,8 +113,9 @@ def test_remove_after_a_kill_between_slot_and_token_finishes(
     assert cli("token", "verify", str(luks_image.path)).returncode == 0
 
 
-def test_remove_without_a_recovery_key_changes_nothing(cli: Cli, luks_image: Any,
-                                                       enrolled: int) -> None:
+def test_remove_without_a_recovery_key_changes_nothing(
+    cli: Cli, luks_image: Any, enrolled: int
+) -> None:
     before = luks2.read_header(luks_image.path)
     r = cli("recovery-key", "remove", str(luks_image.path))
     assert r.returncode == ExitCode.DEVICE

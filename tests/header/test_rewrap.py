@@ -34,7 +34,8 @@ def cli(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str) -> C
 def other_key(kms: KmsEmulator) -> str:
     """A key in another region of the same emulated account."""
     return KmsEmulator(region=OTHER_REGION, account_id=kms.account_id).create_key(
-        alias="encryptrootfs-other")
+        alias="encryptrootfs-other"
+    )
 
 
 def keyslot_state(path: Path) -> dict[str, Any]:
@@ -98,8 +99,11 @@ def test_a_kill_after_any_step_leaves_a_device_that_verifies_and_a_rerun_finishe
     old_id = enrolled(cli, luks_image)
     slots_before = keyslot_state(luks_image.path)
     config = load_config(cli.config)
-    with planned(str(luks_image.path), lambda w: provider_for_token(config, w),
-                 provider_for_key(config, other_key, None)) as job:
+    with planned(
+        str(luks_image.path),
+        lambda w: provider_for_token(config, w),
+        provider_for_key(config, other_key, None),
+    ) as job:
         for step in job.steps[:steps_done]:
             step.run()
     # Here the process is gone as far as the disk can tell: only steps_done steps happened.
@@ -119,8 +123,9 @@ def test_a_kill_after_any_step_leaves_a_device_that_verifies_and_a_rerun_finishe
 
     if steps_done == len(STEPS):
         return
-    r = cli("rewrap", str(luks_image.path), "--key-id", other_key, "--token-id", str(old_id),
-            "--json")
+    r = cli(
+        "rewrap", str(luks_image.path), "--key-id", other_key, "--token-id", str(old_id), "--json"
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["resumed"] is (steps_done >= STEPS.index("import") + 1)
     tokens = our_tokens(luks_image.path)
@@ -134,8 +139,11 @@ def test_a_new_copy_that_does_not_unwrap_at_verify_is_removed_and_the_old_token_
 ) -> None:
     old_id = enrolled(cli, luks_image)
     config = load_config(cli.config)
-    with planned(str(luks_image.path), lambda w: provider_for_token(config, w),
-                 provider_for_key(config, other_key, None)) as job:
+    with planned(
+        str(luks_image.path),
+        lambda w: provider_for_token(config, w),
+        provider_for_key(config, other_key, None),
+    ) as job:
         unwrap, wrap, import_, verify, _ = job.steps
         unwrap.run()
         wrap.run()

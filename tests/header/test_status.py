@@ -41,14 +41,21 @@ def test_plain_filesystem(cli: Cli, make_ext4_image: Any, tmp_path: Path) -> Non
     assert d["luks_uuid"] is None and d["tokens"] == [] and d["last_unlock"] is None
 
 
-def test_encryption_pending(cli: Cli, make_ext4_image: Any, kms: KmsEmulator,
-                            imds: ImdsEmulator, key_arn: str, tmp_path: Path) -> None:
+def test_encryption_pending(
+    cli: Cli,
+    make_ext4_image: Any,
+    kms: KmsEmulator,
+    imds: ImdsEmulator,
+    key_arn: str,
+    tmp_path: Path,
+) -> None:
     ext4 = make_ext4_image(96 * MIB)
     luks_uuid = str(uuid.uuid4())
     new = provider(kms, imds, key_arn).new_key(luks_uuid)
     try:
-        slot = luks2.reencrypt_encrypt_init(ext4.path, new.plaintext, uuid=luks_uuid,
-                                            reduce_device_size=32 * MIB)
+        slot = luks2.reencrypt_encrypt_init(
+            ext4.path, new.plaintext, uuid=luks_uuid, reduce_device_size=32 * MIB
+        )
     finally:
         new.wipe()
     token = KmsToken((str(slot),), new.wrapped, created="2026-11-28T00:00:00Z")
@@ -69,8 +76,9 @@ def test_encryption_pending(cli: Cli, make_ext4_image: Any, kms: KmsEmulator,
     assert "reencryption: pending (encrypt), 0% done" in text
 
 
-def test_encrypted_with_and_without_the_unlock_record(cli: Cli, luks_image: Any,
-                                                      key_arn: str, tmp_path: Path) -> None:
+def test_encrypted_with_and_without_the_unlock_record(
+    cli: Cli, luks_image: Any, key_arn: str, tmp_path: Path
+) -> None:
     r = cli("enroll", str(luks_image.path), "--json", stdin=luks_image.passphrase)
     assert r.returncode == 0, r.stderr
     enrolled = json.loads(r.stdout)
@@ -88,10 +96,21 @@ def test_encrypted_with_and_without_the_unlock_record(cli: Cli, luks_image: Any,
 
     # What the initramfs would have written after opening this device.
     luks_uuid = d["luks_uuid"]
-    assert unlock_record.write(unlock_record.UnlockRecord(
-        device="/dev/vda1", luks_uuid=luks_uuid, mapper="/dev/mapper/root",
-        unlocked_at="2026-11-28T05:00:00Z", seconds=2.5, provider="aws-kms", key_id=key_arn,
-        region=REGION, keyslot=enrolled["keyslot"], attempts=1), record_path)
+    assert unlock_record.write(
+        unlock_record.UnlockRecord(
+            device="/dev/vda1",
+            luks_uuid=luks_uuid,
+            mapper="/dev/mapper/root",
+            unlocked_at="2026-11-28T05:00:00Z",
+            seconds=2.5,
+            provider="aws-kms",
+            key_id=key_arn,
+            region=REGION,
+            keyslot=enrolled["keyslot"],
+            attempts=1,
+        ),
+        record_path,
+    )
     (d,) = status(cli, str(luks_image.path), "--record", str(record_path))["devices"]
     assert d["last_unlock"]["key_id"] == key_arn and d["last_unlock"]["seconds"] == 2.5
     assert d["last_unlock"]["keyslot"] == enrolled["keyslot"]
@@ -111,13 +130,29 @@ def test_encrypted_with_and_without_the_unlock_record(cli: Cli, luks_image: Any,
 def test_foreign_luks2_and_a_missing_device(cli: Cli, luks_image: Any, tmp_path: Path) -> None:
     luks2.import_token(luks_image.path, {"type": "clevis", "keyslots": ["0"]})
     missing = tmp_path / "no-such.img"
-    doc = status(cli, str(luks_image.path), str(missing), "--record", str(tmp_path / "none"),
-                 code=ExitCode.DEVICE)
+    doc = status(
+        cli,
+        str(luks_image.path),
+        str(missing),
+        "--record",
+        str(tmp_path / "none"),
+        code=ExitCode.DEVICE,
+    )
     foreign, gone = doc["devices"]
     assert foreign["state"] == "not-ours" and foreign["luks_version"] == 2
-    assert foreign["tokens"] == [{
-        "id": 0, "type": "clevis", "kind": "foreign", "keyslots": [0], "provider": None,
-        "key_id": None, "region": None, "encryption_context": None, "created": None,
-        "error": None}]
+    assert foreign["tokens"] == [
+        {
+            "id": 0,
+            "type": "clevis",
+            "kind": "foreign",
+            "keyslots": [0],
+            "provider": None,
+            "key_id": None,
+            "region": None,
+            "encryption_context": None,
+            "created": None,
+            "error": None,
+        }
+    ]
     assert gone["state"] == "unreadable" and "does not exist" in gone["error"]
     assert not os.path.exists(missing)

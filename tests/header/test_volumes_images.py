@@ -72,14 +72,22 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture
-def volume_config(tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str,
-                  shm: Path) -> Config:
-    return load_config(_config_file(tmp_path, kms, imds, f"""
+def volume_config(
+    tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str, shm: Path
+) -> Config:
+    return load_config(
+        _config_file(
+            tmp_path,
+            kms,
+            imds,
+            f"""
 [[volumes]]
 name = "data"
 devices = ["{shm}/disk0"]
 mount = "/data"
-"""))
+""",
+        )
+    )
 
 
 def test_a_blank_image_is_formatted_with_our_token_and_verifies(
@@ -98,14 +106,26 @@ def test_a_blank_image_is_formatted_with_our_token_and_verifies(
         (token_id,) = header.token_ids(TOKEN_TYPE)
         token = luks2.export_token(image, token_id)
         assert token["keyslots"] == [str(slot.id)] and token["key_id"] == key_arn
-        assert token["encryption_context"] == {"encryptrootfs:luks_uuid": header.uuid,
-                                               "fleet": "web"}
+        assert token["encryption_context"] == {
+            "encryptrootfs:luks_uuid": header.uuid,
+            "fleet": "web",
+        }
         # The passphrase is the KMS data key: what KMS unwraps the token to opens the keyslot.
         assert unwrap(kms, token) == bytes(key)
         assert luks2.test_keyslot(image, key, slot.id)
         # The volume key is luksFormat's own random key, not the KMS data key.
-        dumped = run(["cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode",
-                      "--key-file", "-", str(image)], stdin=key).stdout.decode()
+        dumped = run(
+            [
+                "cryptsetup",
+                "luksDump",
+                "--dump-volume-key",
+                "--batch-mode",
+                "--key-file",
+                "-",
+                str(image),
+            ],
+            stdin=key,
+        ).stdout.decode()
         volume_key = bytes.fromhex("".join(dumped.split("MK dump:", 1)[1].split()))
         assert len(volume_key) == 64 and volume_key != bytes(key)
     finally:
@@ -130,12 +150,19 @@ def test_format_needs_kms_before_it_writes(
     tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, shm: Path
 ) -> None:
     # No key under the configured alias: GenerateDataKey fails, the image stays blank.
-    config = load_config(_config_file(tmp_path, kms, imds, f"""
+    config = load_config(
+        _config_file(
+            tmp_path,
+            kms,
+            imds,
+            f"""
 [[volumes]]
 name = "data"
 devices = ["{shm}/disk0"]
 mount = "/data"
-"""))
+""",
+        )
+    )
     image = _blank(tmp_path / "disk0.img")
     before = _sha256(image)
     with pytest.raises(KeyServiceError):
@@ -147,8 +174,23 @@ def _not_blank_images(shm: Path, passphrase: bytes) -> dict[str, Path]:
     ext4 = _blank(shm / "ext4.img")
     run(["mkfs.ext4", "-q", "-F", str(ext4)])
     luks = _blank(shm / "luks.img")
-    run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
-         "--pbkdf-force-iterations", "1000", "--key-file", "-", str(luks)], stdin=passphrase)
+    run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            "-",
+            str(luks),
+        ],
+        stdin=passphrase,
+    )
     table = _blank(shm / "gpt.img")
     run(["sfdisk", "--quiet", str(table)], stdin=b"label: gpt\n,16M\n")
     return {"ext4": ext4, "luks2 (not ours)": luks, "partition table": table}
@@ -160,12 +202,17 @@ def test_a_device_that_is_not_blank_is_refused_and_left_byte_identical(
 ) -> None:
     image = _not_blank_images(shm, b"passphrase")[kind]
     before = _sha256(image)
-    config = _config_file(tmp_path, kms, imds, f"""
+    config = _config_file(
+        tmp_path,
+        kms,
+        imds,
+        f"""
 [[volumes]]
 name = "data"
 devices = ["{image}"]
 mount = "{tmp_path}/mnt"
-""")
+""",
+    )
     cli = Cli(config)
     r = cli("volumes", "--json")
     assert r.returncode == 0, r.stderr
@@ -185,12 +232,19 @@ def test_raid_none_with_two_matches_is_refused_and_both_stay_blank(
     tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str, shm: Path
 ) -> None:
     disks = [_blank(shm / f"nvme{i}.img") for i in (1, 2)]
-    cli = Cli(_config_file(tmp_path, kms, imds, f"""
+    cli = Cli(
+        _config_file(
+            tmp_path,
+            kms,
+            imds,
+            f"""
 [[volumes]]
 name = "scratch"
 devices = ["{shm}/nvme*.img"]
 mount = "{tmp_path}/mnt"
-"""))
+""",
+        )
+    )
     r = cli("volumes", "--json")
     (view,) = json.loads(r.stdout)["volumes"]
     assert [m["device"] for m in view["members"]] == [str(d) for d in disks]
@@ -205,19 +259,28 @@ def test_show_of_a_blank_device_says_format_and_changes_nothing(
     tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str, shm: Path
 ) -> None:
     disk = _blank(shm / "nvme1.img")
-    cli = Cli(_config_file(tmp_path, kms, imds, f"""
+    cli = Cli(
+        _config_file(
+            tmp_path,
+            kms,
+            imds,
+            f"""
 [[volumes]]
 name = "data"
 devices = ["{shm}/nvme*.img"]
 raid = "raid0"
 filesystem = "xfs"
 mount = "/data"
-"""))
+""",
+        )
+    )
     r = cli("volumes", "--json")
     assert r.returncode == 0, r.stderr
     (view,) = json.loads(r.stdout)["volumes"]
     assert (view["members_plan"]["action"], view["target_plan"]["action"]) == (
-        "use-device", "format")
+        "use-device",
+        "format",
+    )
     assert (view["filesystem"], view["raid"], view["mounted"]) == ("xfs", "raid0", False)
     r = cli("volumes")
     assert "volume: format:" in r.stdout, r.stdout
@@ -228,18 +291,32 @@ mount = "/data"
 def test_optional_volume_without_devices_is_skipped(
     tmp_path: Path, kms: KmsEmulator, imds: ImdsEmulator, key_arn: str, shm: Path
 ) -> None:
-    cli = Cli(_config_file(tmp_path, kms, imds, f"""
+    cli = Cli(
+        _config_file(
+            tmp_path,
+            kms,
+            imds,
+            f"""
 [[volumes]]
 name = "data"
 devices = ["{shm}/nothing-*"]
 mount = "{tmp_path}/mnt"
 optional = true
-"""))
+""",
+        )
+    )
     r = cli("volumes", "up", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["volumes"] == [
-        {"name": "data", "action": "skipped", "target": None, "mapper": None, "mount": None,
-         "steps": []}]
+        {
+            "name": "data",
+            "action": "skipped",
+            "target": None,
+            "mapper": None,
+            "mount": None,
+            "steps": [],
+        }
+    ]
 
 
 # --- the unit, installed by `encryptrootfs install` ---------------------------------------------
@@ -250,13 +327,16 @@ def test_install_writes_the_unit_and_enables_it_only_with_volumes(tmp_path: Path
 
     example = Path(__file__).resolve().parents[2] / "examples" / "config.toml"
     with_volumes = tmp_path / "with-volumes.toml"
-    with_volumes.write_text(example.read_text() + """
+    with_volumes.write_text(
+        example.read_text()
+        + """
 [[volumes]]
 name = "data"
 devices = ["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*"]
 raid = "raid0"
 mount = "/data"
-""")
+"""
+    )
     root = tmp_path / "image"
     (root / "usr/lib/dracut/modules.d").mkdir(parents=True)
     unit = root / "etc/systemd/system" / VOLUMES_UNIT
@@ -278,8 +358,11 @@ mount = "/data"
 def test_the_unit_orders_after_the_network_and_before_remote_filesystems() -> None:
     from encryptrootfs.install import volumes_unit_source
 
-    lines = [line.strip() for line in volumes_unit_source().read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in volumes_unit_source().read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert "After=network-online.target" in lines and "Wants=network-online.target" in lines
     assert "Before=remote-fs.target" in lines and "WantedBy=remote-fs.target" in lines
     # local-fs.target comes before the network: ordering the unit before it would be a cycle.

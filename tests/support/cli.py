@@ -12,8 +12,9 @@ from typing import Optional
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
 
 
-def emulator_config(path: Path, kms: KmsEmulator, imds: ImdsEmulator,
-                    context: Optional[Mapping[str, str]] = None) -> Path:  # fmt: skip
+def emulator_config(
+    path: Path, kms: KmsEmulator, imds: ImdsEmulator, context: Optional[Mapping[str, str]] = None
+) -> Path:
     """A configuration naming the test key, with both emulators as endpoints."""
     text = f"""
 [providers.aws_kms]
@@ -42,9 +43,13 @@ class Cli:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = "/nonexistent"
         r = subprocess.run(
-            [sys.executable, "-m", "encryptrootfs", "--debug", "--config", str(self.config),
-             *args],
-            input=stdin.decode("latin-1"), capture_output=True, text=True, env=env,
-            timeout=120, check=False)
+            [sys.executable, "-m", "encryptrootfs", "--debug", "--config", str(self.config), *args],
+            input=stdin.decode("latin-1"),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         self.transcript += [r.stdout, r.stderr]
         return r

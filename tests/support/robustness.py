@@ -68,11 +68,15 @@ class Ledger:
 
     def lines(self) -> list[str]:
         s = self.summary()
-        out = [f"robustness: {s['cases_tried']} cases tried, {s['cases_passed']} passed, "
-               f"{s['bytes_lost']} bytes of user data lost ({s['by_kind']})"]
+        out = [
+            f"robustness: {s['cases_tried']} cases tried, {s['cases_passed']} passed, "
+            f"{s['bytes_lost']} bytes of user data lost ({s['by_kind']})"
+        ]
         if s["cases_without_data_check"]:
-            out.append("robustness: ended before the data could be checked: "
-                       + ", ".join(s["cases_without_data_check"]))  # type: ignore[arg-type]
+            out.append(
+                "robustness: ended before the data could be checked: "
+                + ", ".join(s["cases_without_data_check"])
+            )  # type: ignore[arg-type]
         return out
 
     def write(self, path: Path) -> None:

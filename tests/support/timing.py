@@ -49,15 +49,29 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         if t in _tier_seconds
     }
     write = terminalreporter.write_line
-    write("time per tier: " + ", ".join(
-        f"{t} {v['seconds'] / 60:.1f} min ({v['tests']} tests)" for t, v in tiers.items()
-    ) + f"; whole run {wall / 60:.1f} min")  # fmt: skip
+    write(
+        "time per tier: "
+        + ", ".join(
+            f"{t} {v['seconds'] / 60:.1f} min ({v['tests']} tests)" for t, v in tiers.items()
+        )
+        + f"; whole run {wall / 60:.1f} min"
+    )
     if boots:
-        write(f"vm tier guest time: {len(boots)} QEMU boots, {guest / 60:.1f} min "
-              f"({guest / len(boots):.0f} s per boot)")  # fmt: skip
+        write(
+            f"vm tier guest time: {len(boots)} QEMU boots, {guest / 60:.1f} min "
+            f"({guest / len(boots):.0f} s per boot)"
+        )
     report = Path(str(terminalreporter.config.rootpath)) / REPORT
     report.parent.mkdir(exist_ok=True)
-    report.write_text(json.dumps({
-        "wall_seconds": round(wall, 1), "tiers": tiers, "boots": len(boots),
-        "guest_seconds": round(guest, 1),
-    }, indent=1) + "\n")  # fmt: skip
+    report.write_text(
+        json.dumps(
+            {
+                "wall_seconds": round(wall, 1),
+                "tiers": tiers,
+                "boots": len(boots),
+                "guest_seconds": round(guest, 1),
+            },
+            indent=1,
+        )
+        + "\n"
+    )

@@ -21,8 +21,10 @@ SECRET_B64 = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="
 
 def _client_error(code: str, message: str = "details", status: int = 400) -> bx.ClientError:
     return bx.ClientError(
-        {"Error": {"Code": code, "Message": message},
-         "ResponseMetadata": {"HTTPStatusCode": status}},
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
         "Decrypt",
     )
 
@@ -55,8 +57,10 @@ def test_client_error_codes(code: str, sentence: str) -> None:
 
 def test_signature_expired_message_means_clock_skew() -> None:
     error = explain_kms_error(
-        _client_error("InvalidSignatureException", "Signature expired: 20261128T000000Z is now "
-                      "earlier than 20261128T043000Z"),
+        _client_error(
+            "InvalidSignatureException",
+            "Signature expired: 20261128T000000Z is now earlier than 20261128T043000Z",
+        ),
         CALL,
     )
     assert "clock" in error.message
@@ -65,14 +69,20 @@ def test_signature_expired_message_means_clock_skew() -> None:
 @pytest.mark.parametrize(
     ("exc", "sentence"),
     [
-        (bx.EndpointConnectionError(endpoint_url=CALL.endpoint),
-         f"could not reach KMS at {CALL.endpoint}"),
-        (bx.ConnectTimeoutError(endpoint_url=CALL.endpoint),
-         f"could not reach KMS at {CALL.endpoint}"),
+        (
+            bx.EndpointConnectionError(endpoint_url=CALL.endpoint),
+            f"could not reach KMS at {CALL.endpoint}",
+        ),
+        (
+            bx.ConnectTimeoutError(endpoint_url=CALL.endpoint),
+            f"could not reach KMS at {CALL.endpoint}",
+        ),
         (bx.ReadTimeoutError(endpoint_url=CALL.endpoint), "did not answer Decrypt in time"),
         (bx.NoCredentialsError(), "no AWS credentials were found"),
-        (bx.SSLError(endpoint_url=CALL.endpoint, error="certificate verify failed"),
-         "the connection to KMS"),
+        (
+            bx.SSLError(endpoint_url=CALL.endpoint, error="certificate verify failed"),
+            "the connection to KMS",
+        ),
         (_OutOfTime("the deadline passed"), "gave up on KMS Decrypt after the total time budget"),
     ],
 )
@@ -89,8 +99,14 @@ def test_messages_are_bounded_and_single_line(code: str) -> None:
 
 @pytest.mark.parametrize(
     "code",
-    ["InvalidCiphertextException", "DisabledException", "KMSInvalidStateException",
-     "IncorrectKeyException", "ThrottlingException", "InvalidSignatureException"],
+    [
+        "InvalidCiphertextException",
+        "DisabledException",
+        "KMSInvalidStateException",
+        "IncorrectKeyException",
+        "ThrottlingException",
+        "InvalidSignatureException",
+    ],
 )
 def test_fixed_sentences_do_not_echo_service_text(code: str) -> None:
     # These sentences are ours alone: whatever the service put in its message stays out.
@@ -100,8 +116,14 @@ def test_fixed_sentences_do_not_echo_service_text(code: str) -> None:
 def test_botocore_is_imported_lazily() -> None:
     # Loading config, token or the registry must not pay for botocore (~100 ms, 30 MB at boot).
     package = Path(encryptrootfs.__file__).parent
-    for module in ["config.py", "token.py", "providers/__init__.py", "providers/base.py",
-                   "providers/aws_kms.py", "providers/imds.py"]:
+    for module in [
+        "config.py",
+        "token.py",
+        "providers/__init__.py",
+        "providers/base.py",
+        "providers/aws_kms.py",
+        "providers/imds.py",
+    ]:
         tree = ast.parse((package / module).read_text())
         for node in tree.body:  # module level only; imports inside functions are the point
             names = []

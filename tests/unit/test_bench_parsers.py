@@ -9,11 +9,14 @@ from bench.initramfs import _cpio_entries, component
 
 
 def test_startup_line_with_seconds_milliseconds_and_minutes() -> None:
-    line = ("Startup finished in 3.112s (kernel) + 1min 9.875s (initrd) + 512ms (userspace) "
-            "= 1min 13.499s")
+    line = (
+        "Startup finished in 3.112s (kernel) + 1min 9.875s (initrd) + 512ms (userspace) "
+        "= 1min 13.499s"
+    )
     got = parse_startup(line)
-    assert got == pytest.approx({"kernel": 3.112, "initrd": 69.875, "userspace": 0.512,
-                                 "total": 73.499})  # fmt: skip
+    assert got == pytest.approx(
+        {"kernel": 3.112, "initrd": 69.875, "userspace": 0.512, "total": 73.499}
+    )
 
 
 def test_a_line_without_phases_gives_nothing() -> None:
@@ -30,12 +33,16 @@ def _newc(name: str, data: bytes, mode: int = 0o100644) -> bytes:
 
 
 def test_cpio_entries_lists_regular_files_with_their_offsets_and_sizes() -> None:
-    archive = (_newc("usr/bin/python3.11", b"x" * 5) + _newc("usr/lib", b"", 0o040755)
-               + _newc("etc/a", b"hello") + _newc("TRAILER!!!", b""))  # fmt: skip
+    archive = (
+        _newc("usr/bin/python3.11", b"x" * 5)
+        + _newc("usr/lib", b"", 0o040755)
+        + _newc("etc/a", b"hello")
+        + _newc("TRAILER!!!", b"")
+    )
     entries, end = _cpio_entries(archive)
     assert [(n, s) for n, _, s in entries] == [("usr/bin/python3.11", 5), ("etc/a", 5)]
     _, offset, size = entries[1]
-    assert archive[offset:offset + size] == b"hello"
+    assert archive[offset : offset + size] == b"hello"
     assert end == len(archive)
 
 
@@ -49,28 +56,54 @@ def test_unknown_paths_are_other() -> None:
 
 
 def _engine(write: float, read: float, inplace: float, ossl: float) -> dict[str, object]:
-    return {"write": {"mib_s": write}, "read": {"mib_s": read}, "inplace": {"mib_s": inplace},
-            "openssl_xts_mib_s": ossl, "openssl_xts_no_aesni_mib_s": ossl / 2,
-            "cryptsetup_benchmark_mib_s": {"encrypt": 50.0, "decrypt": 60.0}}
+    return {
+        "write": {"mib_s": write},
+        "read": {"mib_s": read},
+        "inplace": {"mib_s": inplace},
+        "openssl_xts_mib_s": ossl,
+        "openssl_xts_no_aesni_mib_s": ossl / 2,
+        "cryptsetup_benchmark_mib_s": {"encrypt": 50.0, "decrypt": 60.0},
+    }
 
 
-def _variant(name: str, mib_s: float, user_s: float, seconds: float = 10.0,
-             **extra: object) -> dict[str, object]:
-    return {"name": name, "ok": True, "stage": "resume", "mib": mib_s * seconds,
-            "mib_s": mib_s, "seconds": seconds, "user_s": user_s, "sys_s": 0.5, "ios": 700,
-            "read_mib": 224.0, "write_mib": 241.0, **extra}
+def _variant(
+    name: str, mib_s: float, user_s: float, seconds: float = 10.0, **extra: object
+) -> dict[str, object]:
+    return {
+        "name": name,
+        "ok": True,
+        "stage": "resume",
+        "mib": mib_s * seconds,
+        "mib_s": mib_s,
+        "seconds": seconds,
+        "user_s": user_s,
+        "sys_s": 0.5,
+        "ios": 700,
+        "read_mib": 224.0,
+        "write_mib": 241.0,
+        **extra,
+    }
 
 
 def test_throughput_reason_gives_the_ratios_to_the_engine_limits() -> None:
     from bench.report import throughput_reason
 
-    disk = {"variants_disk_mib": 256,
-            "engine": [_engine(40.0, 80.0, 36.0, 12.0), _engine(60.0, 100.0, 44.0, 8.0)],
-            "variants": [_variant("product", 9.0, 9.5), _variant("product again", 11.0, 9.0),
-                         _variant("online (opened with dm-crypt first)", 7.0, 8.0),
-                         _variant("product, OpenSSL without AES-NI", 2.5, 9.8),
-                         {"name": "resilience journal", "ok": False, "stage": "init",
-                          "err": "Invalid resilience mode.\n"}]}  # fmt: skip
+    disk = {
+        "variants_disk_mib": 256,
+        "engine": [_engine(40.0, 80.0, 36.0, 12.0), _engine(60.0, 100.0, 44.0, 8.0)],
+        "variants": [
+            _variant("product", 9.0, 9.5),
+            _variant("product again", 11.0, 9.0),
+            _variant("online (opened with dm-crypt first)", 7.0, 8.0),
+            _variant("product, OpenSSL without AES-NI", 2.5, 9.8),
+            {
+                "name": "resilience journal",
+                "ok": False,
+                "stage": "init",
+                "err": "Invalid resilience mode.\n",
+            },
+        ],
+    }
     text = throughput_reason(disk)
     assert text is not None
     # product rate = mean(9, 11) = 10; OpenSSL = mean(12, 8) = 10; in-place = mean(36, 44) = 40

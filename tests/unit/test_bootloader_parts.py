@@ -65,17 +65,23 @@ def test_uefi_disk_has_the_esp_first_numbered_15_and_the_root_as_partition_1() -
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"fs": Filesystem.XFS, "root_mib": 200}, "XFS"), ({"root_mib": 0}, "root_mib"),
-     ({"esp_mib": 4}, "esp_mib")],
-)  # fmt: skip
+    [
+        ({"fs": Filesystem.XFS, "root_mib": 200}, "XFS"),
+        ({"root_mib": 0}, "root_mib"),
+        ({"esp_mib": 4}, "esp_mib"),
+    ],
+)
 def test_layout_rejects_what_cannot_be_built(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         BootDiskLayout(Firmware.UEFI, **kwargs)  # type: ignore[arg-type]
 
 
 def test_layout_names_differ_by_firmware_and_filesystem() -> None:
-    names = {BootDiskLayout(fw, fs=fs).name for fw in Firmware
-             for fs in (Filesystem.EXT4, Filesystem.XFS)}  # fmt: skip
+    names = {
+        BootDiskLayout(fw, fs=fs).name
+        for fw in Firmware
+        for fs in (Filesystem.EXT4, Filesystem.XFS)
+    }
     assert len(names) == 4
     assert BootDiskLayout(Firmware.UEFI).name.startswith("uefi-ext4-gpt-")
 
@@ -84,8 +90,14 @@ def test_grub_cfg_boots_the_kernel_in_the_root_with_the_lab_command_line() -> No
     cfg = grub_cfg(ROOT, "6.1.0-9-amd64")
     linux = next(line.strip() for line in cfg.splitlines() if line.strip().startswith("linux "))
     assert linux == f"linux /boot/vmlinuz-6.1.0-9-amd64 {kernel_cmdline(ROOT)} $erfs_append"
-    for word in ("console=ttyS0,115200", "panic=-1", "rd.shell=0", "rd.emergency=poweroff",
-                 "modprobe.blacklist=", f"root=UUID={ROOT}"):  # fmt: skip
+    for word in (
+        "console=ttyS0,115200",
+        "panic=-1",
+        "rd.shell=0",
+        "rd.emergency=poweroff",
+        "modprobe.blacklist=",
+        f"root=UUID={ROOT}",
+    ):
         assert word in linux
     assert "initrd /boot/initrd.img-6.1.0-9-amd64" in cfg
     assert f"--fs-uuid --set=root {ROOT}" in cfg
@@ -160,9 +172,11 @@ def test_smbios_value_doubles_commas_for_qemu() -> None:
 
 def _spec(**kw: object) -> BootSpec:
     base: dict[str, object] = {
-        "kernel": None, "initrd": None, "root_uuid": ROOT,
+        "kernel": None,
+        "initrd": None,
+        "root_uuid": ROOT,
         "drives": (Drive(Path("/r.qcow2")), Drive(Path("/x.qcow2"))),
-    }  # fmt: skip
+    }
     base.update(kw)
     return BootSpec(**base)  # type: ignore[arg-type]
 
@@ -182,8 +196,7 @@ def test_bios_boot_has_no_kernel_and_boots_the_first_disk() -> None:
 
 
 def test_uefi_boot_uses_ovmf_with_the_machines_vars_and_passes_append() -> None:
-    argv = _argv(_spec(firmware=Firmware.UEFI, efi_vars=Path("/m/efi-vars.fd"),
-                       append=("a=1,2",)))  # fmt: skip
+    argv = _argv(_spec(firmware=Firmware.UEFI, efi_vars=Path("/m/efi-vars.fd"), append=("a=1,2",)))
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}" in drives
     assert "if=pflash,format=raw,unit=1,file=/m/efi-vars.fd" in drives
@@ -200,10 +213,13 @@ def test_direct_boot_is_unchanged() -> None:
 
 @pytest.mark.parametrize(
     ("kw", "says"),
-    [({}, "needs a kernel"), ({"firmware": Firmware.UEFI}, "OVMF_VARS"),
-     ({"firmware": Firmware.BIOS, "kernel": Path("/k")}, "from the disk"),
-     ({"firmware": Firmware.BIOS, "drives": ()}, "a disk to boot from")],
-)  # fmt: skip
+    [
+        ({}, "needs a kernel"),
+        ({"firmware": Firmware.UEFI}, "OVMF_VARS"),
+        ({"firmware": Firmware.BIOS, "kernel": Path("/k")}, "from the disk"),
+        ({"firmware": Firmware.BIOS, "drives": ()}, "a disk to boot from"),
+    ],
+)
 def test_inconsistent_boot_specs_are_refused(kw: dict[str, object], says: str) -> None:
     with pytest.raises(LabError, match=says):
         _argv(_spec(**kw))

@@ -101,8 +101,11 @@ def test_full_config_parses() -> None:
     ("device", "kind", "value"),
     [
         ("cmdline", RootKind.CMDLINE, None),
-        ("UUID=0a1b2c3d-1111-2222-3333-444455556666", RootKind.UUID,
-         "0a1b2c3d-1111-2222-3333-444455556666"),
+        (
+            "UUID=0a1b2c3d-1111-2222-3333-444455556666",
+            RootKind.UUID,
+            "0a1b2c3d-1111-2222-3333-444455556666",
+        ),
         ("LABEL=cloudimg-rootfs", RootKind.LABEL, "cloudimg-rootfs"),
         ("PARTUUID=6c1d-02", RootKind.PARTUUID, "6c1d-02"),
         ("PARTLABEL=root", RootKind.PARTLABEL, "root"),
@@ -114,13 +117,16 @@ def test_root_selectors(device: str, kind: RootKind, value: str) -> None:
     assert str(config.root) == device
 
 
-@pytest.mark.parametrize("key_id", [
-    ARN,
-    "arn:aws:kms:eu-west-1:111122223333:alias/root",
-    "alias/root-keys/eu",
-    "1234abcd-12ab-34cd-56ef-1234567890ab",
-    "mrk-1234abcd12ab34cd56ef1234567890ab",
-])
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        ARN,
+        "arn:aws:kms:eu-west-1:111122223333:alias/root",
+        "alias/root-keys/eu",
+        "1234abcd-12ab-34cd-56ef-1234567890ab",
+        "mrk-1234abcd12ab34cd56ef1234567890ab",
+    ],
+)
 def test_key_id_forms(key_id: str) -> None:
     config = parse_config(_with("providers.aws_kms.key_id", key_id), source="test")
     assert config.aws_kms is not None and config.aws_kms.key_id == key_id
@@ -132,30 +138,36 @@ BAD = [
     ("providers.aws_kms.key_id", "alias/aws/ebs", "@ AWS managed keys"),
     ("providers.aws_kms.key_id", 42, "@ must be a string"),
     ("providers.aws_kms.region", "Europe", "@ must be an AWS region"),
-    ("providers.aws_kms.region", "us-east-1",
-     "@ 'us-east-1' differs from the region in key_id"),
-    ("providers.aws_kms.endpoint_url", "kms.local:4566",
-     "@ must be an http:// or https:// URL"),
-    ("providers.aws_kms.endpoint_url", "https://user:pw@kms.example",
-     "@ must be an http:// or https:// URL"),
-    ("providers.aws_kms.imds_endpoint", "ftp://169.254.169.254",
-     "@ must be an http:// or https:// URL"),
-    ("providers.aws_kms.encryption_context",
-     {"encryptrootfs:luks_uuid": "x"},
-     "providers.aws_kms.encryption_context.encryptrootfs:luks_uuid: keys starting with"),
-    ("providers.aws_kms.encryption_context", {"n": 1},
-     "providers.aws_kms.encryption_context.n: must be a string"),
-    ("providers.aws_kms.encryption_context", "purpose=root",
-     "@ must be a table"),
+    ("providers.aws_kms.region", "us-east-1", "@ 'us-east-1' differs from the region in key_id"),
+    ("providers.aws_kms.endpoint_url", "kms.local:4566", "@ must be an http:// or https:// URL"),
+    (
+        "providers.aws_kms.endpoint_url",
+        "https://user:pw@kms.example",
+        "@ must be an http:// or https:// URL",
+    ),
+    (
+        "providers.aws_kms.imds_endpoint",
+        "ftp://169.254.169.254",
+        "@ must be an http:// or https:// URL",
+    ),
+    (
+        "providers.aws_kms.encryption_context",
+        {"encryptrootfs:luks_uuid": "x"},
+        "providers.aws_kms.encryption_context.encryptrootfs:luks_uuid: keys starting with",
+    ),
+    (
+        "providers.aws_kms.encryption_context",
+        {"n": 1},
+        "providers.aws_kms.encryption_context.n: must be a string",
+    ),
+    ("providers.aws_kms.encryption_context", "purpose=root", "@ must be a table"),
     ("providers.aws_kms.connect_timeout", 0, "@ must be a positive"),
     ("providers.aws_kms.read_timeout", "5s", "@ must be a number"),
     ("providers.aws_kms.max_attempts", 0, "@ must be between 1 and"),
     ("providers.aws_kms.max_attempts", 2.5, "@ must be a whole number"),
     ("providers.aws_kms.imds_attempts", True, "@ must be a whole"),
-    ("providers.aws_kms.total_timeout", 3,
-     "@ 3 s is shorter than one KMS attempt"),
-    ("providers.aws_kms.bind_instance_id", "yes",
-     "@ must be true or false"),
+    ("providers.aws_kms.total_timeout", 3, "@ 3 s is shorter than one KMS attempt"),
+    ("providers.aws_kms.bind_instance_id", "yes", "@ must be true or false"),
     ("providers.aws_kms.bind_instance_ids", True, "@ unknown"),
     ("providers.gcp_kms", {"key": "x"}, "@ unknown provider (known: aws-kms)"),
     ("provider", "vault", "@ unknown provider 'vault' (known: aws-kms)"),

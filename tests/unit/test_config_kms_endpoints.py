@@ -54,30 +54,48 @@ def test_a_proxy_host_may_carry_any_region_label() -> None:
 
 
 BAD = [
-    ({"us-east-1": "vpce-0def.kms.us-east-1.vpce.amazonaws.com"},
-     "providers.aws_kms.endpoints.us-east-1: must be an http:// or https:// URL with a host and "
-     "no credentials, not 'vpce-0def.kms.us-east-1.vpce.amazonaws.com'"),
-    ({"us-east-1": "https://user:pw@kms.example"},
-     "providers.aws_kms.endpoints.us-east-1: must be an http:// or https:// URL"),
-    ({"us-east-1": 443},
-     "providers.aws_kms.endpoints.us-east-1: must be the KMS URL for us-east-1 as a string, "
-     "not a number"),
-    ({"us-east-1": " "},
-     "providers.aws_kms.endpoints.us-east-1: must be the KMS URL for us-east-1 as a string, "
-     "not an empty string"),
-    ({"Virginia": US_URL},
-     "providers.aws_kms.endpoints.Virginia: 'Virginia' is not an AWS region name"),
-    ({"us-east-1": EU_URL},
-     f"providers.aws_kms.endpoints.us-east-1: '{EU_URL}' is an AWS endpoint in eu-west-1, not "
-     "in us-east-1"),
-    ({"us-east-1": "https://kms.eu-west-1.amazonaws.com"},
-     "providers.aws_kms.endpoints.us-east-1: 'https://kms.eu-west-1.amazonaws.com' is an AWS "
-     "endpoint in eu-west-1"),
-    (US_URL,
-     "providers.aws_kms.endpoints: must be a table ([providers.aws_kms.endpoints]), "
-     "not a string"),
-    ([US_URL],
-     "providers.aws_kms.endpoints: must be a table ([providers.aws_kms.endpoints]), not a list"),
+    (
+        {"us-east-1": "vpce-0def.kms.us-east-1.vpce.amazonaws.com"},
+        "providers.aws_kms.endpoints.us-east-1: must be an http:// or https:// URL with a host and "
+        "no credentials, not 'vpce-0def.kms.us-east-1.vpce.amazonaws.com'",
+    ),
+    (
+        {"us-east-1": "https://user:pw@kms.example"},
+        "providers.aws_kms.endpoints.us-east-1: must be an http:// or https:// URL",
+    ),
+    (
+        {"us-east-1": 443},
+        "providers.aws_kms.endpoints.us-east-1: must be the KMS URL for us-east-1 as a string, "
+        "not a number",
+    ),
+    (
+        {"us-east-1": " "},
+        "providers.aws_kms.endpoints.us-east-1: must be the KMS URL for us-east-1 as a string, "
+        "not an empty string",
+    ),
+    (
+        {"Virginia": US_URL},
+        "providers.aws_kms.endpoints.Virginia: 'Virginia' is not an AWS region name",
+    ),
+    (
+        {"us-east-1": EU_URL},
+        f"providers.aws_kms.endpoints.us-east-1: '{EU_URL}' is an AWS endpoint in eu-west-1, not "
+        "in us-east-1",
+    ),
+    (
+        {"us-east-1": "https://kms.eu-west-1.amazonaws.com"},
+        "providers.aws_kms.endpoints.us-east-1: 'https://kms.eu-west-1.amazonaws.com' is an AWS "
+        "endpoint in eu-west-1",
+    ),
+    (
+        US_URL,
+        "providers.aws_kms.endpoints: must be a table ([providers.aws_kms.endpoints]), "
+        "not a string",
+    ),
+    (
+        [US_URL],
+        "providers.aws_kms.endpoints: must be a table ([providers.aws_kms.endpoints]), not a list",
+    ),
 ]
 
 

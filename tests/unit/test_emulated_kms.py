@@ -131,7 +131,12 @@ def test_persistent_throttling_stops_at_the_time_budget(
 ) -> None:
     # 20 attempts allowed, but only 3 s: the budget, not the attempt count, must end it.
     p = provider(
-        kms, imds, key_arn, max_attempts=20, total_timeout=3.0, connect_timeout=0.5,
+        kms,
+        imds,
+        key_arn,
+        max_attempts=20,
+        total_timeout=3.0,
+        connect_timeout=0.5,
         read_timeout=1.0,
     )
     new = p.new_key(LUKS_UUID)
@@ -173,9 +178,7 @@ def test_no_credentials_is_explained(
 def test_instance_id_binding_adds_the_context_pair(
     kms: KmsEmulator, imds: ImdsEmulator, key_arn: str
 ) -> None:
-    p = provider(
-        kms, imds, key_arn, bind_instance_id=True, encryption_context={"purpose": "root"}
-    )
+    p = provider(kms, imds, key_arn, bind_instance_id=True, encryption_context={"purpose": "root"})
     new = p.new_key(LUKS_UUID)
     expected = {CONTEXT_LUKS_UUID: LUKS_UUID, CONTEXT_INSTANCE_ID: INSTANCE_ID, "purpose": "root"}
     assert dict(new.wrapped.encryption_context) == expected
@@ -291,13 +294,20 @@ def test_token_naming_another_key_is_refused(
     assert kms.requests_for("Decrypt")[-1].error_code == "IncorrectKeyException"
 
 
-@pytest.mark.parametrize(("offset", "aws_year"), [
-    (-3 * 365 * 86400, -3),  # this machine's clock years ahead
-    (+3 * 365 * 86400, +3),  # this machine's clock years behind
-])
+@pytest.mark.parametrize(
+    ("offset", "aws_year"),
+    [
+        (-3 * 365 * 86400, -3),  # this machine's clock years ahead
+        (+3 * 365 * 86400, +3),  # this machine's clock years behind
+    ],
+)
 def test_a_clock_far_off_is_explained_as_a_clock_problem(
-    kms: KmsEmulator, imds: ImdsEmulator, key_arn: str, offset: int, aws_year: int,
-) -> None:  # fmt: skip
+    kms: KmsEmulator,
+    imds: ImdsEmulator,
+    key_arn: str,
+    offset: int,
+    aws_year: int,
+) -> None:
     p = provider(kms, imds, key_arn)
     new = p.new_key(LUKS_UUID)
     kms.clock_offset_s = offset

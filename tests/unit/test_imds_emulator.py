@@ -35,8 +35,10 @@ def _token(imds: ImdsEmulator, ttl: str = "60") -> str:
     return token
 
 
-@pytest.mark.parametrize(("ttl", "status"), [(None, 400), ("0", 400), ("21601", 400),
-                                             ("x", 400), ("1", 200), ("21600", 200)])
+@pytest.mark.parametrize(
+    ("ttl", "status"),
+    [(None, 400), ("0", 400), ("21601", 400), ("x", 400), ("1", 200), ("21600", 200)],
+)
 def test_token_ttl_is_enforced(imds: ImdsEmulator, ttl: Optional[str], status: int) -> None:
     headers = {} if ttl is None else {TTL: ttl}
     assert _raw(imds, "PUT", "/latest/api/token", headers)[0] == status
@@ -123,7 +125,9 @@ def test_role_credentials_and_documents(imds: ImdsEmulator) -> None:
     assert info["InstanceProfileArn"].endswith(f"instance-profile/{role}")
     doc = ImdsClient(imds.url).identity_document()
     assert (doc["region"], doc["instanceId"], doc["accountId"]) == (
-        REGION, INSTANCE_ID, imds.account_id
+        REGION,
+        INSTANCE_ID,
+        imds.account_id,
     )
 
 
@@ -136,7 +140,8 @@ def test_log_never_holds_the_token(imds: ImdsEmulator) -> None:
     token = _token(imds)
     _raw(imds, "GET", "/latest/meta-data/instance-id", {TOKEN: token})
     assert [(r.method, r.status, r.had_token) for r in imds.requests] == [
-        ("PUT", 200, False), ("GET", 200, True)
+        ("PUT", 200, False),
+        ("GET", 200, True),
     ]
     assert token not in repr(imds.requests)
 

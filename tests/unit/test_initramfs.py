@@ -36,8 +36,10 @@ def _partition(name: str, services: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_trim_keeps_kms_of_every_partition_and_drops_other_services() -> None:
-    kms_fips = {"endpoints": {"fips-us-gov-west-1": {"deprecated": True}},
-                "defaults": {"variants": [{"hostname": "kms-fips.{region}", "tags": ["fips"]}]}}
+    kms_fips = {
+        "endpoints": {"fips-us-gov-west-1": {"deprecated": True}},
+        "defaults": {"variants": [{"hostname": "kms-fips.{region}", "tags": ["fips"]}]},
+    }
     data = {
         "version": 3,
         "partitions": [
@@ -50,7 +52,11 @@ def test_trim_keeps_kms_of_every_partition_and_drops_other_services() -> None:
     trimmed = trim_endpoints(data)
     assert trimmed["version"] == 3
     assert [p["partition"] for p in trimmed["partitions"]] == [
-        "aws", "aws-cn", "aws-us-gov", "aws-iso-x"]
+        "aws",
+        "aws-cn",
+        "aws-us-gov",
+        "aws-iso-x",
+    ]
     by_name = {p["partition"]: p for p in trimmed["partitions"]}
     assert by_name["aws"]["services"] == {"kms": {"endpoints": {"us-east-1": {}}}}
     assert by_name["aws-cn"]["services"] == {"kms": {"endpoints": {"cn-north-1": {}}}}
@@ -60,7 +66,8 @@ def test_trim_keeps_kms_of_every_partition_and_drops_other_services() -> None:
     for name, partition in by_name.items():
         original = next(p for p in data["partitions"] if p["partition"] == name)
         assert {k: v for k, v in partition.items() if k != "services"} == {
-            k: v for k, v in original.items() if k != "services"}
+            k: v for k, v in original.items() if k != "services"
+        }
     # The input is not modified.
     assert "s3" in data["partitions"][0]["services"]
 
@@ -71,28 +78,39 @@ def test_real_endpoints_trimmed_still_resolve_kms_in_commercial_china_and_govclo
     assert len(trimmed["partitions"]) == len(original["partitions"])
     for partition in trimmed["partitions"]:
         assert set(partition["services"]) <= {"kms"}
-        had_kms = any(p["partition"] == partition["partition"] and "kms" in p["services"]
-                      for p in original["partitions"])
+        had_kms = any(
+            p["partition"] == partition["partition"] and "kms" in p["services"]
+            for p in original["partitions"]
+        )
         assert ("kms" in partition["services"]) == had_kms
     assert len(json.dumps(trimmed)) < len(json.dumps(original)) / 10
 
     full, small = EndpointResolver(original), EndpointResolver(trimmed)
-    cases = [("us-east-1", False), ("eu-west-1", False), ("cn-north-1", False),
-             ("us-gov-west-1", False), ("us-gov-west-1", True), ("us-east-1", True)]
+    cases = [
+        ("us-east-1", False),
+        ("eu-west-1", False),
+        ("cn-north-1", False),
+        ("us-gov-west-1", False),
+        ("us-gov-west-1", True),
+        ("us-east-1", True),
+    ]
     for region, fips in cases:
         expected = full.construct_endpoint("kms", region, use_fips_endpoint=fips)
         got = small.construct_endpoint("kms", region, use_fips_endpoint=fips)
         assert got is not None and expected is not None
         assert got["hostname"] == expected["hostname"], (region, fips)
-    assert "fips" in small.construct_endpoint(
-        "kms", "us-gov-west-1", use_fips_endpoint=True)["hostname"]
+    assert (
+        "fips"
+        in small.construct_endpoint("kms", "us-gov-west-1", use_fips_endpoint=True)["hostname"]
+    )
     assert small.construct_endpoint("kms", "cn-north-1")["hostname"].endswith(".com.cn")
 
 
 def test_trimmed_endpoints_bytes_reads_but_never_writes_the_source(tmp_path: Path) -> None:
     source = tmp_path / "endpoints.json"
-    raw = json.dumps({"version": 3, "partitions": [
-        _partition("aws", {"kms": {}, "s3": {}})]}).encode()
+    raw = json.dumps(
+        {"version": 3, "partitions": [_partition("aws", {"kms": {}, "s3": {}})]}
+    ).encode()
     source.write_bytes(raw)
     out = json.loads(trimmed_endpoints_bytes(source))
     assert out["partitions"][0]["services"] == {"kms": {}}
@@ -101,18 +119,32 @@ def test_trimmed_endpoints_bytes_reads_but_never_writes_the_source(tmp_path: Pat
 
 def test_package_modules_lists_code_not_data_folders_nor_main(tmp_path: Path) -> None:
     pkg = tmp_path / "encryptrootfs"
-    for rel in ("__init__.py", "__main__.py", "cli.py", "boot/__init__.py", "boot/unlock.py",
-                "dracut/50encryptrootfs/helper.py"):
+    for rel in (
+        "__init__.py",
+        "__main__.py",
+        "cli.py",
+        "boot/__init__.py",
+        "boot/unlock.py",
+        "dracut/50encryptrootfs/helper.py",
+    ):
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text("")
     assert package_modules(pkg) == [
-        "encryptrootfs", "encryptrootfs.boot", "encryptrootfs.boot.unlock", "encryptrootfs.cli"]
+        "encryptrootfs",
+        "encryptrootfs.boot",
+        "encryptrootfs.boot.unlock",
+        "encryptrootfs.cli",
+    ]
 
 
 def test_the_real_package_modules_include_the_boot_path() -> None:
     names = package_modules(initramfs.package_dir())
-    assert {"encryptrootfs.cli", "encryptrootfs.boot", "encryptrootfs.providers.aws_kms",
-            "encryptrootfs.initramfs"} <= set(names)
+    assert {
+        "encryptrootfs.cli",
+        "encryptrootfs.boot",
+        "encryptrootfs.providers.aws_kms",
+        "encryptrootfs.initramfs",
+    } <= set(names)
     assert not any(".dracut" in n or n.endswith("__main__") for n in names)
 
 
@@ -126,7 +158,8 @@ def test_imported_names_sees_imports_inside_functions(tmp_path: Path) -> None:
         "def f():\n"
         "    import botocore.session\n"
         "    from botocore import exceptions as bx\n"
-        "    from urllib.parse import urlsplit\n")
+        "    from urllib.parse import urlsplit\n"
+    )
     modules, candidates = imported_names(pkg)
     assert modules == ["botocore", "botocore.session", "json", "urllib.parse"]
     assert candidates == ["botocore.exceptions", "urllib.parse.urlsplit"]
@@ -177,8 +210,18 @@ def layout(tmp_path: Path) -> dict[str, Any]:
         cache_tag="cpython-311",
         stdlib_dirs=(str(stdlib), str(stdlib / "lib-dynload")),
         sys_path=(str(stdlib), str(stdlib / "lib-dynload"), str(site)),
-        module_files=(f["os"], f["os_pyc"], f["json"], f["json_pyc"], f["ssl_so"], f["ours"],
-                      f["ours_pyc"], f["boto"], f["six"], f["six_pyc"]),
+        module_files=(
+            f["os"],
+            f["os_pyc"],
+            f["json"],
+            f["json_pyc"],
+            f["ssl_so"],
+            f["ours"],
+            f["ours_pyc"],
+            f["boto"],
+            f["six"],
+            f["six_pyc"],
+        ),
         libraries=(f["ssl_so"], "/usr/lib/x86_64-linux-gnu/libssl.so.3"),
         botocore_data_loaded=(f["sts_loaded"],),
         ca_bundle=f["cacert"],
@@ -193,22 +236,41 @@ def test_select_files_takes_imported_stdlib_and_whole_packages_with_pruned_data(
     plan = select_files(layout["trace"], config_path=Path(f["config"]))
     chosen = set(plan.files)
     # Our package keeps its sources (tracebacks); os.py is the stdlib landmark.
-    wanted = ["os", "os_pyc", "ssl_so", "ours", "ours_pyc", "ours_lazy", "cacert",
-              "partitions", "sdk", "kms_service", "kms_rules", "sts_loaded", "config"]
+    wanted = [
+        "os",
+        "os_pyc",
+        "ssl_so",
+        "ours",
+        "ours_pyc",
+        "ours_lazy",
+        "cacert",
+        "partitions",
+        "sdk",
+        "kms_service",
+        "kms_rules",
+        "sts_loaded",
+        "config",
+    ]
     for name in wanted:
         assert f[name] in chosen, name
     # Everything else goes in as sourceless byte code where the source was.
     bytecode = dict(plan.bytecode)
-    for source, pyc in [("json", "json_pyc"), ("boto_lazy", "boto_lazy_pyc"),
-                        ("six", "six_pyc")]:
+    for source, pyc in [("json", "json_pyc"), ("boto_lazy", "boto_lazy_pyc"), ("six", "six_pyc")]:
         assert bytecode[f[pyc]] == f[source] + "c"
         assert f[source] not in chosen and f[pyc] not in chosen
     # No byte code on disk: the source goes in (compiled in memory at boot).
     assert f["boto"] in chosen
     # Not imported, another interpreter's byte code, the dracut module (package data), data
     # of other services, and endpoints.json (installed trimmed instead).
-    for name in ["unused_stdlib", "ours_old_pyc", "module_setup", "module_py", "kms_examples",
-                 "s3_service", "endpoints"]:
+    for name in [
+        "unused_stdlib",
+        "ours_old_pyc",
+        "module_setup",
+        "module_py",
+        "kms_examples",
+        "s3_service",
+        "endpoints",
+    ]:
         assert f[name] not in chosen, name
     assert plan.endpoints_json == f["endpoints"]
     assert plan.config == f["config"]
@@ -227,12 +289,16 @@ def test_select_files_without_a_config_file(layout: dict[str, Any]) -> None:
 
 
 def test_manifest_stages_the_trimmed_endpoints_and_lists_every_file(
-    layout: dict[str, Any], tmp_path: Path,
+    layout: dict[str, Any],
+    tmp_path: Path,
 ) -> None:
     f = layout["files"]
     endpoints = Path(f["endpoints"])
-    endpoints.write_text(json.dumps({"version": 3, "partitions": [
-        _partition("aws", {"kms": {"endpoints": {}}, "s3": {}})]}))
+    endpoints.write_text(
+        json.dumps(
+            {"version": 3, "partitions": [_partition("aws", {"kms": {"endpoints": {}}, "s3": {}})]}
+        )
+    )
     before = endpoints.read_bytes()
     plan = select_files(layout["trace"], config_path=Path(f["config"]))
     stage = tmp_path / "stage"
@@ -257,17 +323,24 @@ def test_manifest_stages_the_trimmed_endpoints_and_lists_every_file(
 def test_resolv_conf_is_written_from_networkd_leases_only_when_missing(tmp_path: Path) -> None:
     leases = tmp_path / "leases"
     leases.mkdir()
-    (leases / "2").write_text("# This is private data.\nADDRESS=169.254.169.15\n"
-                              "DNS=169.254.169.3 10.0.0.2\n")
+    (leases / "2").write_text(
+        "# This is private data.\nADDRESS=169.254.169.15\nDNS=169.254.169.3 10.0.0.2\n"
+    )
     (leases / "10").write_text("DNS=10.0.0.2 192.0.2.53\n")
     resolv = tmp_path / "etc/resolv.conf"
     resolv.parent.mkdir()
     resolv.symlink_to(tmp_path / "run/systemd/resolve/stub-resolv.conf")  # dangling
     assert initramfs.ensure_resolv_conf(resolv, leases) == [
-        "169.254.169.3", "10.0.0.2", "192.0.2.53"]
+        "169.254.169.3",
+        "10.0.0.2",
+        "192.0.2.53",
+    ]
     assert not resolv.is_symlink()
     assert [line for line in resolv.read_text().splitlines() if not line.startswith("#")] == [
-        "nameserver 169.254.169.3", "nameserver 10.0.0.2", "nameserver 192.0.2.53"]
+        "nameserver 169.254.169.3",
+        "nameserver 10.0.0.2",
+        "nameserver 192.0.2.53",
+    ]
     # A resolv.conf that already names a server (dhclient wrote it) is left alone.
     resolv.write_text("nameserver 192.0.2.1\n")
     assert initramfs.ensure_resolv_conf(resolv, leases) == []
@@ -283,14 +356,24 @@ def test_no_lease_no_resolv_conf(tmp_path: Path) -> None:
 MODULE_SETUP = initramfs.package_dir() / "dracut" / "50encryptrootfs" / "module-setup.sh"
 
 
-def test_module_setup_handles_every_kind_of_manifest_line(layout: dict[str, Any],
-                                                          tmp_path: Path) -> None:
+def test_module_setup_handles_every_kind_of_manifest_line(
+    layout: dict[str, Any], tmp_path: Path
+) -> None:
     plan = select_files(layout["trace"], config_path=Path(layout["files"]["config"]))
     kinds = {line.split("\t")[0] for line in manifest_lines(plan, tmp_path / "stage")}
-    assert kinds == {"binary", "link", "staged", "file", "bytecode", "config", "library",
-                     "program", "program?"}
+    assert kinds == {
+        "binary",
+        "link",
+        "staged",
+        "file",
+        "bytecode",
+        "config",
+        "library",
+        "program",
+        "program?",
+    }
     script = MODULE_SETUP.read_text()
-    case = script[script.index('case $_kind in'):script.index("esac")]
+    case = script[script.index("case $_kind in") : script.index("esac")]
     labels: set[str] = set()
     for line in case.splitlines()[1:]:
         head = line.strip().split(")")[0]
@@ -298,8 +381,11 @@ def test_module_setup_handles_every_kind_of_manifest_line(layout: dict[str, Any]
             labels.update(p.strip().replace("\\?", "?") for p in head.split("|"))
     assert kinds <= labels
     # The unit the module installs is the file shipped next to it.
-    for name in ("encryptrootfs.service", "90-encryptrootfs.network",
-                 "encryptrootfs-network-legacy.conf"):
+    for name in (
+        "encryptrootfs.service",
+        "90-encryptrootfs.network",
+        "encryptrootfs-network-legacy.conf",
+    ):
         assert f'"$moddir/{name}"' in script
         assert (MODULE_SETUP.parent / name).is_file()
 
@@ -313,8 +399,9 @@ def test_the_unit_runs_the_boot_before_root_fsck_and_mount_and_fails_closed() ->
             settings.setdefault(key, []).extend(value.split())
     assert settings["ExecStart"][:2] == ["/usr/bin/python3", "-I"]
     assert settings["ExecStart"][-3:] == ["-m", "encryptrootfs", "boot"]
-    assert {"systemd-fsck-root.service", "sysroot.mount",
-            "initrd-root-device.target"} <= set(settings["Before"])
+    assert {"systemd-fsck-root.service", "sysroot.mount", "initrd-root-device.target"} <= set(
+        settings["Before"]
+    )
     assert set(settings["RequiredBy"]) == {"sysroot.mount", "systemd-fsck-root.service"}
     assert settings["DefaultDependencies"] == ["no"]
     assert settings["Type"] == ["oneshot"] and settings["RemainAfterExit"] == ["yes"]

@@ -30,18 +30,20 @@ OTHER = "us-east-1"
 
 
 def test_a_region_in_the_table_gets_its_own_url_over_endpoint_url() -> None:
-    cfg = AwsKmsConfig(key_id=KEY, endpoint_url=FALLBACK,
-                       endpoints={"eu-west-1": EU_URL, "us-east-1": US_URL})  # fmt: skip
+    cfg = AwsKmsConfig(
+        key_id=KEY, endpoint_url=FALLBACK, endpoints={"eu-west-1": EU_URL, "us-east-1": US_URL}
+    )
     assert kms_endpoint(cfg, "us-east-1") == KmsEndpoint(
-        US_URL, "providers.aws_kms.endpoints.us-east-1")
+        US_URL, "providers.aws_kms.endpoints.us-east-1"
+    )
     assert kms_endpoint(cfg, "eu-west-1") == KmsEndpoint(
-        EU_URL, "providers.aws_kms.endpoints.eu-west-1")
+        EU_URL, "providers.aws_kms.endpoints.eu-west-1"
+    )
 
 
 def test_a_region_not_in_the_table_falls_back_to_endpoint_url() -> None:
     cfg = AwsKmsConfig(key_id=KEY, endpoint_url=FALLBACK, endpoints={"eu-west-1": EU_URL})
-    assert kms_endpoint(cfg, "us-east-1") == KmsEndpoint(
-        FALLBACK, "providers.aws_kms.endpoint_url")
+    assert kms_endpoint(cfg, "us-east-1") == KmsEndpoint(FALLBACK, "providers.aws_kms.endpoint_url")
 
 
 def test_without_either_botocore_chooses() -> None:
@@ -50,17 +52,19 @@ def test_without_either_botocore_chooses() -> None:
 
 
 def test_an_unreachable_endpoint_names_the_url_and_the_setting_that_chose_it() -> None:
-    call = KmsCall("Decrypt", KEY, "us-east-1", US_URL, 5, 60.0,
-                   "providers.aws_kms.endpoints.us-east-1")  # fmt: skip
+    call = KmsCall(
+        "Decrypt", KEY, "us-east-1", US_URL, 5, 60.0, "providers.aws_kms.endpoints.us-east-1"
+    )
     error = explain_kms_error(bx.EndpointConnectionError(endpoint_url=US_URL), call)
     assert f"could not reach KMS at {US_URL}" in error.message
     assert f"{US_URL} is set by providers.aws_kms.endpoints.us-east-1" in (error.hint or "")
     botocore_url = "https://kms.us-east-1.amazonaws.com"
     call = replace(call, endpoint=botocore_url, endpoint_setting="")
     error = explain_kms_error(bx.EndpointConnectionError(endpoint_url=botocore_url), call)
-    assert (f"{botocore_url} is botocore's address for us-east-1 "
-            "(providers.aws_kms.endpoints.us-east-1 or endpoint_url can name another)"
-            ) in (error.hint or "")  # fmt: skip
+    assert (
+        f"{botocore_url} is botocore's address for us-east-1 "
+        "(providers.aws_kms.endpoints.us-east-1 or endpoint_url can name another)"
+    ) in (error.hint or "")
 
 
 # -- real clients: two KMS emulators, one per region, each at its own 127.0.0.1 port --------
@@ -88,7 +92,8 @@ def test_each_region_is_asked_at_its_own_url(
     new = AwsKmsProvider(config.aws_kms).new_key(LUKS_UUID)  # the home region (IMDS)
     # enroll --copy --key-id K2 --region us-east-1 goes through provider_for_key.
     copy = provider_for_key(config, "alias/encryptrootfs-copy", OTHER).wrap(
-        new.plaintext, new.wrapped.encryption_context)
+        new.plaintext, new.wrapped.encryption_context
+    )
     assert (new.wrapped.region, new.wrapped.key_id) == (REGION, key_arn)
     assert (copy.region, copy.key_id) == (OTHER, other_key)
 
@@ -110,7 +115,8 @@ def test_a_region_whose_url_is_down_is_reported_with_that_url(
     assert config.aws_kms is not None
     new = AwsKmsProvider(config.aws_kms).new_key(LUKS_UUID)
     copy = provider_for_key(config, "alias/encryptrootfs-copy", OTHER).wrap(
-        new.plaintext, new.wrapped.encryption_context)
+        new.plaintext, new.wrapped.encryption_context
+    )
     kms_other.set_unreachable(True)
     with pytest.raises(KeyServiceError) as err:
         AwsKmsProvider(replace(config.aws_kms, max_attempts=1)).unwrap(copy)

@@ -15,10 +15,11 @@ from encryptrootfs_lab.qemu import BootSpec, console_argv, qemu_argv, type_on
 def test_console_is_a_socket_chardev_that_logs_to_the_console_file(tmp_path: Path) -> None:
     console, sock = tmp_path / "boot.console.log", Path("/tmp/erfs-con-x/console.sock")
     assert console_argv(console, sock) == [
-        "-chardev", f"socket,id=con0,path={sock},server=on,wait=off,logfile={console},"
-                    "logappend=off",
-        "-serial", "chardev:con0",
-    ]  # fmt: skip
+        "-chardev",
+        f"socket,id=con0,path={sock},server=on,wait=off,logfile={console},logappend=off",
+        "-serial",
+        "chardev:con0",
+    ]
 
 
 def test_without_a_socket_the_console_is_a_plain_file(tmp_path: Path) -> None:

@@ -209,8 +209,9 @@ class Recorder:
         self.calls: list[Call] = []
         self.answers: list[tuple[Callable[[list[str]], bool], Responder]] = []
 
-    def on(self, match: Callable[[list[str]], bool], code: int = 0, out: str = "",
-           err: str = "") -> None:
+    def on(
+        self, match: Callable[[list[str]], bool], code: int = 0, out: str = "", err: str = ""
+    ) -> None:
         self.respond(match, lambda args: (code, out, err))
 
     def respond(self, match: Callable[[list[str]], bool], responder: Responder) -> None:
@@ -263,8 +264,10 @@ def answer_headers(rec: Recorder, *names: str) -> None:
 
 
 def answer_header(rec: Recorder, name: str) -> None:
-    rec.on(lambda a: a[:1] == ["luksDump"] and "--dump-json-metadata" not in a,
-           out=fixture(f"{name}.dump.txt"))
+    rec.on(
+        lambda a: a[:1] == ["luksDump"] and "--dump-json-metadata" not in a,
+        out=fixture(f"{name}.dump.txt"),
+    )
     rec.on(has("luksDump", "--dump-json-metadata"), out=fixture(f"{name}.json"))
 
 
@@ -354,7 +357,13 @@ def test_test_keyslot_maps_exit_codes(rec: Recorder) -> None:
     with pytest.raises(DeviceError, match="has no usable keyslot 7"):
         luks2.test_keyslot("/dev/vda1", KEY, 7)
     assert rec.calls[0].args == [
-        "open", "--test-passphrase", "--key-file", "-", "--key-slot", "1", "/dev/vda1",
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        "-",
+        "--key-slot",
+        "1",
+        "/dev/vda1",
     ]
     assert rec.calls[2].args == ["open", "--test-passphrase", "--key-file", "-", "/dev/vda1"]
     assert all(c.stdin == KEY for c in rec.calls)
@@ -407,7 +416,15 @@ def test_open_and_close(rec: Recorder) -> None:
     rec.on(has("open"))
     assert luks2.open_device("/dev/vda1", "root", KEY, keyslot=1) == "/dev/mapper/root"
     assert rec.calls[-1].args == [
-        "open", "--type", "luks2", "--key-file", "-", "--key-slot", "1", "/dev/vda1", "root",
+        "open",
+        "--type",
+        "luks2",
+        "--key-file",
+        "-",
+        "--key-slot",
+        "1",
+        "/dev/vda1",
+        "root",
     ]
     assert rec.calls[-1].stdin == KEY
     rec.on(has("open"), code=2, err="No key available with this passphrase.\n")
@@ -437,10 +454,15 @@ def test_encrypt_init_argv_and_uuid_check(rec: Recorder) -> None:
     assert slot == 0
     (init,) = [c for c in rec.calls if "reencrypt" in c.args]
     args = init.args
-    for option, value in [("--type", "luks2"), ("--uuid", PENDING_UUID),
-                          ("--reduce-device-size", str(32 * MIB)), ("--pbkdf", "pbkdf2"),
-                          ("--pbkdf-force-iterations", "1000"), ("--key-file", "-"),
-                          ("--label", "root")]:
+    for option, value in [
+        ("--type", "luks2"),
+        ("--uuid", PENDING_UUID),
+        ("--reduce-device-size", str(32 * MIB)),
+        ("--pbkdf", "pbkdf2"),
+        ("--pbkdf-force-iterations", "1000"),
+        ("--key-file", "-"),
+        ("--label", "root"),
+    ]:
         assert args[args.index(option) + 1] == value
     assert {"--encrypt", "--init-only", "--batch-mode"} <= set(args)
     assert args[-1] == "/dev/vda1" and init.stdin == KEY
@@ -448,7 +470,9 @@ def test_encrypt_init_argv_and_uuid_check(rec: Recorder) -> None:
     # cryptsetup writing another UUID than asked would break the key's encryption context.
     with pytest.raises(VerifyError, match="not the requested"):
         luks2.reencrypt_encrypt_init(
-            "/dev/vda1", KEY, uuid="0f6b7a7e-8d33-4a4e-9a57-3c0e9b7d9a12",
+            "/dev/vda1",
+            KEY,
+            uuid="0f6b7a7e-8d33-4a4e-9a57-3c0e9b7d9a12",
             reduce_device_size=32 * MIB,
         )
 
@@ -457,8 +481,9 @@ def test_encrypt_init_refuses_bad_arguments_before_running_anything(rec: Recorde
     with pytest.raises(ValueError, match="not a UUID"):
         luks2.reencrypt_encrypt_init("/dev/vda1", KEY, uuid="root", reduce_device_size=32 * MIB)
     with pytest.raises(ValueError, match="canonical"):
-        luks2.reencrypt_encrypt_init("/dev/vda1", KEY, uuid=PENDING_UUID.replace("-", ""),
-                                     reduce_device_size=32 * MIB)
+        luks2.reencrypt_encrypt_init(
+            "/dev/vda1", KEY, uuid=PENDING_UUID.replace("-", ""), reduce_device_size=32 * MIB
+        )
     with pytest.raises(ValueError, match="needs reduce_device_size"):
         luks2.reencrypt_encrypt_init("/dev/vda1", KEY, uuid=PENDING_UUID)
     with pytest.raises(ValueError, match="multiple of 512"):
@@ -496,13 +521,12 @@ class Spawned:
     process: FakeProcess
 
 
-def fake_popen(
-    monkeypatch: pytest.MonkeyPatch, process: FakeProcess
-) -> list[Spawned]:
+def fake_popen(monkeypatch: pytest.MonkeyPatch, process: FakeProcess) -> list[Spawned]:
     spawned: list[Spawned] = []
 
-    def popen(argv: Sequence[str], env: Optional[Mapping[str, str]], pass_fds: Sequence[int]
-              ) -> Any:
+    def popen(
+        argv: Sequence[str], env: Optional[Mapping[str, str]], pass_fds: Sequence[int]
+    ) -> Any:
         spawned.append(Spawned(list(argv), dict(env or {}), process))
         return process
 
@@ -521,8 +545,14 @@ def test_resume_streams_progress_and_passes_the_key_on_stdin(
     assert luks2.reencrypt_resume("/dev/vda1", KEY, force_offline=True, on_progress=seen.append)
     (call,) = spawned
     assert call.argv[1:] == [
-        "reencrypt", "--resume-only", "--batch-mode", "--key-file", "-",
-        "--force-offline-reencrypt", "--progress-json", "/dev/vda1",
+        "reencrypt",
+        "--resume-only",
+        "--batch-mode",
+        "--key-file",
+        "-",
+        "--force-offline-reencrypt",
+        "--progress-json",
+        "/dev/vda1",
     ]
     assert process.stdin.getvalue() == KEY
     assert KEY.hex() not in " ".join(call.argv) and call.env.get("LC_ALL") == "C"
@@ -637,7 +667,7 @@ def test_token_written_into_both_copies(rec: Recorder, tmp_path: Path) -> None:
     raw = path.read_bytes()  # labels, UUID and salts of the binary headers are kept
     fixture_raw = (FIXTURES / "reencrypt-pending.header-copies.bin").read_bytes()
     for offset in (0, 16384):
-        assert raw[offset + 24:offset + 448] == fixture_raw[offset + 24:offset + 448]
+        assert raw[offset + 24 : offset + 448] == fixture_raw[offset + 24 : offset + 448]
 
 
 def test_token_writer_refuses_a_header_without_pending_encryption(

@@ -25,8 +25,9 @@ ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890
 
 
 def header(name: str) -> luks2.LuksHeader:
-    return luks2.parse_header((FIXTURES / f"{name}.json").read_text(),
-                              (FIXTURES / f"{name}.dump.txt").read_text())
+    return luks2.parse_header(
+        (FIXTURES / f"{name}.json").read_text(), (FIXTURES / f"{name}.dump.txt").read_text()
+    )
 
 
 def with_tokens(h: luks2.LuksHeader, tokens: dict[str, dict[str, Any]]) -> luks2.LuksHeader:
@@ -37,21 +38,38 @@ def with_tokens(h: luks2.LuksHeader, tokens: dict[str, dict[str, Any]]) -> luks2
 
 
 def kms_token(slots: list[str], region: str = "eu-west-1") -> dict[str, Any]:
-    return {"type": "encryptrootfs", "keyslots": slots, "version": 1, "provider": "aws-kms",
-            "key_id": ARN, "region": region, "ciphertext": "AQID",
-            "encryption_context": {"encryptrootfs:luks_uuid": "u"},
-            "created": "2026-11-28T04:39:22Z"}
+    return {
+        "type": "encryptrootfs",
+        "keyslots": slots,
+        "version": 1,
+        "provider": "aws-kms",
+        "key_id": ARN,
+        "region": region,
+        "ciphertext": "AQID",
+        "encryption_context": {"encryptrootfs:luks_uuid": "u"},
+        "created": "2026-11-28T04:39:22Z",
+    }
 
 
 def record(luks_uuid: str) -> UnlockRecord:
-    return UnlockRecord(device="/dev/vda1", luks_uuid=luks_uuid, mapper="/dev/mapper/root",
-                        unlocked_at="2026-11-28T05:00:00Z", seconds=1.84, provider="aws-kms",
-                        key_id=ARN, region="eu-west-1", keyslot=0, attempts=2)
+    return UnlockRecord(
+        device="/dev/vda1",
+        luks_uuid=luks_uuid,
+        mapper="/dev/mapper/root",
+        unlocked_at="2026-11-28T05:00:00Z",
+        seconds=1.84,
+        provider="aws-kms",
+        key_id=ARN,
+        region="eu-west-1",
+        keyslot=0,
+        attempts=2,
+    )
 
 
 def recovery_record(luks_uuid: str) -> UnlockRecord:
-    return unlock_record.recovery_record_for("/dev/vda1", luks_uuid, "/dev/mapper/root", 1,
-                                             95.2049, unlocked_at="2026-11-28T05:01:35Z")
+    return unlock_record.recovery_record_for(
+        "/dev/vda1", luks_uuid, "/dev/mapper/root", 1, 95.2049, unlocked_at="2026-11-28T05:01:35Z"
+    )
 
 
 # --- reencryption progress --------------------------------------------------------------------
@@ -88,7 +106,10 @@ def test_pending_with_our_token_is_reencryption_pending() -> None:
     assert s.state is VolumeState.REENCRYPTION_PENDING
     assert s.reencryption is not None
     assert (s.reencryption.state, s.reencryption.mode, s.reencryption.percent) == (
-        "pending", "encrypt", 0.0)
+        "pending",
+        "encrypt",
+        0.0,
+    )
     reencrypt_slot = next(k for k in s.keyslots if k.type == "reencrypt")
     assert reencrypt_slot.token_ids == ()
 
@@ -112,19 +133,30 @@ def test_encrypted_lists_tokens_by_kind_and_the_owner_of_each_keyslot() -> None:
 
 
 def test_recovery_token_owns_its_keyslot_and_a_bad_token_of_ours_is_shown_not_fatal() -> None:
-    h = with_tokens(header("pbkdf2-fresh"), {
-        "0": kms_token(["0"]),
-        "1": {"type": "encryptrootfs-recovery", "keyslots": ["1"], "version": 1,
-              "created": "2026-11-28T06:00:00Z"},
-        "2": {"type": "encryptrootfs", "keyslots": ["0"], "version": 99},
-    })
+    h = with_tokens(
+        header("pbkdf2-fresh"),
+        {
+            "0": kms_token(["0"]),
+            "1": {
+                "type": "encryptrootfs-recovery",
+                "keyslots": ["1"],
+                "version": 1,
+                "created": "2026-11-28T06:00:00Z",
+            },
+            "2": {"type": "encryptrootfs", "keyslots": ["0"], "version": 99},
+        },
+    )
     s = status.summarise_header("/dev/x", h)
     by_id = {t.id: t for t in s.tokens}
     assert by_id[1].kind is TokenKind.RECOVERY and by_id[1].keyslots == (1,)
     assert by_id[2].kind is TokenKind.KMS and by_id[2].error and "version 99" in by_id[2].error
     assert s.state is VolumeState.ENCRYPTED
     assert (by_id[0].provider, by_id[0].key_id, by_id[0].region, by_id[0].created) == (
-        "aws-kms", ARN, "eu-west-1", "2026-11-28T04:39:22Z")
+        "aws-kms",
+        ARN,
+        "eu-west-1",
+        "2026-11-28T04:39:22Z",
+    )
     assert dict(by_id[0].encryption_context or {}) == {"encryptrootfs:luks_uuid": "u"}
     assert [k.token_ids for k in s.keyslots] == [(0, 2)]
     text = status.status_text([s])
@@ -145,8 +177,10 @@ def test_a_recovery_key_unlock_is_shown_with_what_it_means_and_what_to_check() -
     h = with_tokens(header("pbkdf2-fresh"), {"0": kms_token(["0"])})
     s = status.summarise_header("/dev/x", h, record=recovery_record(h.uuid))
     text = status.status_text([s])
-    assert ("  last unlock: 2026-11-28T05:01:35Z, 95.20 s, recovery key typed at the console, "
-            "keyslot 1\n") in text
+    assert (
+        "  last unlock: 2026-11-28T05:01:35Z, 95.20 s, recovery key typed at the console, "
+        "keyslot 1\n"
+    ) in text
     assert "KMS did not unwrap the root key on this boot" in text
     assert "Check the instance role, the key policy and the" in text
     assert "key None" not in text and "(None)" not in text
@@ -157,31 +191,72 @@ def test_a_recovery_key_unlock_is_shown_with_what_it_means_and_what_to_check() -
     assert d["last_unlock"]["method"] == "recovery-key"
     assert d["last_unlock"]["keyslot"] == 1 and d["last_unlock"]["version"] == 2
     assert [d["last_unlock"][k] for k in ("provider", "key_id", "region", "attempts")] == [
-        None, None, None, None]
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_json_has_the_documented_fields_for_every_device() -> None:
     h = with_tokens(header("pbkdf2-fresh"), {"0": kms_token(["0"])})
-    doc = status.status_json([
-        status.summarise_header("/dev/x", h, record=record(h.uuid)),
-        status.DeviceStatus("/dev/y", VolumeState.PLAIN, filesystem="ext4"),
-        status.DeviceStatus("/dev/z", VolumeState.UNREADABLE, error="`/dev/z` does not exist."),
-    ])
+    doc = status.status_json(
+        [
+            status.summarise_header("/dev/x", h, record=record(h.uuid)),
+            status.DeviceStatus("/dev/y", VolumeState.PLAIN, filesystem="ext4"),
+            status.DeviceStatus("/dev/z", VolumeState.UNREADABLE, error="`/dev/z` does not exist."),
+        ]
+    )
     assert doc["schema_version"] == status.STATUS_SCHEMA_VERSION == 1
-    fields = {"device", "state", "luks_version", "luks_uuid", "filesystem", "reencryption",
-              "tokens", "keyslots", "last_unlock", "error"}
+    fields = {
+        "device",
+        "state",
+        "luks_version",
+        "luks_uuid",
+        "filesystem",
+        "reencryption",
+        "tokens",
+        "keyslots",
+        "last_unlock",
+        "error",
+    }
     assert all(set(d) == fields for d in doc["devices"])
     encrypted = doc["devices"][0]
-    assert set(encrypted["tokens"][0]) == {"id", "type", "kind", "keyslots", "provider",
-                                           "key_id", "region", "encryption_context",
-                                           "created", "error"}
-    assert set(encrypted["keyslots"][0]) == {"id", "type", "kdf", "iterations", "memory_kib",
-                                             "token_ids"}
-    assert set(encrypted["last_unlock"]) == {"version", "method", "device", "luks_uuid",
-                                             "mapper", "unlocked_at", "seconds", "provider",
-                                             "key_id", "region", "keyslot", "attempts"}
-    assert (encrypted["last_unlock"]["method"], encrypted["last_unlock"]["version"]) == (
-        "kms", 1)
+    assert set(encrypted["tokens"][0]) == {
+        "id",
+        "type",
+        "kind",
+        "keyslots",
+        "provider",
+        "key_id",
+        "region",
+        "encryption_context",
+        "created",
+        "error",
+    }
+    assert set(encrypted["keyslots"][0]) == {
+        "id",
+        "type",
+        "kdf",
+        "iterations",
+        "memory_kib",
+        "token_ids",
+    }
+    assert set(encrypted["last_unlock"]) == {
+        "version",
+        "method",
+        "device",
+        "luks_uuid",
+        "mapper",
+        "unlocked_at",
+        "seconds",
+        "provider",
+        "key_id",
+        "region",
+        "keyslot",
+        "attempts",
+    }
+    assert (encrypted["last_unlock"]["method"], encrypted["last_unlock"]["version"]) == ("kms", 1)
     assert [d["state"] for d in doc["devices"]] == ["encrypted", "plain", "unreadable"]
     json.dumps(doc)  # serialisable as is
 
@@ -190,25 +265,37 @@ def test_json_has_the_documented_fields_for_every_device() -> None:
 
 
 def partition(path: str, fs_uuid: str) -> Partition:
-    token = KmsToken(("0",), WrappedKey(ProviderName.AWS_KMS, ARN, "eu-west-1", b"x"),
-                     fs_uuid=fs_uuid)
-    return Partition(path=path, name=path[5:], disk="/dev/vda", number=1, start=0, size=1,
-                     disk_size=1, logical_sector=512, partuuid="", partlabel="",
-                     signature=Signature(type="crypto_LUKS", version="2"),
-                     luks=LuksFacts("luks-uuid", 2, False, (token,), ("0",)))
+    token = KmsToken(
+        ("0",), WrappedKey(ProviderName.AWS_KMS, ARN, "eu-west-1", b"x"), fs_uuid=fs_uuid
+    )
+    return Partition(
+        path=path,
+        name=path[5:],
+        disk="/dev/vda",
+        number=1,
+        start=0,
+        size=1,
+        disk_size=1,
+        logical_sector=512,
+        partuuid="",
+        partlabel="",
+        signature=Signature(type="crypto_LUKS", version="2"),
+        luks=LuksFacts("luks-uuid", 2, False, (token,), ("0",)),
+    )
 
 
-def test_the_default_device_is_the_root_boot_would_pick(monkeypatch: pytest.MonkeyPatch
-                                                        ) -> None:
+def test_the_default_device_is_the_root_boot_would_pick(monkeypatch: pytest.MonkeyPatch) -> None:
     config = Config(root=RootSelector(RootKind.UUID, "abcd"))
-    monkeypatch.setattr(devices, "gather",
-                        lambda: [partition("/dev/vda1", "abcd"), partition("/dev/vda2", "ef")])
+    monkeypatch.setattr(
+        devices, "gather", lambda: [partition("/dev/vda1", "abcd"), partition("/dev/vda2", "ef")]
+    )
     assert status.configured_root(config) == "/dev/vda1"
     monkeypatch.setattr(devices, "gather", lambda: [partition("/dev/vda2", "ef")])
     with pytest.raises(DeviceError, match="No partition matches the root selector `UUID=abcd`"):
         status.configured_root(config)
-    monkeypatch.setattr(devices, "gather",
-                        lambda: [partition("/dev/vda1", "abcd"), partition("/dev/vdb1", "abcd")])
+    monkeypatch.setattr(
+        devices, "gather", lambda: [partition("/dev/vda1", "abcd"), partition("/dev/vdb1", "abcd")]
+    )
     with pytest.raises(RefusedError, match="matches 2 partitions"):
         status.configured_root(config)
 
@@ -226,9 +313,7 @@ def test_unlock_record_round_trip_is_atomic_and_world_readable(tmp_path: Path) -
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-def test_both_methods_round_trip_each_as_the_oldest_version_that_holds_it(
-    tmp_path: Path
-) -> None:
+def test_both_methods_round_trip_each_as_the_oldest_version_that_holds_it(tmp_path: Path) -> None:
     path = tmp_path / "last-unlock.json"
     for written, version in ((record("u"), 1), (recovery_record("u"), 2)):
         assert unlock_record.write(written, path)
@@ -236,17 +321,36 @@ def test_both_methods_round_trip_each_as_the_oldest_version_that_holds_it(
         assert unlock_record.read(path) == written
     back = unlock_record.read(path)
     assert back is not None and back.method is UnlockMethod.RECOVERY_KEY
-    assert (back.keyslot, back.seconds, back.provider, back.key_id, back.region,
-            back.attempts) == (1, 95.205, None, None, None, None)
+    assert (back.keyslot, back.seconds, back.provider, back.key_id, back.region, back.attempts) == (
+        1,
+        95.205,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def test_a_record_from_before_the_method_field_is_a_kms_unlock(tmp_path: Path) -> None:
     path = tmp_path / "last-unlock.json"
     # Exactly what encryptrootfs wrote before there was a `method` field.
-    path.write_text(json.dumps({
-        "version": 1, "device": "/dev/vda1", "luks_uuid": "u", "mapper": "/dev/mapper/root",
-        "unlocked_at": "2026-11-28T05:00:00Z", "seconds": 1.84, "provider": "aws-kms",
-        "key_id": ARN, "region": "eu-west-1", "keyslot": 0, "attempts": 2}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "device": "/dev/vda1",
+                "luks_uuid": "u",
+                "mapper": "/dev/mapper/root",
+                "unlocked_at": "2026-11-28T05:00:00Z",
+                "seconds": 1.84,
+                "provider": "aws-kms",
+                "key_id": ARN,
+                "region": "eu-west-1",
+                "keyslot": 0,
+                "attempts": 2,
+            }
+        )
+    )
     back = unlock_record.read(path)
     assert back is not None and back.method is UnlockMethod.KMS
     assert back == record("u")
@@ -254,10 +358,14 @@ def test_a_record_from_before_the_method_field_is_a_kms_unlock(tmp_path: Path) -
 
 def test_record_for_takes_what_the_token_says() -> None:
     token = KmsToken(("3",), WrappedKey(ProviderName.AWS_KMS, ARN, "us-east-1", b"x"))
-    r = unlock_record.record_for("/dev/vda1", "u", "/dev/mapper/root", token, 1.23456,
-                                 attempts=1)
+    r = unlock_record.record_for("/dev/vda1", "u", "/dev/mapper/root", token, 1.23456, attempts=1)
     assert (r.key_id, r.region, r.keyslot, r.seconds, r.provider) == (
-        ARN, "us-east-1", 3, 1.235, "aws-kms")
+        ARN,
+        "us-east-1",
+        3,
+        1.235,
+        "aws-kms",
+    )
     assert "ciphertext" not in json.dumps(r.as_dict())
 
 
@@ -267,21 +375,31 @@ def test_unlock_record_write_failure_is_reported_not_raised(tmp_path: Path) -> N
     assert unlock_record.write(record("u"), blocker / "last-unlock.json") is False
 
 
-@pytest.mark.parametrize(("content", "problem"), [
-    ("{", "not valid JSON"),
-    ("[]", "not a JSON object"),
-    ('{"version": 3}', "has version 3; this encryptrootfs reads version 2"),
-    ('{"version": 1, "device": "/dev/x"}', "luks_uuid must be a non-empty string"),
-    (json.dumps({**record("u").as_dict(), "method": "tpm"}),
-     'method must be one of kms, recovery-key, not "tpm"'),
-    (json.dumps({**record("u").as_dict(), "method": None}), "method must be one of"),
-    (json.dumps({**recovery_record("u").as_dict(), "key_id": ARN}),
-     "key_id must be null for a recovery-key unlock"),
-    (json.dumps({**record("u").as_dict(), "region": None}),
-     "region must be a non-empty string"),
-])
-def test_a_damaged_or_newer_unlock_record_is_a_sentence(tmp_path: Path, content: str,
-                                                        problem: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{", "not valid JSON"),
+        ("[]", "not a JSON object"),
+        ('{"version": 3}', "has version 3; this encryptrootfs reads version 2"),
+        ('{"version": 1, "device": "/dev/x"}', "luks_uuid must be a non-empty string"),
+        (
+            json.dumps({**record("u").as_dict(), "method": "tpm"}),
+            'method must be one of kms, recovery-key, not "tpm"',
+        ),
+        (json.dumps({**record("u").as_dict(), "method": None}), "method must be one of"),
+        (
+            json.dumps({**recovery_record("u").as_dict(), "key_id": ARN}),
+            "key_id must be null for a recovery-key unlock",
+        ),
+        (
+            json.dumps({**record("u").as_dict(), "region": None}),
+            "region must be a non-empty string",
+        ),
+    ],
+)
+def test_a_damaged_or_newer_unlock_record_is_a_sentence(
+    tmp_path: Path, content: str, problem: str
+) -> None:
     path = tmp_path / "last-unlock.json"
     path.write_text(content)
     with pytest.raises(UnlockRecordError, match=problem):

@@ -60,7 +60,8 @@ def test_optional_fields_are_read_and_unknown_fields_ignored() -> None:
     assert token.created == "2026-11-28T04:39:22Z"
     assert token.created_by == "encryptrootfs 0.1.0"
     assert (token.fs_uuid, token.fs_label) == (
-        "0a1b2c3d-1111-2222-3333-444455556666", "cloudimg-rootfs"
+        "0a1b2c3d-1111-2222-3333-444455556666",
+        "cloudimg-rootfs",
     )
     assert token.wrapped.encryption_context["encryptrootfs:instance_id"] == "i-0abc1234def567890"
     out = token_to_json(token)
@@ -107,13 +108,23 @@ def test_round_trip() -> None:
         encryption_context={"encryptrootfs:luks_uuid": LUKS_UUID, "a": "b"},
     )
     token = KmsToken(
-        keyslots=("3",), wrapped=wrapped, created=utc_now(), created_by="x 1",
-        fs_uuid="0a1b2c3d-1111-2222-3333-444455556666", fs_label="cloudimg-rootfs",
+        keyslots=("3",),
+        wrapped=wrapped,
+        created=utc_now(),
+        created_by="x 1",
+        fs_uuid="0a1b2c3d-1111-2222-3333-444455556666",
+        fs_label="cloudimg-rootfs",
     )
     obj = token_to_json(token)
     assert obj["type"] == TOKEN_TYPE and obj["version"] == TOKEN_VERSION == 1
     assert list(obj)[:8] == [
-        "type", "keyslots", "version", "provider", "key_id", "region", "ciphertext",
+        "type",
+        "keyslots",
+        "version",
+        "provider",
+        "key_id",
+        "region",
+        "ciphertext",
         "encryption_context",
     ]
     again = token_from_json(json.loads(json.dumps(obj)))

@@ -64,55 +64,93 @@ def test_no_volumes_is_the_default() -> None:
 
 
 def test_a_volume_gets_the_documented_defaults() -> None:
-    (v,) = parse_config(_config({"name": "scratch", "devices": ["/dev/nvme1n1"],
-                                 "mount": "/scratch/"}), source="t").volumes
-    assert v == VolumeConfig(name="scratch", devices=("/dev/nvme1n1",), mount="/scratch",
-                             raid=Raid.NONE, filesystem=VolumeFilesystem.EXT4,
-                             mapper_name="scratch", mount_options=(), optional=False)
+    (v,) = parse_config(
+        _config({"name": "scratch", "devices": ["/dev/nvme1n1"], "mount": "/scratch/"}), source="t"
+    ).volumes
+    assert v == VolumeConfig(
+        name="scratch",
+        devices=("/dev/nvme1n1",),
+        mount="/scratch",
+        raid=Raid.NONE,
+        filesystem=VolumeFilesystem.EXT4,
+        mapper_name="scratch",
+        mount_options=(),
+        optional=False,
+    )
 
 
 def test_every_field_is_read() -> None:
-    (v,) = parse_config(_config(_volume(
-        filesystem="xfs", mapper_name="nvme-data", mount_options=["noatime", "nodev"],
-        optional=True, devices=[GLOB, "/dev/nvme9n1"])), source="t").volumes
+    (v,) = parse_config(
+        _config(
+            _volume(
+                filesystem="xfs",
+                mapper_name="nvme-data",
+                mount_options=["noatime", "nodev"],
+                optional=True,
+                devices=[GLOB, "/dev/nvme9n1"],
+            )
+        ),
+        source="t",
+    ).volumes
     assert (v.raid, v.filesystem, v.mapper_name, v.mount_options, v.optional, v.devices) == (
-        Raid.RAID0, VolumeFilesystem.XFS, "nvme-data", ("noatime", "nodev"), True,
-        (GLOB, "/dev/nvme9n1"))
+        Raid.RAID0,
+        VolumeFilesystem.XFS,
+        "nvme-data",
+        ("noatime", "nodev"),
+        True,
+        (GLOB, "/dev/nvme9n1"),
+    )
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    (_config(**{}) | {"volumes": {"name": "x"}}, "volumes: must be an array of tables"),
-    (_config(_volume(name=None)), "volumes[0].name: missing"),
-    (_config(_volume(name="my data")), "volumes[0].name: must be 1-32 characters"),
-    (_config(_volume(devices=None)), "volumes[0].devices: missing"),
-    (_config(_volume(devices=[])), "volumes[0].devices: must be a non-empty list"),
-    (_config(_volume(devices="/dev/nvme1n1")), "volumes[0].devices: must be a non-empty list"),
-    (_config(_volume(devices=[GLOB, 3])), "volumes[0].devices[1]: must be a string"),
-    (_config(_volume(devices=["nvme1n1"])), "volumes[0].devices[0]: must be an absolute path "
-                                            "under /dev/"),
-    (_config(_volume(devices=["/dev/../etc/x"])), "volumes[0].devices[0]: must be an absolute"),
-    (_config(_volume(devices=[GLOB, GLOB])), "volumes[0].devices[1]: '" + GLOB + "' is listed "
-                                             "twice"),
-    (_config(_volume(raid="raid1")), "volumes[0].raid: must be one of \"none\", \"raid0\""),
-    (_config(_volume(raid="none", devices=["/dev/nvme1n1", "/dev/nvme2n1"])),
-     'volumes[0].devices: raid = "none" takes one device, and 2 are listed'),
-    (_config(_volume(filesystem="btrfs")), "volumes[0].filesystem: must be one of \"ext4\""),
-    (_config(_volume(mount=None)), "volumes[0].mount: missing"),
-    (_config(_volume(mount="data")), "volumes[0].mount: must be an absolute folder path"),
-    (_config(_volume(mount="/var")), "volumes[0].mount: /var is a system folder"),
-    (_config(_volume(mount="/")), "volumes[0].mount: / is a system folder"),
-    (_config(_volume(mapper_name="a/b")), "volumes[0].mapper_name: must be 1-127"),
-    (_config(_volume(mapper_name="root")), "volumes[0].mapper_name: 'root' is the root's"),
-    (_config(_volume(mount_options="noatime")), "volumes[0].mount_options: must be a list"),
-    (_config(_volume(mount_options=["noatime,nodev"])), "volumes[0].mount_options: each option"),
-    (_config(_volume(optional="yes")), "volumes[0].optional: must be true or false"),
-    (_config(_volume(mountpoint="/data")), "volumes[0].mountpoint: unknown setting"),
-    (_config(_volume(), _volume(mount="/other")), "volumes[1].name: 'data' is already"),
-    (_config(_volume(), _volume(name="b", mapper_name="data", mount="/b")),
-     "volumes[1].mapper_name: 'data' is already the mapper name of volume 'data'"),
-    (_config(_volume(), _volume(name="b", mount="/data/b")),
-     "volumes[1].mount: /data/b and the mount of volume 'data' (/data)"),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (_config(**{}) | {"volumes": {"name": "x"}}, "volumes: must be an array of tables"),
+        (_config(_volume(name=None)), "volumes[0].name: missing"),
+        (_config(_volume(name="my data")), "volumes[0].name: must be 1-32 characters"),
+        (_config(_volume(devices=None)), "volumes[0].devices: missing"),
+        (_config(_volume(devices=[])), "volumes[0].devices: must be a non-empty list"),
+        (_config(_volume(devices="/dev/nvme1n1")), "volumes[0].devices: must be a non-empty list"),
+        (_config(_volume(devices=[GLOB, 3])), "volumes[0].devices[1]: must be a string"),
+        (
+            _config(_volume(devices=["nvme1n1"])),
+            "volumes[0].devices[0]: must be an absolute path under /dev/",
+        ),
+        (_config(_volume(devices=["/dev/../etc/x"])), "volumes[0].devices[0]: must be an absolute"),
+        (
+            _config(_volume(devices=[GLOB, GLOB])),
+            "volumes[0].devices[1]: '" + GLOB + "' is listed twice",
+        ),
+        (_config(_volume(raid="raid1")), 'volumes[0].raid: must be one of "none", "raid0"'),
+        (
+            _config(_volume(raid="none", devices=["/dev/nvme1n1", "/dev/nvme2n1"])),
+            'volumes[0].devices: raid = "none" takes one device, and 2 are listed',
+        ),
+        (_config(_volume(filesystem="btrfs")), 'volumes[0].filesystem: must be one of "ext4"'),
+        (_config(_volume(mount=None)), "volumes[0].mount: missing"),
+        (_config(_volume(mount="data")), "volumes[0].mount: must be an absolute folder path"),
+        (_config(_volume(mount="/var")), "volumes[0].mount: /var is a system folder"),
+        (_config(_volume(mount="/")), "volumes[0].mount: / is a system folder"),
+        (_config(_volume(mapper_name="a/b")), "volumes[0].mapper_name: must be 1-127"),
+        (_config(_volume(mapper_name="root")), "volumes[0].mapper_name: 'root' is the root's"),
+        (_config(_volume(mount_options="noatime")), "volumes[0].mount_options: must be a list"),
+        (
+            _config(_volume(mount_options=["noatime,nodev"])),
+            "volumes[0].mount_options: each option",
+        ),
+        (_config(_volume(optional="yes")), "volumes[0].optional: must be true or false"),
+        (_config(_volume(mountpoint="/data")), "volumes[0].mountpoint: unknown setting"),
+        (_config(_volume(), _volume(mount="/other")), "volumes[1].name: 'data' is already"),
+        (
+            _config(_volume(), _volume(name="b", mapper_name="data", mount="/b")),
+            "volumes[1].mapper_name: 'data' is already the mapper name of volume 'data'",
+        ),
+        (
+            _config(_volume(), _volume(name="b", mount="/data/b")),
+            "volumes[1].mount: /data/b and the mount of volume 'data' (/data)",
+        ),
+    ],
+)
 def test_every_mistake_names_its_field(data: dict[str, Any], expected: str) -> None:
     assert expected in _error(data)
 
@@ -126,8 +164,7 @@ def test_a_system_folder_below_is_fine() -> None:
 
 
 def _vol(raid: Raid = Raid.RAID0, optional: bool = False) -> VolumeConfig:
-    return VolumeConfig(name="data", devices=(GLOB,), mount="/data", raid=raid,
-                        optional=optional)
+    return VolumeConfig(name="data", devices=(GLOB,), mount="/data", raid=raid, optional=optional)
 
 
 def test_nothing_matched_is_refused_unless_the_volume_is_optional() -> None:
@@ -143,8 +180,7 @@ def test_one_device_is_used_directly_even_with_raid0() -> None:
 
 
 def test_raid_none_with_several_matches_is_refused_never_guessed() -> None:
-    plan = plan_members(_vol(Raid.NONE), [MemberProbe("/dev/nvme1n1"),
-                                          MemberProbe("/dev/nvme2n1")])
+    plan = plan_members(_vol(Raid.NONE), [MemberProbe("/dev/nvme1n1"), MemberProbe("/dev/nvme2n1")])
     assert plan.action is MembersAction.REFUSE and "2 match" in plan.reason
 
 
@@ -161,24 +197,32 @@ def test_members_of_one_array_are_assembled_and_a_running_array_is_used() -> Non
     assert (plan.action, plan.target) == (MembersAction.USE_ARRAY, "/dev/md127")
 
 
-@pytest.mark.parametrize("members", [
-    # one blank, one with a filesystem: a disk was replaced, or a glob caught another disk
-    [MemberProbe("/dev/nvme1n1"), MemberProbe("/dev/nvme2n1", "ext4")],
-    # members of two different arrays
-    [MemberProbe("/dev/nvme1n1", "linux_raid_member", "u-1"),
-     MemberProbe("/dev/nvme2n1", "linux_raid_member", "u-2")],
-    # one member of an array and one blank disk
-    [MemberProbe("/dev/nvme1n1", "linux_raid_member", "u-1"), MemberProbe("/dev/nvme2n1")],
-    # a partitioned disk
-    [MemberProbe("/dev/nvme0n1", "partition table (gpt)"), MemberProbe("/dev/nvme1n1")],
-    # held by two different things
-    [MemberProbe("/dev/nvme1n1", holders=("md127",)), MemberProbe("/dev/nvme2n1",
-                                                                   holders=("dm-0",))],
-    # blank but in use
-    [MemberProbe("/dev/nvme1n1", holders=("dm-0",)), MemberProbe("/dev/nvme2n1")],
-])
+@pytest.mark.parametrize(
+    "members",
+    [
+        # one blank, one with a filesystem: a disk was replaced, or a glob caught another disk
+        [MemberProbe("/dev/nvme1n1"), MemberProbe("/dev/nvme2n1", "ext4")],
+        # members of two different arrays
+        [
+            MemberProbe("/dev/nvme1n1", "linux_raid_member", "u-1"),
+            MemberProbe("/dev/nvme2n1", "linux_raid_member", "u-2"),
+        ],
+        # one member of an array and one blank disk
+        [MemberProbe("/dev/nvme1n1", "linux_raid_member", "u-1"), MemberProbe("/dev/nvme2n1")],
+        # a partitioned disk
+        [MemberProbe("/dev/nvme0n1", "partition table (gpt)"), MemberProbe("/dev/nvme1n1")],
+        # held by two different things
+        [
+            MemberProbe("/dev/nvme1n1", holders=("md127",)),
+            MemberProbe("/dev/nvme2n1", holders=("dm-0",)),
+        ],
+        # blank but in use
+        [MemberProbe("/dev/nvme1n1", holders=("dm-0",)), MemberProbe("/dev/nvme2n1")],
+    ],
+)
 def test_anything_but_all_blank_or_all_ours_is_refused_naming_each_device(
-        members: list[MemberProbe]) -> None:
+    members: list[MemberProbe],
+) -> None:
     plan = plan_members(_vol(), members)
     assert plan.action is MembersAction.REFUSE
     for m in members:
@@ -209,21 +253,37 @@ def test_our_finished_volume_is_unlocked() -> None:
     assert plan_target(_vol(), probe).action is TargetAction.UNLOCK
 
 
-@pytest.mark.parametrize(("probe", "why"), [
-    (TargetProbe("/dev/nvme1n1", "ext4"), "holds a signature (ext4)"),
-    (TargetProbe("/dev/nvme1n1", "partition table (dos)"), "partition table"),
-    (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 1), "LUKS1"),
-    (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", None), "without an encryptrootfs token"),
-    (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", "other", 0, ("token 0: bad",)),
-     "token 0: bad"),
-    (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", None, 1, reencryption_pending=True),
-     "unfinished reencryption"),
-    (TargetProbe("/dev/nvme1n1", holders=("dm-0",)), "in use by dm-0"),
-    (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", None, 1, holders=("dm-0",),
-                 open_as="other"), "open under another name"),
-    (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, error="header unreadable"),
-     "header unreadable"),
-])
+@pytest.mark.parametrize(
+    ("probe", "why"),
+    [
+        (TargetProbe("/dev/nvme1n1", "ext4"), "holds a signature (ext4)"),
+        (TargetProbe("/dev/nvme1n1", "partition table (dos)"), "partition table"),
+        (TargetProbe("/dev/nvme1n1", "crypto_LUKS", 1), "LUKS1"),
+        (
+            TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", None),
+            "without an encryptrootfs token",
+        ),
+        (
+            TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", "other", 0, ("token 0: bad",)),
+            "token 0: bad",
+        ),
+        (
+            TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, "u", None, 1, reencryption_pending=True),
+            "unfinished reencryption",
+        ),
+        (TargetProbe("/dev/nvme1n1", holders=("dm-0",)), "in use by dm-0"),
+        (
+            TargetProbe(
+                "/dev/nvme1n1", "crypto_LUKS", 2, "u", None, 1, holders=("dm-0",), open_as="other"
+            ),
+            "open under another name",
+        ),
+        (
+            TargetProbe("/dev/nvme1n1", "crypto_LUKS", 2, error="header unreadable"),
+            "header unreadable",
+        ),
+    ],
+)
 def test_anything_else_is_refused_with_the_reason(probe: TargetProbe, why: str) -> None:
     plan = plan_target(_vol(), probe)
     assert plan.action is TargetAction.REFUSE
@@ -231,11 +291,20 @@ def test_anything_else_is_refused_with_the_reason(probe: TargetProbe, why: str) 
 
 
 def test_an_open_volume_is_not_opened_again() -> None:
-    probe = TargetProbe("/dev/md127", "crypto_LUKS", 2, "u", VOLUME_SUBSYSTEM, 1,
-                        holders=("dm-0",), open_as="data")
+    probe = TargetProbe(
+        "/dev/md127", "crypto_LUKS", 2, "u", VOLUME_SUBSYSTEM, 1, holders=("dm-0",), open_as="data"
+    )
     assert plan_target(_vol(), probe).action is TargetAction.ALREADY_OPEN
-    unfinished = TargetProbe("/dev/md127", "crypto_LUKS", 2, "u", FORMATTING_SUBSYSTEM, 1,
-                             holders=("dm-0",), open_as="data")
+    unfinished = TargetProbe(
+        "/dev/md127",
+        "crypto_LUKS",
+        2,
+        "u",
+        FORMATTING_SUBSYSTEM,
+        1,
+        holders=("dm-0",),
+        open_as="data",
+    )
     plan = plan_target(_vol(), unfinished)
     assert plan.action is TargetAction.REFUSE and "cryptsetup close data" in plan.reason
 
@@ -279,8 +348,7 @@ class _Clock:
         self.now += seconds
 
 
-def test_unwrap_retries_a_passing_failure_until_the_budget(monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
+def test_unwrap_retries_a_passing_failure_until_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     from encryptrootfs import volumes
     from encryptrootfs.providers.base import ProviderName, WrappedKey
     from encryptrootfs.token import KmsToken

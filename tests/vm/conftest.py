@@ -115,14 +115,13 @@ CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
 
 @pytest.fixture
-def new_machine(
-    machines: list[Machine], tmp_path: Path, request: pytest.FixtureRequest
-):  # type: ignore[no-untyped-def]
+def new_machine(machines: list[Machine], tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """``new_machine(image, disk, cloud=None) -> Machine`` with its own overlay in tmp_path."""
 
     def make(image: Image, disk: Disk, cloud: EmulatedCloud | None = None) -> Machine:
-        m = Machine(image, disk, tmp_path / f"m{len(machines)}",
-                    forwards=cloud.forwards() if cloud else ())  # fmt: skip
+        m = Machine(
+            image, disk, tmp_path / f"m{len(machines)}", forwards=cloud.forwards() if cloud else ()
+        )
         machines.append(m)
         return m
 
@@ -146,12 +145,14 @@ def pytest_runtest_makereport(
         return
     for m in item.stash.get(BOOTS_KEY, []):
         for b in m.boots:
-            report.sections.append((
-                f"boot {b.name} ({b.end.value}, {b.wall_seconds:.1f}s)",
-                f"console: {b.console_path}\nresults: {b.results_path}\n"
-                f"--- results ---\n{b.results[-3000:]}\n--- console tail ---\n"
-                f"{b.console_tail(80)}",
-            ))  # fmt: skip
+            report.sections.append(
+                (
+                    f"boot {b.name} ({b.end.value}, {b.wall_seconds:.1f}s)",
+                    f"console: {b.console_path}\nresults: {b.results_path}\n"
+                    f"--- results ---\n{b.results[-3000:]}\n--- console tail ---\n"
+                    f"{b.console_tail(80)}",
+                )
+            )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -166,7 +167,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         msg = "vm tier: left behind after the session (now killed): " + ", ".join(left)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     else:
-        msg = (f"vm tier: no QEMU, relay or emulator left ({len(qemu.STARTED_GROUPS)} QEMU runs, "
-               f"{len(EMULATOR_PORTS)} emulator servers)")  # fmt: skip
+        msg = (
+            f"vm tier: no QEMU, relay or emulator left ({len(qemu.STARTED_GROUPS)} QEMU runs, "
+            f"{len(EMULATOR_PORTS)} emulator servers)"
+        )
     if reporter is not None:
         reporter.write_line(msg)

@@ -45,9 +45,13 @@ def refused(r: BootResult, *causes: str) -> None:
 
 
 def test_a_root_selector_matching_two_disks_is_refused(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """A clone of the root disk attached (same filesystem UUID): never guess which."""
     create_lab_key(cloud.kms)
     m = new_machine(encrypt_image, disks["ext4"], cloud)
@@ -62,9 +66,13 @@ def test_a_root_selector_matching_two_disks_is_refused(
 
 
 def test_xfs_without_free_space_is_refused(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     create_lab_key(cloud.kms)
     m = new_machine(encrypt_image, disks["xfs-full"], cloud)
     before = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")

@@ -36,13 +36,16 @@ UEFI = BootDiskLayout(Firmware.UEFI, Filesystem.XFS, root_mib=896, free_after_mi
 
 # What the tests read in the booted guest besides the usual inspection: where /boot and / come
 # from, what GRUB handed the kernel, and GRUB's view of the disk.
-SCRIPT = inspect_script() + """\
+SCRIPT = (
+    inspect_script()
+    + """\
 echo "ERFS-BOOTMNT source=$(findmnt -no SOURCE /boot) fstype=$(findmnt -no FSTYPE /boot) \
 uuid=$(findmnt -no UUID /boot)"
 echo "ERFS-CMDLINE $(cat /proc/cmdline)"
 echo "ERFS-KERNEL $(uname -r)"
 echo "ERFS-RECORD $(tr -d '\\n ' < /etc/encryptrootfs/boot-partition.json)"
 """
+)
 # The disk's partitions in sectors, as the kernel sees them.
 PARTS = """\
 for p in /sys/block/vda/vda[0-9]*; do
@@ -61,7 +64,9 @@ def _parts(r: BootResult) -> dict[str, tuple[int, int]]:
 
 # Boot 2: a kernel update in the encrypted guest, as apt would do it (dpkg runs the kernel's
 # postinst hooks: dracut, then update-grub).
-UPDATE = SCRIPT + """\
+UPDATE = (
+    SCRIPT
+    + """\
 echo "ERFS-DF $(df -m --output=target,avail / /boot | tail -n +2 | tr -s ' \n' '  ')"
 deb=$(ls /var/cache/erfs-lab/linux-image-*.deb)
 if dpkg -i "$deb" > /tmp/dpkg.log 2>&1; then echo "ERFS-DPKG ok"; else
@@ -73,6 +78,7 @@ if lsinitrd "/boot/initrd.img-$new" 2>/dev/null | grep -q 'encryptrootfs.service
 echo "ERFS-GRUBCFG $(grep -c "vmlinuz-$new" /boot/grub/grub.cfg)"
 sync
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +86,13 @@ def grub_image() -> Image:
     return build_image(GRUB_IMAGE)
 
 
-def _machine(layout: BootDiskLayout, image: Image, cloud: EmulatedCloud, workdir: Path,
-             machines: list[Machine]) -> tuple[BootDisk, Machine]:  # fmt: skip
+def _machine(
+    layout: BootDiskLayout,
+    image: Image,
+    cloud: EmulatedCloud,
+    workdir: Path,
+    machines: list[Machine],
+) -> tuple[BootDisk, Machine]:
     """The bootable disk for ``layout`` (cached) and a machine booting it, its key created."""
     bd = build_boot_disk(layout, image)
     create_lab_key(cloud.kms)
@@ -105,15 +116,17 @@ def _assert_unlocked_through_grub(r: BootResult, bd: BootDisk, kver: str) -> Non
     assert r.ok and r.booted_state == "running", r.describe()
     assert r.marker("TREE-OK") is not None and r.marker("VERIFY-FAILED") is None, r.describe()
     dev = r.marker("ROOTDEV")
-    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": bd.disk.root_uuid}, \
-        r.describe()  # fmt: skip
+    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": bd.disk.root_uuid}, (
+        r.describe()
+    )
     mnt = r.marker("BOOTMNT")
     assert mnt is not None and mnt.fields()["fstype"] == "ext4", r.describe()
     assert mnt.fields()["source"] == "/dev/vda2" or bd.firmware is Firmware.UEFI, mnt.value
     cmdline = r.marker("CMDLINE")
     # The kernel came from the root of the /boot partition, not from /boot inside the root.
-    assert cmdline is not None and cmdline.value.startswith(f"BOOT_IMAGE=/vmlinuz-{kver} "), \
-        r.describe()  # fmt: skip
+    assert cmdline is not None and cmdline.value.startswith(f"BOOT_IMAGE=/vmlinuz-{kver} "), (
+        r.describe()
+    )
     kernel = r.marker("KERNEL")
     assert kernel is not None and kernel.value == kver
     record = r.marker("RECORD")
@@ -128,8 +141,9 @@ def test_bios_grub_ext4_moves_boot_encrypts_unlocks_and_survives_a_kernel_update
     first = m.boot(SCRIPT, timeout=1500, name="first")
     assert first.ok, first.describe()
     j1 = _journal(first)
-    assert "GRUB reads /boot from the root; moving /boot to a plaintext partition /dev/vda2" \
-        in j1, j1  # fmt: skip
+    assert (
+        "GRUB reads /boot from the root; moving /boot to a plaintext partition /dev/vda2" in j1
+    ), j1
     assert "/dev/vda: reinstalling GRUB's core image to read /boot from /dev/vda2" in j1, j1
     # the move happened before the key was made and the header written
     assert j1.index("GRUB now boots from /dev/vda2") < j1.index("writing the LUKS2 header"), j1
@@ -165,12 +179,22 @@ def test_power_cuts_during_the_boot_copy_and_during_grub_install_still_boot(
     bd, m = _machine(BIOS, grub_image, cloud, tmp_path / "cuts", machines)
 
     # 1. A cut 1 s after the move starts: the partition is being made, formatted or filled.
-    cut1 = m.boot(None, kill_on_console=r"moving /boot to a plaintext partition", kill_delay=1.0,
-                  timeout=900, name="cut-copy")  # fmt: skip
+    cut1 = m.boot(
+        None,
+        kill_on_console=r"moving /boot to a plaintext partition",
+        kill_delay=1.0,
+        timeout=900,
+        name="cut-copy",
+    )
     assert cut1.end is BootEnd.KILLED, cut1.describe()
     # 2. GRUB still boots (the old /boot in the plain root); a cut 1 s into grub-install.
-    cut2 = m.boot(None, kill_on_console=r"reinstalling GRUB's core image", kill_delay=1.0,
-                  timeout=900, name="cut-grub")  # fmt: skip
+    cut2 = m.boot(
+        None,
+        kill_on_console=r"reinstalling GRUB's core image",
+        kill_delay=1.0,
+        timeout=900,
+        name="cut-grub",
+    )
     assert cut2.end is BootEnd.KILLED, cut2.describe()
     assert "Booting `Debian GNU/Linux" in cut2.console
     assert "moving /boot to a plaintext partition /dev/vda2" in cut2.console, cut2.describe()
@@ -213,20 +237,35 @@ def test_without_free_space_the_ext4_root_gives_up_its_tail_for_boot_through_pow
 
     # 1. A cut while resize2fs shrinks the filesystem (the tail is free: metadata only).
     # (resize2fs of a free tail took under 0.29 s in a guest: cut 0.1 s after it starts)
-    cut1 = m.boot(None, kill_on_console=r"resize2fs to \d+ MiB \(the tail is free",
-                  kill_delay=0.1, timeout=900, name="cut-resize")  # fmt: skip
+    cut1 = m.boot(
+        None,
+        kill_on_console=r"resize2fs to \d+ MiB \(the tail is free",
+        kill_delay=0.1,
+        timeout=900,
+        name="cut-resize",
+    )
     assert cut1.end is BootEnd.KILLED, cut1.describe()
     assert "to make room for /boot" in cut1.console, cut1.describe()
     assert "shrinking the partition to" not in cut1.console, cut1.describe()
     # 2. Exactly between the two shrinks: the filesystem smaller, the partition not yet.
-    cut2 = m.boot(None, append=("rd.encryptrootfs.break=boot-shrink",),
-                  kill_on_console=r"rd\.encryptrootfs\.break=boot-shrink: stopped",
-                  kill_delay=0.5, timeout=900, name="cut-between")  # fmt: skip
+    cut2 = m.boot(
+        None,
+        append=("rd.encryptrootfs.break=boot-shrink",),
+        kill_on_console=r"rd\.encryptrootfs\.break=boot-shrink: stopped",
+        kill_delay=0.5,
+        timeout=900,
+        name="cut-between",
+    )
     assert cut2.end is BootEnd.KILLED, cut2.describe()
     # 3. A cut 1 s after the partition shrink starts (the table, then the new partition: in a
     # guest this lands in the new partition's mkfs or copy).
-    cut3 = m.boot(None, kill_on_console=r"shrinking the partition to \d+ MiB", kill_delay=1.0,
-                  timeout=900, name="cut-partition")  # fmt: skip
+    cut3 = m.boot(
+        None,
+        kill_on_console=r"shrinking the partition to \d+ MiB",
+        kill_delay=1.0,
+        timeout=900,
+        name="cut-partition",
+    )
     assert cut3.end is BootEnd.KILLED, cut3.describe()
     # 4. This boot finishes the move and finds the header's room made by the same shrink.
     finish = m.boot(SCRIPT + PARTS, timeout=1800, name="finish")

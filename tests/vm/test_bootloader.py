@@ -16,12 +16,15 @@ from encryptrootfs_lab.qemu import BootEnd, BootResult, Firmware, kernel_cmdline
 
 # One extra argument with a comma: it must reach the kernel through GRUB unchanged.
 EXTRA = "erfslab.disk-boot=grub,check"
-SCRIPT = verify_root_script() + """\
+SCRIPT = (
+    verify_root_script()
+    + """\
 echo "ERFS-CMDLINE $(cat /proc/cmdline)"
 if [ -d /sys/firmware/efi ]; then echo "ERFS-FIRMWARE uefi"; else echo "ERFS-FIRMWARE bios"; fi
 echo "ERFS-ESP fstype=$(findmnt -no FSTYPE /boot/efi) uuid=$(findmnt -no UUID /boot/efi)"
 echo "ERFS-ESP-FILES $(ls /boot/efi/EFI/BOOT 2>/dev/null | tr '\\n' ' ')"
 """
+)
 
 
 def _machine(image: Image, bd: BootDisk, workdir: Path, machines: list[Machine]) -> Machine:

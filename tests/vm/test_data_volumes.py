@@ -39,7 +39,8 @@ _FIRST_BOOT_ON = "[first_boot]\nenabled = true\n"
 assert _FIRST_BOOT_ON in SPEC.config_toml
 PLAIN_ROOT_SPEC = encrypt_spec(
     "volumes-plain-root",
-    config=SPEC.config_toml.replace(_FIRST_BOOT_ON, "[first_boot]\nenabled = false\n"))
+    config=SPEC.config_toml.replace(_FIRST_BOOT_ON, "[first_boot]\nenabled = false\n"),
+)
 
 # `systemctl start` waits for the oneshot unit that boot already started (KMS retries included).
 REPORT = """\
@@ -59,12 +60,17 @@ def _log(r: BootResult) -> str:
     return "\n".join(m.value for m in r.all("VOLLOG"))
 
 
-@pytest.mark.parametrize("root", [
-    "plain",
-    pytest.param("encrypted", marks=pytest.mark.slow),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "root",
+    [
+        "plain",
+        pytest.param("encrypted", marks=pytest.mark.slow),
+    ],
+)
 def test_two_blank_disks_become_an_encrypted_raid0_that_survives_a_reboot(
-    root: str, image_for: Callable[[ImageSpec], Image], cloud: EmulatedCloud,
+    root: str,
+    image_for: Callable[[ImageSpec], Image],
+    cloud: EmulatedCloud,
     new_machine: NewMachine,
 ) -> None:
     image = image_for(SPEC if root == "encrypted" else PLAIN_ROOT_SPEC)
@@ -84,12 +90,15 @@ def test_two_blank_disks_become_an_encrypted_raid0_that_survives_a_reboot(
 
     for r in (first, second):
         rootdev = r.marker("ROOTDEV")
-        assert rootdev is not None and rootdev.value == ("crypt" if keys == 2 else "part"), \
-            r.describe()  # fmt: skip
+        assert rootdev is not None and rootdev.value == ("crypt" if keys == 2 else "part"), (
+            r.describe()
+        )
         unit, mount, stack = r.marker("UNIT"), r.marker("MOUNT"), r.marker("STACK")
         assert unit is not None and unit.value == "active", r.describe()
         assert mount is not None and mount.fields() == {
-            "source": "/dev/mapper/data", "fstype": "ext4"}, r.describe()
+            "source": "/dev/mapper/data",
+            "fstype": "ext4",
+        }, r.describe()
         # the mapping sits on an md RAID0 array over the two disks
         assert stack is not None and stack.value.startswith("crypt,raid0,"), r.describe()
     assert "volume data: create-array:" in _log(first), _log(first)
@@ -104,6 +113,9 @@ def test_two_blank_disks_become_an_encrypted_raid0_that_survives_a_reboot(
     assert boot1.count("GenerateDataKey") == keys, boot1
     actions2 = [q.action for q in cloud.kms.requests]
     assert actions2 and set(actions2) == {"Decrypt"}, actions2
-    contexts = {q.encryption_context.get("encryptrootfs:luks_uuid")
-                for q in cloud.kms.requests if q.encryption_context}
+    contexts = {
+        q.encryption_context.get("encryptrootfs:luks_uuid")
+        for q in cloud.kms.requests
+        if q.encryption_context
+    }
     assert len(contexts) == keys, contexts  # the volume's UUID (and the root's)

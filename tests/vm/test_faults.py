@@ -73,9 +73,11 @@ def plain_disk(encrypt_image: Image) -> Disk:
 
 @pytest.fixture(scope="module")
 def encrypted_disk(
-    encrypt_image: Image, plain_disk: Disk, module_cloud: EmulatedCloud,
+    encrypt_image: Image,
+    plain_disk: Disk,
+    module_cloud: EmulatedCloud,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Disk]:  # fmt: skip
+) -> Iterator[Disk]:
     """The plain disk after its first boot, flattened: every later-boot case starts here."""
     work = tmp_path_factory.mktemp("encrypted")
     _reset(module_cloud)
@@ -129,17 +131,18 @@ def comes_up(r: BootResult, m: Machine, case: Case) -> None:
     assert r.ok, r.describe()
     assert r.marker("TREE-OK") is not None and lost == 0, r.describe()
     dev = r.marker("ROOTDEV")
-    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, \
-        r.describe()  # fmt: skip
+    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, (
+        r.describe()
+    )
 
 
-def fails_closed(r: BootResult, m: Machine, before: str, tmp_path: Path, case: Case,
-                 *causes: str) -> None:  # fmt: skip
+def fails_closed(
+    r: BootResult, m: Machine, before: str, tmp_path: Path, case: Case, *causes: str
+) -> None:
     """The root was never mounted, the console names the cause, the disk is unchanged."""
     assert r.marker("BEGIN") is None, "the root was mounted:\n" + r.describe()
     for cause in causes:
-        assert cause.lower() in r.console.lower(), f"{cause!r} not on the console:\n" + \
-            r.describe()  # fmt: skip
+        assert cause.lower() in r.console.lower(), f"{cause!r} not on the console:\n" + r.describe()
     after = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")
     case.disk_compared(after == before)
     assert after == before, "the disk changed"
@@ -154,24 +157,32 @@ def _sha(m: Machine, tmp_path: Path) -> str:
 
 @pytest.mark.slow
 def test_first_boot_waits_for_kms_unreachable_then_back(
-    encrypt_image: Image, plain_disk: Disk, faulty: EmulatedCloud, new_machine: NewMachine,
+    encrypt_image: Image,
+    plain_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
     robustness: Case,
-) -> None:  # fmt: skip
+) -> None:
     m = new_machine(encrypt_image, plain_disk, faulty)
     faulty.kms.set_unreachable(True)
     on_console(m, "first", "attempt 1 failed", lambda: faulty.kms.set_unreachable(False))
     r = m.boot(INSPECT, timeout=900, name="first")
     # (through the lab's relay an unreachable KMS is a connection closed at once)
-    assert "new data key from KMS: attempt 1 failed: the connection to KMS at " \
-        f"{GUEST_KMS_URL} failed" in r.console, r.describe()  # fmt: skip
+    assert (
+        "new data key from KMS: attempt 1 failed: the connection to KMS at "
+        f"{GUEST_KMS_URL} failed" in r.console
+    ), r.describe()
     comes_up(r, m, robustness)
 
 
 @pytest.mark.slow
 def test_first_boot_rides_out_throttling_bursts(
-    encrypt_image: Image, plain_disk: Disk, faulty: EmulatedCloud, new_machine: NewMachine,
+    encrypt_image: Image,
+    plain_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
     robustness: Case,
-) -> None:  # fmt: skip
+) -> None:
     m = new_machine(encrypt_image, plain_disk, faulty)
     faulty.kms.inject("GenerateDataKey", "ThrottlingException", times=6)
     faulty.kms.inject("Decrypt", "ThrottlingException", times=6)
@@ -183,9 +194,12 @@ def test_first_boot_rides_out_throttling_bursts(
 
 @pytest.mark.slow
 def test_first_boot_survives_imds_failing_once(
-    encrypt_image: Image, plain_disk: Disk, faulty: EmulatedCloud, new_machine: NewMachine,
+    encrypt_image: Image,
+    plain_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
     robustness: Case,
-) -> None:  # fmt: skip
+) -> None:
     m = new_machine(encrypt_image, plain_disk, faulty)
     faulty.imds.fail_next(500, times=1, path_prefix="/latest/meta-data/iam")
     r = m.boot(INSPECT, timeout=900, name="first")
@@ -194,43 +208,72 @@ def test_first_boot_survives_imds_failing_once(
 
 
 def test_first_boot_kms_access_denied_changes_nothing(
-    encrypt_image: Image, plain_disk: Disk, faulty: EmulatedCloud, new_machine: NewMachine,
-    robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    plain_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = new_machine(encrypt_image, plain_disk, faulty)
     before = _sha(m, tmp_path)
     faulty.kms.deny("GenerateDataKey")
     r = m.boot(INSPECT, timeout=600, name="first")
-    fails_closed(r, m, before, tmp_path, robustness, "KMS denied GenerateDataKey",
-                 "nothing was changed")
+    fails_closed(
+        r, m, before, tmp_path, robustness, "KMS denied GenerateDataKey", "nothing was changed"
+    )
 
 
 @pytest.mark.slow
 def test_first_boot_context_mismatch_changes_nothing(
-    encrypt_image: Image, plain_disk: Disk, faulty: EmulatedCloud, new_machine: NewMachine,
-    robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    plain_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """The proof that the new key unwraps (before anything is written) meets a KMS that says
     the context does not match: nothing is written."""
     m = new_machine(encrypt_image, plain_disk, faulty)
     before = _sha(m, tmp_path)
     faulty.kms.inject("Decrypt", "InvalidCiphertextException", times=1000)
     r = m.boot(INSPECT, timeout=600, name="first")
-    fails_closed(r, m, before, tmp_path, robustness, "encryption context does not match",
-                 "nothing was changed")
+    fails_closed(
+        r,
+        m,
+        before,
+        tmp_path,
+        robustness,
+        "encryption context does not match",
+        "nothing was changed",
+    )
 
 
-@pytest.mark.parametrize(("rtc", "cause"), [
-    # systemd moves a clock older than its build date up to that date (bookworm: 2026-04),
-    # still months off: KMS rejects the signature and the boot says it is the clock
-    ("2020-01-01", "the clock of this machine is probably wrong (it says 20"),
-    pytest.param("2036-06-01", "the clock of this machine is probably wrong (it says 2036",
-                 marks=pytest.mark.slow),
-], ids=["2020", "2036"])
+@pytest.mark.parametrize(
+    ("rtc", "cause"),
+    [
+        # systemd moves a clock older than its build date up to that date (bookworm: 2026-04),
+        # still months off: KMS rejects the signature and the boot says it is the clock
+        ("2020-01-01", "the clock of this machine is probably wrong (it says 20"),
+        pytest.param(
+            "2036-06-01",
+            "the clock of this machine is probably wrong (it says 2036",
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["2020", "2036"],
+)
 def test_first_boot_with_the_clock_far_off_changes_nothing(
-    rtc: str, cause: str, encrypt_image: Image, plain_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    rtc: str,
+    cause: str,
+    encrypt_image: Image,
+    plain_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = new_machine(encrypt_image, plain_disk, faulty)
     before = _sha(m, tmp_path)
     r = m.boot(INSPECT, timeout=600, name="first", rtc_base=rtc)
@@ -241,38 +284,57 @@ def test_first_boot_with_the_clock_far_off_changes_nothing(
 
 
 def test_later_boot_waits_for_kms_unreachable_then_back(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+) -> None:
     m = new_machine(encrypt_image, encrypted_disk, faulty)
     faulty.kms.set_unreachable(True)
     on_console(m, "later", "attempt 2 failed", lambda: faulty.kms.set_unreachable(False))
     r = m.boot(INSPECT, timeout=900, name="later")
-    assert f"attempt 2 failed: the connection to KMS at {GUEST_KMS_URL} failed" in r.console, \
-        r.describe()  # fmt: skip
+    assert f"attempt 2 failed: the connection to KMS at {GUEST_KMS_URL} failed" in r.console, (
+        r.describe()
+    )
     comes_up(r, m, robustness)
 
 
 @pytest.mark.slow
 def test_later_boot_with_kms_gone_for_the_whole_budget_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """KMS never comes back: after `[boot] unlock_timeout` (120 s in the lab) the boot
     stops, says how long it tried and why, and the disk is untouched."""
     m = new_machine(encrypt_image, encrypted_disk, faulty)
     before = _sha(m, tmp_path)
     faulty.kms.set_unreachable(True)
     r = m.boot(INSPECT, timeout=900, name="later")
-    fails_closed(r, m, before, tmp_path, robustness, "Could not unwrap the root key within 120 s",
-                 f"the connection to KMS at {GUEST_KMS_URL} failed", "The root stays locked")
+    fails_closed(
+        r,
+        m,
+        before,
+        tmp_path,
+        robustness,
+        "Could not unwrap the root key within 120 s",
+        f"the connection to KMS at {GUEST_KMS_URL} failed",
+        "The root stays locked",
+    )
 
 
 @pytest.mark.slow
 def test_later_boot_rides_out_throttling_bursts(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+) -> None:
     m = new_machine(encrypt_image, encrypted_disk, faulty)
     faulty.kms.inject("Decrypt", "ThrottlingException", times=10)
     r = m.boot(INSPECT, timeout=900, name="later")
@@ -282,21 +344,28 @@ def test_later_boot_rides_out_throttling_bursts(
 
 
 def test_later_boot_kms_access_denied_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = new_machine(encrypt_image, encrypted_disk, faulty)
     before = _sha(m, tmp_path)
     faulty.kms.deny("Decrypt")
     r = m.boot(INSPECT, timeout=600, name="later")
-    fails_closed(r, m, before, tmp_path, robustness, "KMS denied Decrypt",
-                 "The root stays locked")
+    fails_closed(r, m, before, tmp_path, robustness, "KMS denied Decrypt", "The root stays locked")
 
 
 def test_later_boot_context_mismatch_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """The token's encryption context was altered: KMS refuses to unwrap."""
 
     def alter_context(header: Path) -> None:
@@ -309,31 +378,53 @@ def test_later_boot_context_mismatch_fails_closed(
     m = new_machine(encrypt_image, disk, faulty)
     before = _sha(m, tmp_path)
     r = m.boot(INSPECT, timeout=600, name="later")
-    fails_closed(r, m, before, tmp_path, robustness, "encryption context does not match",
-                 "The root stays locked")
+    fails_closed(
+        r,
+        m,
+        before,
+        tmp_path,
+        robustness,
+        "encryption context does not match",
+        "The root stays locked",
+    )
 
 
 @pytest.mark.slow
 def test_later_boot_imds_refusing_tokens_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """HTTP 403 on the token PUT is IMDS disabled (or hop-limited) for the instance: a setting,
     not a passing fault, so the boot stops at once and says which."""
     m = new_machine(encrypt_image, encrypted_disk, faulty)
     before = _sha(m, tmp_path)
     faulty.imds.refuse_tokens = True
     r = m.boot(INSPECT, timeout=600, name="later")
-    fails_closed(r, m, before, tmp_path, robustness,
-                 "refused to issue an IMDSv2 session token (HTTP 403)", "The root stays locked")
+    fails_closed(
+        r,
+        m,
+        before,
+        tmp_path,
+        robustness,
+        "refused to issue an IMDSv2 session token (HTTP 403)",
+        "The root stays locked",
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["not-answering", "fail-once"])
 def test_later_boot_imds_faults(
-    fault: str, encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case,
-) -> None:  # fmt: skip
+    fault: str,
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+) -> None:
     """IMDS not answering for a while, or failing once: the boot says it is waiting on IMDS
     and comes up when IMDS does."""
     m = new_machine(encrypt_image, encrypted_disk, faulty)
@@ -354,9 +445,13 @@ def test_later_boot_imds_faults(
 
 @pytest.mark.slow
 def test_later_boot_with_the_token_missing_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     def remove(header: Path) -> None:
         (tid,) = luks2.read_header(header).token_ids(TOKEN_TYPE)
         luks2.remove_token(header, tid)
@@ -371,9 +466,13 @@ def test_later_boot_with_the_token_missing_fails_closed(
 
 
 def test_later_boot_with_the_token_corrupted_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     def corrupt(header: Path) -> None:
         (tid,) = luks2.read_header(header).token_ids(TOKEN_TYPE)
         token = dict(luks2.export_token(header, tid))
@@ -384,18 +483,23 @@ def test_later_boot_with_the_token_corrupted_fails_closed(
     m = new_machine(encrypt_image, disk, faulty)
     before = _sha(m, tmp_path)
     r = m.boot(INSPECT, timeout=600, name="later")
-    fails_closed(r, m, before, tmp_path, robustness, "unreadable encryptrootfs token",
-                 "ciphertext")
+    fails_closed(r, m, before, tmp_path, robustness, "unreadable encryptrootfs token", "ciphertext")
 
 
 def test_later_boot_skips_a_foreign_token(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     def add_foreign(header: Path) -> None:
         # clevis' token (cryptsetup has no plugin that checks its fields) on our keyslot
-        luks2.import_token(header, {"type": "clevis", "keyslots": ["0"],
-                                    "jwe": {"protected": "eyJhbGciOiJFQ0RILUVTIn0"}})  # fmt: skip
+        luks2.import_token(
+            header,
+            {"type": "clevis", "keyslots": ["0"], "jwe": {"protected": "eyJhbGciOiJFQ0RILUVTIn0"}},
+        )
 
     disk = _with_header(encrypted_disk, tmp_path / "disk", add_foreign)
     m = new_machine(encrypt_image, disk, faulty)
@@ -405,12 +509,24 @@ def test_later_boot_skips_a_foreign_token(
 
 
 def test_later_boot_with_the_clock_far_off_fails_closed(
-    encrypt_image: Image, encrypted_disk: Disk, faulty: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    encrypted_disk: Disk,
+    faulty: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = new_machine(encrypt_image, encrypted_disk, faulty)
     before = _sha(m, tmp_path)
     r = m.boot(INSPECT, timeout=600, name="later", rtc_base="2020-01-01")
     # (systemd may have moved a clock older than its own build date up to that date)
-    fails_closed(r, m, before, tmp_path, robustness, "InvalidSignatureException",
-                 "the clock of this machine is probably wrong (it says 20", ", KMS says 20")
+    fails_closed(
+        r,
+        m,
+        before,
+        tmp_path,
+        robustness,
+        "InvalidSignatureException",
+        "the clock of this machine is probably wrong (it says 20",
+        ", KMS says 20",
+    )

@@ -73,9 +73,14 @@ def _kms_actions(cloud: EmulatedCloud) -> list[str]:
 
 
 def _two_boots(
-    image: Image, disk: Disk, cloud: EmulatedCloud, new_machine: NewMachine, tmp_path: Path,
-    *, check_secrets: bool = False,
-) -> tuple[BootResult, BootResult]:  # fmt: skip
+    image: Image,
+    disk: Disk,
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    tmp_path: Path,
+    *,
+    check_secrets: bool = False,
+) -> tuple[BootResult, BootResult]:
     key_arn = create_lab_key(cloud.kms)
     m = new_machine(image, disk, cloud)
     marker = PLAINTEXT_MARKER  # file content of the test tree, in the plain root only
@@ -91,11 +96,11 @@ def _two_boots(
     assert second.ok, second.describe()
 
     for r in (first, second):
-        assert r.marker("TREE-OK") is not None and r.marker("VERIFY-FAILED") is None, \
-            r.describe()  # fmt: skip
+        assert r.marker("TREE-OK") is not None and r.marker("VERIFY-FAILED") is None, r.describe()
         dev = r.marker("ROOTDEV")
-        assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": disk.root_uuid}, \
-            r.describe()  # fmt: skip
+        assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": disk.root_uuid}, (
+            r.describe()
+        )
 
     token = next(t for t in _token_json(second)["tokens"] if t["type"] == "encryptrootfs")
     assert token["provider"] == "aws-kms" and token["key_id"] == key_arn
@@ -116,8 +121,9 @@ def _two_boots(
     return first, second
 
 
-def _assert_no_secret_on_disk(cloud: EmulatedCloud, m: Machine, marker: bytes,
-                              tmp_path: Path) -> None:  # fmt: skip
+def _assert_no_secret_on_disk(
+    cloud: EmulatedCloud, m: Machine, marker: bytes, tmp_path: Path
+) -> None:
     """Neither the plaintext key (raw, hex, base64) nor the plain marker is on the raw disk."""
     key = root_key(m.overlay, m.disk, cloud.kms, tmp_path / "flat.img")
     needles = [key, key.hex().encode(), base64.b64encode(key), marker]
@@ -126,12 +132,16 @@ def _assert_no_secret_on_disk(cloud: EmulatedCloud, m: Machine, marker: bytes,
 
 
 def test_ext4_gpt_with_free_space_encrypts_on_boot_1_and_unlocks_on_boot_2(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud, new_machine: NewMachine,
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     disk = disks["ext4-grow"]
-    first, second = _two_boots(encrypt_image, disk, cloud, new_machine, tmp_path,
-                               check_secrets=True)  # fmt: skip
+    first, second = _two_boots(
+        encrypt_image, disk, cloud, new_machine, tmp_path, check_secrets=True
+    )
     journal1 = "\n".join(m.value for m in first.all("JOURNAL"))
     assert "growing the partition by 32 MiB" in journal1, journal1
     assert "encrypting /dev/vda1:" in journal1 and "MiB/s" in journal1, journal1
@@ -142,9 +152,13 @@ def test_ext4_gpt_with_free_space_encrypts_on_boot_1_and_unlocks_on_boot_2(
 
 @pytest.mark.parametrize("name", ["ext4-shrink", "xfs-grow", "btrfs-shrink"])
 def test_other_filesystems_and_the_shrink_path(
-    name: str, encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, tmp_path: Path,
-) -> None:  # fmt: skip
+    name: str,
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    tmp_path: Path,
+) -> None:
     disk = disks[name]
     first, _ = _two_boots(encrypt_image, disk, cloud, new_machine, tmp_path)
     journal = "\n".join(m.value for m in first.all("JOURNAL"))
@@ -156,6 +170,8 @@ def test_initramfs_grows_by_at_most_8_mib(encrypt_image: Image) -> None:
     plain = build_image(PLAIN).initrd.stat().st_size
     product = encrypt_image.initrd.stat().st_size
     growth = product - plain
-    print(f"initramfs: plain {plain / MIB:.2f} MiB, with encryptrootfs {product / MIB:.2f} MiB, "
-          f"growth {growth / MIB:.2f} MiB")
+    print(
+        f"initramfs: plain {plain / MIB:.2f} MiB, with encryptrootfs {product / MIB:.2f} MiB, "
+        f"growth {growth / MIB:.2f} MiB"
+    )
     assert 0 < growth <= 8 * MIB

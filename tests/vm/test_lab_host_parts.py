@@ -36,8 +36,11 @@ def test_relay_carries_a_connection_to_a_loopback_port_both_ways() -> None:
     t.start()
     proc = subprocess.run(
         [sys.executable, "-m", "encryptrootfs_lab.relay", str(port)],
-        input=b"ping from the guest\n", capture_output=True, timeout=20, check=False,
-    )  # fmt: skip
+        input=b"ping from the guest\n",
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
     t.join(5)
     server.close()
     assert proc.returncode == 0, proc.stderr
@@ -48,8 +51,10 @@ def test_relay_carries_a_connection_to_a_loopback_port_both_ways() -> None:
 def test_relay_refuses_anything_but_a_port_number() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "encryptrootfs_lab.relay", "example.com:80"],
-        capture_output=True, timeout=20, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
     assert proc.returncode == 2
     assert b"127.0.0.1" in proc.stderr
 
@@ -75,8 +80,9 @@ def test_gpt_and_mbr_written_by_the_lab_are_what_sfdisk_reads(tmp_path: Path) ->
     assert table["label"] == "gpt"
     assert table["id"] == str(uuid.UUID(int=1)).upper()
     assert [(p["start"], p["size"], p["name"]) for p in table["partitions"]] == [
-        (2048, 8192, "boot"), (10240, 20480, "root"),
-    ]  # fmt: skip
+        (2048, 8192, "boot"),
+        (10240, 20480, "root"),
+    ]
 
     mbr = tmp_path / "mbr.img"
     mbr.write_bytes(b"")
@@ -87,8 +93,9 @@ def test_gpt_and_mbr_written_by_the_lab_are_what_sfdisk_reads(tmp_path: Path) ->
     assert table["label"] == "dos"
     assert table["id"] == "0x1234abcd"
     assert [(p["start"], p["size"], p["type"]) for p in table["partitions"]] == [
-        (2048, 8192, "83"), (10240, 20480, "83"),
-    ]  # fmt: skip
+        (2048, 8192, "83"),
+        (10240, 20480, "83"),
+    ]
 
 
 def test_raw_disk_helpers_see_what_the_guest_sees_through_an_overlay(tmp_path: Path) -> None:
@@ -104,13 +111,17 @@ def test_raw_disk_helpers_see_what_the_guest_sees_through_an_overlay(tmp_path: P
     overlay = create_overlay(base, tmp_path / "over.qcow2")
 
     assert disk_contains(overlay, [marker, b"never-written"]) == {
-        marker: True, b"never-written": False,
-    }  # fmt: skip
+        marker: True,
+        b"never-written": False,
+    }
     assert disk_sha256(overlay) == hashlib.sha256(data).hexdigest()
     assert images_identical(overlay, base)
 
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x41 {cut} 4096", str(overlay)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x41 {cut} 4096", str(overlay)],
+        check=True,
+        capture_output=True,
+    )
     assert not images_identical(overlay, base)
     assert disk_contains(overlay, [marker]) == {marker: False}
     assert disk_sha256(overlay) != hashlib.sha256(data).hexdigest()

@@ -49,8 +49,12 @@ def test_layout_matrix_builds_and_every_manifest_verifies_in_one_guest(
     for serial, disk in zip(serials, disks):
         lay = disk.layout
         info = seen.get(serial, {})
-        want = {"fstype": lay.fs.value, "uuid": disk.root_uuid, "lbs": str(lay.sector),
-                "pttype": PTTYPE[lay.table]}  # fmt: skip
+        want = {
+            "fstype": lay.fs.value,
+            "uuid": disk.root_uuid,
+            "lbs": str(lay.sector),
+            "pttype": PTTYPE[lay.table],
+        }
         got = {k: info.get(k) for k in want}
         if got != want:
             problems.append(f"{lay.name}: expected {want}, guest saw {got}")
@@ -87,7 +91,7 @@ def test_bootable_layout_boots_and_verifies(
     disk = bootable_disks[name]
     layout = disk.layout
     m = new_machine(plain_image, disk)
-    boot_check = "echo \"ERFS-BOOTMNT source=$(findmnt -no SOURCE /boot)\"\n"
+    boot_check = 'echo "ERFS-BOOTMNT source=$(findmnt -no SOURCE /boot)"\n'
     r = m.boot(verify_root_script() + boot_check)
     assert r.ok, r.describe()
     root = r.marker("ROOT")

@@ -104,15 +104,19 @@ def _tokens(r: BootResult) -> list[dict[str, Any]]:
 def _comes_up_encrypted(r: BootResult, m: Machine) -> None:
     assert r.ok, r.describe()
     dev = r.marker("ROOTDEV")
-    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, \
-        r.describe()  # fmt: skip
+    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, (
+        r.describe()
+    )
 
 
 # test-all only: a whole first boot for this module, ~7 min of CI's vm budget (rewrap's
 # kill-at-every-step safety is proven in the header tier, tests/header/test_rewrap.py).
 @pytest.mark.slow
 def test_after_rewrap_the_next_boot_decrypts_with_the_new_key_only(
-    image: Image, encrypted_disk: Disk, cloud2: EmulatedCloud, lab_key: str,
+    image: Image,
+    encrypted_disk: Disk,
+    cloud2: EmulatedCloud,
+    lab_key: str,
     new_machine: NewMachine,
 ) -> None:
     cloud, old = cloud2, lab_key
@@ -139,7 +143,10 @@ def test_after_rewrap_the_next_boot_decrypts_with_the_new_key_only(
 # test-all only, like rewrap above (same first boot; ~3.5 min each).
 @pytest.mark.slow
 def test_with_the_first_region_down_the_copy_in_the_second_unlocks(
-    image: Image, encrypted_disk: Disk, cloud2: EmulatedCloud, lab_key: str,
+    image: Image,
+    encrypted_disk: Disk,
+    cloud2: EmulatedCloud,
+    lab_key: str,
     new_machine: NewMachine,
 ) -> None:
     two_regions, first_key = cloud2, lab_key
@@ -147,13 +154,15 @@ def test_with_the_first_region_down_the_copy_in_the_second_unlocks(
     second_key = second_kms.create_key(description="the copy's key")
     m = new_machine(image, encrypted_disk, two_regions)
 
-    copy = (f"encryptrootfs enroll {ROOT} --copy --key-id {second_key} "
-            f"--region {OTHER_REGION}\n") + TOKENS  # fmt: skip
+    copy = (
+        f"encryptrootfs enroll {ROOT} --copy --key-id {second_key} --region {OTHER_REGION}\n"
+    ) + TOKENS
     first = m.boot(copy, timeout=600, name="copy")
     assert first.ok, first.describe()
     wrapped = [(t["key_id"], t["region"]) for t in _tokens(first)]
-    assert sorted(wrapped) == sorted([(first_key, DEFAULT_REGION), (second_key, OTHER_REGION)]), \
-        wrapped  # fmt: skip
+    assert sorted(wrapped) == sorted([(first_key, DEFAULT_REGION), (second_key, OTHER_REGION)]), (
+        wrapped
+    )
     assert two_regions.router is not None and not two_regions.router.unknown_regions
 
     first_kms.set_unreachable(True)
@@ -163,10 +172,12 @@ def test_with_the_first_region_down_the_copy_in_the_second_unlocks(
     _comes_up_encrypted(second, m)
     said = second.console + second.results
     # the copy in the first region was tried and failed, the second one worked, and both say so
-    assert f"unwrap with {first_key} ({DEFAULT_REGION}): attempt 1 failed" in said, \
-        second.describe()  # fmt: skip
-    assert f"unwrap with {second_key} ({OTHER_REGION}): done on attempt 1" in said, \
-        second.describe()  # fmt: skip
+    assert f"unwrap with {first_key} ({DEFAULT_REGION}): attempt 1 failed" in said, (
+        second.describe()
+    )
+    assert f"unwrap with {second_key} ({OTHER_REGION}): done on attempt 1" in said, (
+        second.describe()
+    )
     assert first_kms.requests == [], "the first region was down, yet its emulator saw requests"
     seen = [(q.action, q.key_arn, q.region, q.status) for q in second_kms.requests]
     assert seen and set(seen) == {("Decrypt", second_key, OTHER_REGION, 200)}, seen

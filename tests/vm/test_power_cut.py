@@ -68,8 +68,12 @@ class Cut:
     @staticmethod
     def after(stage: str) -> Cut:
         """Exactly after a first-boot stage (the boot stops there and waits)."""
-        return Cut(f"after {stage}", rf"rd\.encryptrootfs\.break={stage}: stopped", 0.5,
-                   (f"rd.encryptrootfs.break={stage}",))  # fmt: skip
+        return Cut(
+            f"after {stage}",
+            rf"rd\.encryptrootfs\.break={stage}: stopped",
+            0.5,
+            (f"rd.encryptrootfs.break={stage}",),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +110,25 @@ def _said(r: BootResult, text: str) -> bool:
 
 
 def cut_and_recover(
-    m: Machine, cloud: EmulatedCloud, case: Case, cuts: Sequence[Cut], tmp_path: Path,
-    *, expect_after: Sequence[str | tuple[str, ...]],
-) -> BootResult:  # fmt: skip
+    m: Machine,
+    cloud: EmulatedCloud,
+    case: Case,
+    cuts: Sequence[Cut],
+    tmp_path: Path,
+    *,
+    expect_after: Sequence[str | tuple[str, ...]],
+) -> BootResult:
     """Boot with each cut in turn, then boot until the machine comes up; check the data."""
     assert len(expect_after) == len(cuts)
     for i, cut in enumerate(cuts):
-        r = m.boot(None, append=cut.append, kill_on_console=cut.pattern, kill_delay=cut.delay,
-                   timeout=900, name=f"cut{i + 1}")  # fmt: skip
+        r = m.boot(
+            None,
+            append=cut.append,
+            kill_on_console=cut.pattern,
+            kill_delay=cut.delay,
+            timeout=900,
+            name=f"cut{i + 1}",
+        )
         assert r.end is BootEnd.KILLED, f"cut {cut.label!r} never happened:\n{r.describe()}"
         case.note(f"cut {i + 1}: {cut.label} ({r.kill_reason})")
     final: BootResult | None = None
@@ -122,22 +137,25 @@ def cut_and_recover(
         if r.ok:
             final = r
             break
-    boots_after = m.boots[len(cuts):]
-    assert final is not None, "the machine did not come up after the cuts:\n" + \
-        m.boots[-1].describe()  # fmt: skip
+    boots_after = m.boots[len(cuts) :]
+    assert final is not None, (
+        "the machine did not come up after the cuts:\n" + m.boots[-1].describe()
+    )
     # Where each boot after a cut found the conversion, and that it went on from there.
     for i, want in enumerate(expect_after):
         seen = m.boots[i + 1]
         options = (want,) if isinstance(want, str) else want
-        assert any(_said(seen, w) for w in options), \
-            f"boot after cut {i + 1}: expected one of {options!r}\n{seen.describe()}"  # fmt: skip
+        assert any(_said(seen, w) for w in options), (
+            f"boot after cut {i + 1}: expected one of {options!r}\n{seen.describe()}"
+        )
     lost = bytes_lost(final.results, cached_tree()[1])
     assert lost is not None, final.describe()
     case.lost(lost)
     assert final.marker("TREE-OK") is not None and lost == 0, final.describe()
     dev = final.marker("ROOTDEV")
-    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, \
-        final.describe()  # fmt: skip
+    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, (
+        final.describe()
+    )
     check = check_encrypted_root(m.overlay, m.disk, cloud.kms, tmp_path / "flat.img")
     case.note(f"fsck: {last_line(check)}; {len(boots_after)} boot(s) to finish")
     assert check.clean, check.output[-3000:]
@@ -152,23 +170,36 @@ def _machine(image: Image, disk: Disk, cloud: EmulatedCloud, new_machine: NewMac
 
 @pytest.mark.slow
 def test_cut_during_preflight(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = _machine(encrypt_image, disks["ext4-grow"], cloud, new_machine)
     cut = Cut("during preflight", r"first boot: converting the ext4 root", 1.0)
     cut_and_recover(m, cloud, robustness, [cut], tmp_path, expect_after=[FRESH])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cut", [
-    Cut("during partition growth", r"growing the partition by 32 MiB", 0.2),
-    Cut.after("room"),
-], ids=["during", "after"])
+@pytest.mark.parametrize(
+    "cut",
+    [
+        Cut("during partition growth", r"growing the partition by 32 MiB", 0.2),
+        Cut.after("room"),
+    ],
+    ids=["during", "after"],
+)
 def test_cut_during_partition_growth(
-    cut: Cut, encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    cut: Cut,
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """Cut before sfdisk's write lands, the next boot grows the partition; after it, the
     next boot finds the room and goes on."""
     m = _machine(encrypt_image, disks["ext4-grow"], cloud, new_machine)
@@ -178,15 +209,26 @@ def test_cut_during_partition_growth(
         assert "there is room already" in again, m.boots[1].describe()
 
 
-@pytest.mark.parametrize(("name", "pattern", "delay"), [
-    # resize2fs itself, after the e2fsck -p that precedes it
-    ("ext4-shrink", r"resize2fs to \d+ MiB", 0.3),
-    pytest.param("btrfs-shrink", r"shrinking btrfs to", 1.0, marks=pytest.mark.slow),
-], ids=["ext4", "btrfs"])
+@pytest.mark.parametrize(
+    ("name", "pattern", "delay"),
+    [
+        # resize2fs itself, after the e2fsck -p that precedes it
+        ("ext4-shrink", r"resize2fs to \d+ MiB", 0.3),
+        pytest.param("btrfs-shrink", r"shrinking btrfs to", 1.0, marks=pytest.mark.slow),
+    ],
+    ids=["ext4", "btrfs"],
+)
 def test_cut_during_filesystem_shrink(
-    name: str, pattern: str, delay: float, encrypt_image: Image, disks: dict[str, Disk],
-    cloud: EmulatedCloud, new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    name: str,
+    pattern: str,
+    delay: float,
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = _machine(encrypt_image, disks[name], cloud, new_machine)
     cut = Cut("during filesystem shrink", pattern, delay)
     cut_and_recover(m, cloud, robustness, [cut], tmp_path, expect_after=[FRESH])
@@ -194,28 +236,39 @@ def test_cut_during_filesystem_shrink(
 
 @pytest.mark.slow
 def test_cut_after_the_filesystem_shrink(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = _machine(encrypt_image, disks["ext4-shrink"], cloud, new_machine)
     cut_and_recover(m, cloud, robustness, [Cut.after("room")], tmp_path, expect_after=[FRESH])
     assert "there is room already" in m.boots[1].console, m.boots[1].describe()
 
 
 def test_cut_after_the_header_and_before_the_token(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = _machine(encrypt_image, disks["ext4-grow"], cloud, new_machine)
-    cut_and_recover(m, cloud, robustness, [Cut.after("header")], tmp_path,
-                    expect_after=[CUSTODY])  # fmt: skip
+    cut_and_recover(m, cloud, robustness, [Cut.after("header")], tmp_path, expect_after=[CUSTODY])
 
 
 @pytest.mark.slow
 def test_cut_while_the_header_is_written(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = _machine(encrypt_image, disks["ext4-grow"], cloud, new_machine)
     cut = Cut("while --init-only writes the header", r"writing the LUKS2 header", 0.3)
     # Depending on how far cryptsetup got: the head restored, custody finished, or a restart.
@@ -226,18 +279,25 @@ def test_cut_while_the_header_is_written(
 
 @pytest.mark.slow
 def test_cut_after_the_token_and_before_the_data_pass(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     m = _machine(encrypt_image, disks["ext4-grow"], cloud, new_machine)
-    cut_and_recover(m, cloud, robustness, [Cut.after("token")], tmp_path,
-                    expect_after=[RESUME])  # fmt: skip
+    cut_and_recover(m, cloud, robustness, [Cut.after("token")], tmp_path, expect_after=[RESUME])
 
 
 def test_five_cuts_in_a_row_during_the_data_pass(
-    encrypt_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    encrypt_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """Five random instants, each in a boot that resumes the previous cut's data pass (so
     also: cut twice, and more, in a row)."""
     rng = random.Random(SEED)
@@ -254,9 +314,13 @@ def test_five_cuts_in_a_row_during_the_data_pass(
 
 @pytest.mark.slow
 def test_cut_during_the_optional_grow(
-    grow_image: Image, disks: dict[str, Disk], cloud: EmulatedCloud,
-    new_machine: NewMachine, robustness: Case, tmp_path: Path,
-) -> None:  # fmt: skip
+    grow_image: Image,
+    disks: dict[str, Disk],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    robustness: Case,
+    tmp_path: Path,
+) -> None:
     """``grow = true``: cut after the partition was grown and before the mapping and the
     filesystem followed, then while they follow; the next boot finishes the grow."""
     m = _machine(grow_image, disks["ext4-grow"], cloud, new_machine)

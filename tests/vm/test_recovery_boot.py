@@ -96,8 +96,11 @@ def answer_prompts(m: Machine, name: str, keys: list[str], said: list[str]) -> t
 
 
 def test_recovery_key_typed_on_the_console_opens_the_root_when_kms_is_unreachable(
-    image: Image, plain_disk: Disk, kms_cloud: EmulatedCloud, new_machine: NewMachine,
-) -> None:  # fmt: skip
+    image: Image,
+    plain_disk: Disk,
+    kms_cloud: EmulatedCloud,
+    new_machine: NewMachine,
+) -> None:
     m = new_machine(image, plain_disk, kms_cloud)
     first = m.boot(inspect_script() + ADD_RECOVERY_KEY, timeout=900, name="first")
     assert first.ok and first.marker("TREE-OK") is not None, first.describe()
@@ -116,12 +119,14 @@ def test_recovery_key_typed_on_the_console_opens_the_root_when_kms_is_unreachabl
     assert len(typed) == 2, f"typed {typed}\n" + r.describe()
     assert r.ok and r.marker("TREE-OK") is not None, r.describe()
     dev = r.marker("ROOTDEV")
-    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, \
-        r.describe()  # fmt: skip
+    assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": m.disk.root_uuid}, (
+        r.describe()
+    )
     console = r.console
     # KMS was tried and failed, the prompt said why and that the retries go on
-    assert f"attempt 1 failed: the connection to KMS at {GUEST_KMS_URL} failed" in console, \
-        r.describe()  # fmt: skip
+    assert f"attempt 1 failed: the connection to KMS at {GUEST_KMS_URL} failed" in console, (
+        r.describe()
+    )
     assert "asking for the recovery key on the console" in console, r.describe()
     assert f"That recovery key does not open {ROOT}; try again." in console, r.describe()
     assert f"{ROOT}: opened with the recovery key" in console, r.describe()

@@ -33,7 +33,8 @@ def root_spec(config: Config, cmdline: Optional[str] = None) -> str:
             raise RefusedError(
                 "The kernel command line has no root=, and [root] device is `cmdline`; "
                 "encryptrootfs never guesses which disk to touch. Nothing was changed.",
-                hint="set [root] device = \"UUID=...\" in the configuration")
+                hint='set [root] device = "UUID=..." in the configuration',
+            )
         return spec
     return str(config.root)
 
@@ -61,12 +62,14 @@ def locate_root(
                 f" {p.path} is LUKS2 with an unreadable encryptrootfs token "
                 f"({'; '.join(p.luks.damaged)}): if that is the root, restore its header "
                 "from a backup or open it with its recovery key."
-                for p in seen if p.luks is not None and p.luks.damaged)
+                for p in seen
+                if p.luks is not None and p.luks.damaged
+            )
             raise DeviceError(
                 f"No partition matches the root selector `{spec}` after {timeout:g} s; "
                 f"nothing was changed.{damaged}",
-                hint="check root= on the kernel command line or [root] device in the "
-                "configuration")
+                hint="check root= on the kernel command line or [root] device in the configuration",
+            )
         if not said:
             say(f"waiting for the root partition `{spec}` to appear")
             said = True

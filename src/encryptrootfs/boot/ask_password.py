@@ -74,14 +74,17 @@ def parse_answer(datagram: bytearray) -> Optional[bytearray]:
     if datagram[:1] != b"+":
         return None
     end = datagram.find(b"\0", 1)
-    return bytearray(datagram[1:end if end >= 0 else len(datagram)])
+    return bytearray(datagram[1 : end if end >= 0 else len(datagram)])
 
 
 def _sender_uid(ancdata: list[tuple[int, int, bytes]]) -> Optional[int]:
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
-                and len(data) >= _UCRED.size:
-            _, uid, _ = _UCRED.unpack(data[:_UCRED.size])
+        if (
+            level == socket.SOL_SOCKET
+            and kind == socket.SCM_CREDENTIALS
+            and len(data) >= _UCRED.size
+        ):
+            _, uid, _ = _UCRED.unpack(data[: _UCRED.size])
             return int(uid)
     return None
 
@@ -90,8 +93,9 @@ class PasswordRequest:
     """One question on the agents: created by ``open()``, answered by ``wait()``, withdrawn
     by ``close()`` (always, in ``finally`` or a ``with`` block)."""
 
-    def __init__(self, question: Question, *, directory: Path = ASK_DIR,
-                 agent_uid: int = 0) -> None:
+    def __init__(
+        self, question: Question, *, directory: Path = ASK_DIR, agent_uid: int = 0
+    ) -> None:
         self.question = question
         self.directory = directory
         self.agent_uid = agent_uid
@@ -127,7 +131,8 @@ class PasswordRequest:
         try:
             try:
                 size, ancdata, flags, _ = self._sock.recvmsg_into(
-                    [buf], socket.CMSG_SPACE(_UCRED.size))
+                    [buf], socket.CMSG_SPACE(_UCRED.size)
+                )
             except (socket.timeout, BlockingIOError, InterruptedError):
                 return None
             if flags & socket.MSG_TRUNC:
@@ -135,8 +140,9 @@ class PasswordRequest:
                 return None
             uid = _sender_uid(ancdata)
             if uid != self.agent_uid:
-                log.warning("ignored an answer from uid %s (only %d may answer)", uid,
-                            self.agent_uid)
+                log.warning(
+                    "ignored an answer from uid %s (only %d may answer)", uid, self.agent_uid
+                )
                 return None
             view = bytearray(buf[:size])
             try:
@@ -166,8 +172,14 @@ class PasswordRequest:
         self.close()
 
 
-def ask(question: Question, withdraw: threading.Event, *, directory: Path = ASK_DIR,
-        agent_uid: int = 0, poll: float = 0.5) -> Optional[bytearray]:
+def ask(
+    question: Question,
+    withdraw: threading.Event,
+    *,
+    directory: Path = ASK_DIR,
+    agent_uid: int = 0,
+    poll: float = 0.5,
+) -> Optional[bytearray]:
     """Ask until an answer comes (returned; the caller wipes it) or ``withdraw`` is set
     (None; the question is taken off every agent)."""
     while not withdraw.is_set():

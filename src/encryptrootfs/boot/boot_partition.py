@@ -113,14 +113,20 @@ class BootMove:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BootMove:
         return cls(
-            number=int(data["number"]), start=int(data["start"]), size=int(data["size"]),
-            sector_size=int(data["sector_size"]), fs_uuid=str(data["fs_uuid"]),
+            number=int(data["number"]),
+            start=int(data["start"]),
+            size=int(data["size"]),
+            sector_size=int(data["sector_size"]),
+            fs_uuid=str(data["fs_uuid"]),
             loaders=tuple(str(x) for x in data["loaders"]),
             stubs=tuple(EspStub(str(s["device"]), str(s["path"])) for s in data["stubs"]),
-            grub_mkconfig=str(data["grub_mkconfig"]), grub_install=str(data["grub_install"]),
-            grub_cfg=str(data["grub_cfg"]), done=bool(data["done"]),
-            root_size=_opt_int(data.get("root_size")), fs_size=_opt_int(data.get("fs_size")),
-        )  # fmt: skip
+            grub_mkconfig=str(data["grub_mkconfig"]),
+            grub_install=str(data["grub_install"]),
+            grub_cfg=str(data["grub_cfg"]),
+            done=bool(data["done"]),
+            root_size=_opt_int(data.get("root_size")),
+            fs_size=_opt_int(data.get("fs_size")),
+        )
 
 
 def _opt_int(value: Any) -> Optional[int]:
@@ -225,6 +231,7 @@ def bls_entry_on_boot_partition(text: str, exists: Callable[[str], bool]) -> Opt
     new partition has the file (``exists`` gets the path there); anything else (``$tuned_initrd``,
     paths already relative) is left as it is, so a second run changes nothing.
     """
+
     def fix(m: re.Match[str]) -> str:
         word = m.group(0)
         if not word.startswith("/") or "/boot/" not in word:
@@ -242,8 +249,9 @@ def bls_entry_on_boot_partition(text: str, exists: Callable[[str], bool]) -> Opt
     return None if new == text else new
 
 
-def place(table: Table, root_node: str, size_bytes: int, fs: Optional[FsGeometry] = None
-          ) -> Placement:  # fmt: skip
+def place(
+    table: Table, root_node: str, size_bytes: int, fs: Optional[FsGeometry] = None
+) -> Placement:
     """A new partition at the end of the free space after the root (the root keeps the header's
     32 MiB before it and can grow up to it later); when that space is too small and ``fs`` can
     shrink, the room comes from the root's tail: filesystem, then partition, shrink. Refuses
@@ -259,14 +267,25 @@ def place(table: Table, root_node: str, size_bytes: int, fs: Optional[FsGeometry
     fs_size = None
     if fs is not None and fs.min_size is not None:
         fs_size = (start - root_start - REDUCE_DEVICE_SIZE) // fs.block_size * fs.block_size
-    if fs is not None and fs_size is not None and fs.min_size is not None \
-            and fs_size >= fs.min_size and start > root_start:  # fmt: skip
-        return Placement(start // ss, size_bytes // ss, (start - root_start) // ss,
-                         min(fs_size, fs.size))  # fmt: skip
+    if (
+        fs is not None
+        and fs_size is not None
+        and fs.min_size is not None
+        and fs_size >= fs.min_size
+        and start > root_start
+    ):
+        return Placement(
+            start // ss, size_bytes // ss, (start - root_start) // ss, min(fs_size, fs.size)
+        )
     needed = size_bytes + REDUCE_DEVICE_SIZE + MIB
-    how = "" if fs is None or fs.min_size is None else (
-        f", and the filesystem cannot give up {(root_end - start + REDUCE_DEVICE_SIZE) // MIB} "
-        f"MiB of its tail (it needs {fs.min_size // MIB} MiB)")
+    how = (
+        ""
+        if fs is None or fs.min_size is None
+        else (
+            f", and the filesystem cannot give up {(root_end - start + REDUCE_DEVICE_SIZE) // MIB} "
+            f"MiB of its tail (it needs {fs.min_size // MIB} MiB)"
+        )
+    )
     raise RefusedError(
         f"GRUB reads /boot from the root {root_node}, so a {size_bytes // MIB} MiB "
         f"plaintext /boot partition must be made before encrypting, but there are only "
@@ -285,8 +304,10 @@ def free_number(table: Table, disk: str) -> int:
     for n in range(1, limit + 1):
         if n not in used:
             return n
-    raise RefusedError(f"{disk} has no free partition number for a /boot partition; nothing "
-                       "was changed.", hint="use a GPT disk, or leave a primary slot free")
+    raise RefusedError(
+        f"{disk} has no free partition number for a /boot partition; nothing was changed.",
+        hint="use a GPT disk, or leave a primary slot free",
+    )
 
 
 def partition_node(disk: str, number: int) -> str:
@@ -295,14 +316,16 @@ def partition_node(disk: str, number: int) -> str:
 
 
 def partition_number(node: str, disk: str) -> int:
-    tail = node[len(disk):].lstrip("p")
+    tail = node[len(disk) :].lstrip("p")
     return int(tail) if tail.isdigit() else 0
 
 
 def grub_tools(root: Path) -> tuple[Optional[str], Optional[str], str]:
     """(grub-install, grub-mkconfig, grub.cfg path) as this root's distribution names them."""
-    for install, mkconfig, cfg in (("grub-install", "grub-mkconfig", "/boot/grub/grub.cfg"),
-                                   ("grub2-install", "grub2-mkconfig", "/boot/grub2/grub.cfg")):
+    for install, mkconfig, cfg in (
+        ("grub-install", "grub-mkconfig", "/boot/grub/grub.cfg"),
+        ("grub2-install", "grub2-mkconfig", "/boot/grub2/grub.cfg"),
+    ):
         found_mk = _in_root(root, mkconfig)
         if found_mk is not None:
             return _in_root(root, install), mkconfig, cfg
@@ -342,7 +365,8 @@ def _read_record(root: Path) -> Optional[BootMove]:
             "boot had started moving /boot; the root is still plain, and this boot changed "
             "nothing.",
             hint=f"from a rescue system, check the root's /etc/fstab and the disk's partitions, "
-            f"then delete /{RECORD} so that the next boot plans the move again") from exc
+            f"then delete /{RECORD} so that the next boot plans the move again",
+        ) from exc
 
 
 def _esp_stubs(part: Partition, siblings: Sequence[Partition]) -> list[EspStub]:
@@ -359,8 +383,13 @@ def _esp_stubs(part: Partition, siblings: Sequence[Partition]) -> list[EspStub]:
     return stubs
 
 
-def plan(part: Partition, siblings: Sequence[Partition], table: Table, size_mib: int,
-         fs: Optional[FsGeometry] = None) -> Optional[BootMove]:  # fmt: skip
+def plan(
+    part: Partition,
+    siblings: Sequence[Partition],
+    table: Table,
+    size_mib: int,
+    fs: Optional[FsGeometry] = None,
+) -> Optional[BootMove]:
     """Read-only: the /boot move this root needs (None: none), or a refusal that says why."""
     fs_type = part.signature.type
     with open(part.disk, "rb") as f:
@@ -376,8 +405,11 @@ def plan(part: Partition, siblings: Sequence[Partition], table: Table, size_mib:
             return None if record.done else record
         fstab = (root / "etc/fstab").read_text() if (root / "etc/fstab").exists() else ""
         boot = root / "boot"
-        if "/boot" in fstab_mounts(fstab) or not boot.is_dir() \
-                or not holds_kernels(os.listdir(boot)):  # fmt: skip
+        if (
+            "/boot" in fstab_mounts(fstab)
+            or not boot.is_dir()
+            or not holds_kernels(os.listdir(boot))
+        ):
             return None
         install, mkconfig, cfg = grub_tools(root)
         used = _tree_bytes(boot)
@@ -387,32 +419,44 @@ def plan(part: Partition, siblings: Sequence[Partition], table: Table, size_mib:
             f"{'grub-install and ' if bios else ''}grub-mkconfig to move it to a plaintext "
             "partition: once encrypted, the machine would not boot. Nothing was changed.",
             hint="install the distribution's GRUB package in the image, or give the image a "
-            "separate /boot partition")
+            "separate /boot partition",
+        )
     if table.label == "dos" and part.number > 4:
         # The new partition is a primary one; beside a logical root it would have to live
         # inside the extended partition, which this move does not rearrange.
         raise RefusedError(
             f"GRUB reads /boot from the root {part.path}, a logical partition; encryptrootfs "
             "moves /boot only beside a primary (or GPT) root. Nothing was changed.",
-            hint="give the image a separate /boot partition, or a primary root partition")
+            hint="give the image a separate /boot partition, or a primary root partition",
+        )
     size = size_mib * MIB
     if used * 2 + 16 * MIB > size:
         raise RefusedError(
             f"The root's /boot holds {used // MIB} MiB; a {size_mib} MiB /boot partition would "
             "leave no room for a kernel update. Nothing was changed.",
-            hint=f"set [first_boot] boot_partition_mib to at least {(used * 2) // MIB + 16}")
+            hint=f"set [first_boot] boot_partition_mib to at least {(used * 2) // MIB + 16}",
+        )
     where = place(table, part.path, size, fs)
     if where.fs_size is not None:
         # (only a tail that holds nothing: see filesystems.check_shrink_in_place)
         filesystems.check_shrink_in_place(fs_type, part.path, where.fs_size)
-    loaders = ((Loader.BIOS_GRUB.value,) if bios else ()) + \
-        ((Loader.ESP_STUB.value,) if stubs else ())  # fmt: skip
+    loaders = ((Loader.BIOS_GRUB.value,) if bios else ()) + (
+        (Loader.ESP_STUB.value,) if stubs else ()
+    )
     return BootMove(
-        number=free_number(table, part.disk), start=where.start, size=where.size,
-        sector_size=table.sector_size, fs_uuid=str(uuid_module.uuid4()), loaders=loaders,
-        stubs=tuple(stubs), grub_mkconfig=mkconfig, grub_install=install or "",
-        grub_cfg=cfg, root_size=where.root_size, fs_size=where.fs_size,
-    )  # fmt: skip
+        number=free_number(table, part.disk),
+        start=where.start,
+        size=where.size,
+        sector_size=table.sector_size,
+        fs_uuid=str(uuid_module.uuid4()),
+        loaders=loaders,
+        stubs=tuple(stubs),
+        grub_mkconfig=mkconfig,
+        grub_install=install or "",
+        grub_cfg=cfg,
+        root_size=where.root_size,
+        fs_size=where.fs_size,
+    )
 
 
 def _tree_bytes(top: Path) -> int:
@@ -430,16 +474,22 @@ def _tree_bytes(top: Path) -> int:
 def move(part: Partition, move: BootMove, table: Table) -> None:
     """Steps 2-7 of the module docstring; each one finds out whether it is done already."""
     node = partition_node(part.disk, move.number)
-    say(f"{part.path}: GRUB reads /boot from the root; moving /boot to a plaintext partition "
-        f"{node} ({move.size * move.sector_size // MIB} MiB) before encrypting")
+    say(
+        f"{part.path}: GRUB reads /boot from the root; moving /boot to a plaintext partition "
+        f"{node} ({move.size * move.sector_size // MIB} MiB) before encrypting"
+    )
     _make_room(part, move, table)
     with mounted(part.path, part.signature.type, "rw", "root") as root:
         _write_json(root / RECORD, move.to_json())
         _ensure_partition(part, move, table, node)
         _ensure_copy(root, node, move)
-        _write_text(root / "etc/fstab", fstab_with_boot(
-            (root / "etc/fstab").read_text() if (root / "etc/fstab").exists() else "",
-            move.fs_uuid))
+        _write_text(
+            root / "etc/fstab",
+            fstab_with_boot(
+                (root / "etc/fstab").read_text() if (root / "etc/fstab").exists() else "",
+                move.fs_uuid,
+            ),
+        )
         say(f"{part.path}: /boot copied to {node} and added to /etc/fstab")
         stop_after("boot-copy")
         _switch_loader(part, move, root, node)
@@ -456,13 +506,17 @@ def _make_room(part: Partition, move: BootMove, table: Table) -> None:
         return
     fs = filesystems.geometry(part.signature.type, part.path)
     if fs.size > move.fs_size:
-        say(f"{part.path}: shrinking {part.signature.type} to {move.fs_size // MIB} MiB to make "
-            "room for /boot")
+        say(
+            f"{part.path}: shrinking {part.signature.type} to {move.fs_size // MIB} MiB to make "
+            "room for /boot"
+        )
         filesystems.shrink(part.signature.type, part.path, move.fs_size)
     stop_after("boot-shrink")  # the filesystem ends inside the old and the new partition
     if part.size > move.root_size * move.sector_size:
-        say(f"{part.path}: shrinking the partition to {move.root_size * move.sector_size // MIB}"
-            " MiB")
+        say(
+            f"{part.path}: shrinking the partition to {move.root_size * move.sector_size // MIB}"
+            " MiB"
+        )
         partitions.grow(part, table, move.root_size * move.sector_size)
 
 
@@ -476,10 +530,13 @@ def _ensure_partition(part: Partition, move: BootMove, table: Table, node: str) 
                 f"size {e.size} sectors, recorded {move.start}, {move.size}); the root is "
                 "still plain and GRUB still boots it. Stopping.",
                 hint=f"inspect the partition table of {part.disk}; remove /{RECORD} from the "
-                "root to plan the move again")
+                "root to plan the move again",
+            )
         return
-    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(move.number), part.disk],
-        stdin=f"{move.start},{move.size},{PART_TYPE[table.label]}\n".encode())
+    run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(move.number), part.disk],
+        stdin=f"{move.start},{move.size},{PART_TYPE[table.label]}\n".encode(),
+    )
     run(["partx", "-a", "--nr", str(move.number), part.disk])
     run(["udevadm", "settle", "--timeout=30"], check=False)
 
@@ -506,13 +563,16 @@ def _retarget_bls_entries(boot: Path, node: str) -> None:
     changed = 0
     for entry in sorted(entries.glob("*.conf")) if entries.is_dir() else []:
         new = bls_entry_on_boot_partition(
-            entry.read_text(errors="replace"), lambda rel: (boot / rel.lstrip("/")).exists())
+            entry.read_text(errors="replace"), lambda rel: (boot / rel.lstrip("/")).exists()
+        )
         if new is not None:
             _write_text(entry, new)
             changed += 1
     if changed:
-        say(f"{node}: {changed} boot loader entries (loader/entries) now name their kernel "
-            "relative to the /boot partition")
+        say(
+            f"{node}: {changed} boot loader entries (loader/entries) now name their kernel "
+            "relative to the /boot partition"
+        )
 
 
 def _switch_loader(part: Partition, move: BootMove, root: Path, node: str) -> None:
@@ -525,8 +585,7 @@ def _switch_loader(part: Partition, move: BootMove, root: Path, node: str) -> No
     for stub in move.stubs:
         with mounted(stub.device, "vfat", "rw", "esp") as esp:
             path = esp / stub.path
-            new = retarget_stub(path.read_text(errors="replace"), part.signature.uuid,
-                                move.fs_uuid)  # fmt: skip
+            new = retarget_stub(path.read_text(errors="replace"), part.signature.uuid, move.fs_uuid)
             if new is None:
                 continue  # rewritten by a boot that was cut after this step
             say(f"{stub.device}: {stub.path} now loads GRUB's configuration from {node}")
@@ -550,8 +609,11 @@ def _chroot_mounts(root: Path, boot_node: str) -> Iterator[None]:
 
 def _chroot(root: Path, *argv: str) -> None:
     # (the preflight has checked that the initramfs has chroot: tools.Need.BOOT)
-    run(["chroot", str(root), *argv], env=_CHROOT_ENV,
-        hint="the root is still plain and GRUB still boots the old /boot; see the output above")
+    run(
+        ["chroot", str(root), *argv],
+        env=_CHROOT_ENV,
+        hint="the root is still plain and GRUB still boots the old /boot; see the output above",
+    )
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -26,8 +26,19 @@ OPTION = "rd.encryptrootfs.break"
 # shrinks next), after the copy and fstab, and after GRUB was pointed at the new partition.
 # "grow" is the optional grow stage, after the partition was grown and before the mapping and
 # filesystem follow.
-STAGES = ("preflight", "boot-shrink", "boot-copy", "boot-loader", "room", "record", "header",
-          "token", "data", "open", "grow")  # fmt: skip
+STAGES = (
+    "preflight",
+    "boot-shrink",
+    "boot-copy",
+    "boot-loader",
+    "room",
+    "record",
+    "header",
+    "token",
+    "data",
+    "open",
+    "grow",
+)
 
 
 def requested(cmdline: str) -> frozenset[str]:
@@ -57,6 +68,8 @@ def stop_after(
     if stage not in requested(text):
         return
     os.sync()
-    say(f"{OPTION}={stage}: stopped after the {stage} stage; everything written so far is "
-        "on the disk. Power off to continue from here on the next boot.")
+    say(
+        f"{OPTION}={stage}: stopped after the {stage} stage; everything written so far is "
+        "on the disk. Power off to continue from here on the next boot."
+    )
     hang()

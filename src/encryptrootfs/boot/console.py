@@ -28,8 +28,7 @@ def _duration(seconds: float) -> str:
 
 def progress_line(device: str, p: ReencryptProgress) -> str:
     pct = 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 0.0
-    line = (f"encrypting {device}: {pct:5.1f}% ({p.done_bytes // MIB} of "
-            f"{p.total_bytes // MIB} MiB)")
+    line = f"encrypting {device}: {pct:5.1f}% ({p.done_bytes // MIB} of {p.total_bytes // MIB} MiB)"
     if p.mib_per_s:
         line += f", {p.mib_per_s:.1f} MiB/s"
     if p.eta_s is not None and p.done_bytes < p.total_bytes:

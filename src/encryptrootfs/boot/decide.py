@@ -48,7 +48,7 @@ def normalise_spec(spec: str) -> str:
     """``/dev/disk/by-uuid/X`` -> ``UUID=X``; other forms unchanged."""
     for prefix, tag in _BY_PATH.items():
         if spec.startswith(prefix):
-            return tag + spec[len(prefix):]
+            return tag + spec[len(prefix) :]
     return spec
 
 
@@ -115,11 +115,19 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
         # A plan record without a LUKS2 header: the previous first boot stopped before or
         # during --init-only's header write.
         if p.head_sha256 is not None and p.head_sha256 == p.record.head_sha256:
-            return Decision(Action.ENCRYPT, p, "a previous first boot stopped before the "
-                            "LUKS2 header was written; the filesystem is intact: starting again")
+            return Decision(
+                Action.ENCRYPT,
+                p,
+                "a previous first boot stopped before the "
+                "LUKS2 header was written; the filesystem is intact: starting again",
+            )
         if p.moved_sha256 is not None and p.moved_sha256 == p.record.head_sha256:
-            return Decision(Action.RESTORE_HEAD, p, "a previous first boot was cut while the "
-                            "LUKS2 header was being written; the moved copy of the head is whole")
+            return Decision(
+                Action.RESTORE_HEAD,
+                p,
+                "a previous first boot was cut while the "
+                "LUKS2 header was being written; the moved copy of the head is whole",
+            )
         raise RefusedError(
             f"{p.path} carries an encryptrootfs plan record, but neither its head nor the "
             "moved copy of the head matches what was recorded; nothing was changed.",
@@ -135,8 +143,9 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
         if p.luks.tokens:
             skipped = "".join(f"; skipping {d}" for d in p.luks.damaged)
             if p.luks.reencryption_pending:
-                return Decision(Action.RESUME, p,
-                                "encryption of the root was interrupted" + skipped)
+                return Decision(
+                    Action.RESUME, p, "encryption of the root was interrupted" + skipped
+                )
             return Decision(Action.UNLOCK, p, "the root is encrypted" + skipped)
         if p.luks.damaged:
             raise RefusedError(
@@ -146,10 +155,17 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
                 hint="restore the LUKS2 header from its backup (cryptsetup luksHeaderRestore), "
                 "or open the root with its recovery key and re-enroll",
             )
-        if (p.luks.reencryption_pending and p.record is not None
-                and p.record.luks_uuid == p.luks.uuid):
-            return Decision(Action.FINISH_CUSTODY, p, "the LUKS2 header was written but the "
-                            "token was not: taking the wrapped key from the plan record")
+        if (
+            p.luks.reencryption_pending
+            and p.record is not None
+            and p.record.luks_uuid == p.luks.uuid
+        ):
+            return Decision(
+                Action.FINISH_CUSTODY,
+                p,
+                "the LUKS2 header was written but the "
+                "token was not: taking the wrapped key from the plan record",
+            )
         raise RefusedError(
             f"The root {p.path} is a LUKS2 device without an encryptrootfs token; it is not "
             "ours to unlock. Nothing was changed.",

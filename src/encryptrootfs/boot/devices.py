@@ -143,8 +143,17 @@ def list_partitions(sys_block: Path = SYS_BLOCK) -> list[tuple[str, str, int]]:
     return found
 
 
-def probe(path: str, size: int, *, name: str = "", disk: str = "", number: int = 0,
-          start: int = 0, disk_size: int = 0, logical_sector: int = SECTOR) -> Partition:
+def probe(
+    path: str,
+    size: int,
+    *,
+    name: str = "",
+    disk: str = "",
+    number: int = 0,
+    start: int = 0,
+    disk_size: int = 0,
+    logical_sector: int = SECTOR,
+) -> Partition:
     """What ``path`` (``size`` bytes) holds; the geometry arguments come from sysfs.
 
     Works on image files too, which is how the header tier drives the planner.
@@ -165,17 +174,31 @@ def probe(path: str, size: int, *, name: str = "", disk: str = "", number: int =
     except OSError as exc:
         log.debug("cannot read a plan record on %s: %s", path, exc)
     return Partition(
-        path=path, name=name, disk=disk, number=number, start=start, size=size,
-        disk_size=disk_size, logical_sector=logical_sector,
-        partuuid=tags.get("PART_ENTRY_UUID", ""), partlabel=tags.get("PART_ENTRY_NAME", ""),
-        signature=signature, luks=luks, record=record, head_sha256=head, moved_sha256=moved,
+        path=path,
+        name=name,
+        disk=disk,
+        number=number,
+        start=start,
+        size=size,
+        disk_size=disk_size,
+        logical_sector=logical_sector,
+        partuuid=tags.get("PART_ENTRY_UUID", ""),
+        partlabel=tags.get("PART_ENTRY_NAME", ""),
+        signature=signature,
+        luks=luks,
+        record=record,
+        head_sha256=head,
+        moved_sha256=moved,
     )
 
 
 def partition_facts(name: str, disk: str, number: int, sys_block: Path = SYS_BLOCK) -> Partition:
     return probe(
-        f"/dev/{name}", _read_int(sys_block / name / "size") * SECTOR,
-        name=name, disk=f"/dev/{disk}", number=number,
+        f"/dev/{name}",
+        _read_int(sys_block / name / "size") * SECTOR,
+        name=name,
+        disk=f"/dev/{disk}",
+        number=number,
         start=_read_int(sys_block / name / "start") * SECTOR,
         disk_size=_read_int(sys_block / disk / "size") * SECTOR,
         logical_sector=_read_int(sys_block / disk / "queue" / "logical_block_size"),
@@ -203,7 +226,7 @@ def cmdline_root(cmdline: str) -> Optional[str]:
     value = None
     for word in cmdline.split():
         if word.startswith("root="):
-            value = word[len("root="):]
+            value = word[len("root=") :]
     return value
 
 

@@ -77,7 +77,10 @@ def ext4_tail_in_use(dumpe2fs: str, new_blocks: int) -> tuple[int, int]:
     used_blocks = used_inodes = 0
     groups = re.finditer(
         r"^Group \d+: \(Blocks (\d+)-(\d+)\).*?\n\s+Free blocks: ([^\n]*)\n"
-        r"\s+Free inodes: ([^\n]*)", dumpe2fs, re.MULTILINE | re.DOTALL)
+        r"\s+Free inodes: ([^\n]*)",
+        dumpe2fs,
+        re.MULTILINE | re.DOTALL,
+    )
     for m in groups:
         first, last = int(m.group(1)), int(m.group(2))
         if last < new_blocks:
@@ -101,12 +104,21 @@ def ext4_in_place_min(dumpe2fs: str) -> int:
     a 32 MiB shrink of a filesystem two thirds full.
     """
     per_group = _field(dumpe2fs, "Inodes per group")
-    overhead = (2 + _field(dumpe2fs, "Inode blocks per group") + 50
-                + 1 + 1 + _field(dumpe2fs, "Reserved GDT blocks"))  # backup sb, GDT, reserve
+    overhead = (
+        2
+        + _field(dumpe2fs, "Inode blocks per group")
+        + 50
+        + 1
+        + 1
+        + _field(dumpe2fs, "Reserved GDT blocks")
+    )  # backup sb, GDT, reserve
     needed = 1
     groups = re.finditer(
         r"^Group \d+: \(Blocks (\d+)-(\d+)\).*?\n\s+Free blocks: ([^\n]*)\n"
-        r"\s+Free inodes: ([^\n]*)", dumpe2fs, re.MULTILINE | re.DOTALL)
+        r"\s+Free inodes: ([^\n]*)",
+        dumpe2fs,
+        re.MULTILINE | re.DOTALL,
+    )
     for m in groups:
         first, last = int(m.group(1)), int(m.group(2))
         free = _ranges(m.group(3))
@@ -166,8 +178,7 @@ def geometry(fs_type: str, device: str) -> FsGeometry:
         min_size = ext4_in_place_min(text) * bsize
         return FsGeometry("ext4", blocks * bsize, bsize, min_size, max_sector=bsize)
     if fs_type == "xfs":
-        out = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print dblocks blocksize sectsize",
-                   device])  # fmt: skip
+        out = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print dblocks blocksize sectsize", device])
         blocks, bsize, sectsize = parse_xfs_db(out.stdout.decode())
         return FsGeometry("xfs", blocks * bsize, bsize, None, max_sector=sectsize)
     if fs_type == "btrfs":
@@ -224,16 +235,20 @@ def check_readonly(fs_type: str, device: str) -> None:
                     f"{device} has ext4 errors that `e2fsck -p` cannot repair without a "
                     f"human (exit code {p.returncode}); it changed only what it could fix "
                     "safely, and nothing else was changed.",
-                    hint="run `e2fsck -f` on it from a rescue system, then boot again")
+                    hint="run `e2fsck -f` on it from a rescue system, then boot again",
+                )
         r = run(["e2fsck", "-n", "-f", device], check=False)
         if r.returncode != 0:
-            raise RefusedError(f"e2fsck found problems on {device}; nothing was changed.",
-                               hint=hint)
+            raise RefusedError(
+                f"e2fsck found problems on {device}; nothing was changed.", hint=hint
+            )
     elif fs_type == "xfs":
         r = run(["xfs_repair", "-n", device], check=False)
         if r.returncode != 0 and b"log" in r.stderr + r.stdout:
-            say(f"{device}: the XFS log needs replaying (the previous boot was cut while it was "
-                "mounted); mounting it once to replay, as the boot's mount would")
+            say(
+                f"{device}: the XFS log needs replaying (the previous boot was cut while it was "
+                "mounted); mounting it once to replay, as the boot's mount would"
+            )
             _mount(device, "xfs")
             _umount()
         run(["xfs_repair", "-n", device], hint=hint)
@@ -248,10 +263,10 @@ def shrink(fs_type: str, device: str, new_size: int) -> None:
         r = run(["e2fsck", "-f", "-p", device], check=False)
         if r.returncode >= 4:
             raise RefusedError(
-                f"e2fsck could not make {device} clean enough to shrink; nothing else was "
-                "changed.", hint="repair it with `e2fsck -f` from a rescue system")
-        say(f"{device}: resize2fs to {new_size // 1048576} MiB (the tail is free: no data "
-            "moves)")
+                f"e2fsck could not make {device} clean enough to shrink; nothing else was changed.",
+                hint="repair it with `e2fsck -f` from a rescue system",
+            )
+        say(f"{device}: resize2fs to {new_size // 1048576} MiB (the tail is free: no data moves)")
         # -f: resize2fs holds to its own minimum estimate (resize2fs -P), which can exceed the
         # filesystem's size; check_shrink_in_place has proven that nothing lies past new_size,
         # and e2fsck has just run, which is all -f waives.

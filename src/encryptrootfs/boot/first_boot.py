@@ -103,9 +103,11 @@ class Preflight:
     def describe(self) -> str:
         b = self.boot
         if b is not None and b.fs_size is not None and b.root_size is not None:
-            return (f"/boot and the LUKS2 header take the root's tail: filesystem "
-                    f"{b.fs_size // 1048576} MiB, partition "
-                    f"{b.root_size * b.sector_size // 1048576} MiB")  # fmt: skip
+            return (
+                f"/boot and the LUKS2 header take the root's tail: filesystem "
+                f"{b.fs_size // 1048576} MiB, partition "
+                f"{b.root_size * b.sector_size // 1048576} MiB"
+            )
         return self.room.describe()
 
 
@@ -115,8 +117,10 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
     lacking = missing(Need.LUKS, Need.PARTITION, _FS_NEEDS[fs_type])
     if lacking:
         names = ", ".join(f"{t.name} ({t.package})" for t in lacking)
-        raise ToolError(f"The initramfs lacks {names}; nothing was changed.",
-                        hint="rebuild the initramfs with `encryptrootfs install`")
+        raise ToolError(
+            f"The initramfs lacks {names}; nothing was changed.",
+            hint="rebuild the initramfs with `encryptrootfs install`",
+        )
     luks2.require_cryptsetup()
     clock = time.time() if now is None else now
     if clock < EARLIEST_SANE_TIME:
@@ -128,28 +132,34 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
     filesystems.check_readonly(fs_type, part.path)
     fs = filesystems.geometry(fs_type, part.path)
     table = partitions.read_table(part.disk, part.disk_size, part.logical_sector)
-    move = boot_partition.plan(part, devices.gather(), table,
-                               config.first_boot.boot_partition_mib, fs)  # fmt: skip
+    move = boot_partition.plan(
+        part, devices.gather(), table, config.first_boot.boot_partition_mib, fs
+    )
     free = partitions.free_after(table, part.path)
     if move is not None:
         if not config.first_boot.move_boot:
             raise RefusedError(
                 f"GRUB on {part.disk} reads /boot from the root {part.path}; once encrypted the "
                 "machine would not boot, and [first_boot] move_boot is false. Nothing was "
-                "changed.", hint="set move_boot = true, or give the image a separate /boot")
+                "changed.",
+                hint="set move_boot = true, or give the image a separate /boot",
+            )
         lacking = missing(Need.BOOT)
         if lacking:
             raise ToolError(
                 f"GRUB reads /boot from the root {part.path}, and moving it needs "
                 f"{', '.join(t.name for t in lacking)}, which the initramfs lacks; nothing was "
-                "changed.", hint="install e2fsprogs and coreutils in the image, then rebuild "
-                "the initramfs with `encryptrootfs install`")
+                "changed.",
+                hint="install e2fsprogs and coreutils in the image, then rebuild "
+                "the initramfs with `encryptrootfs install`",
+            )
         if move.fs_size is not None:
             # The root gives up its tail for /boot and the header's room together: the plan
             # after the move (encrypt re-plans from the disk) finds the room made.
             return Preflight(fs, RoomPlan(), table, str(uuid_module.uuid4()), move)
-        if not any(boot_partition.partition_number(e.node, part.disk) == move.number
-                   for e in table.entries):  # fmt: skip
+        if not any(
+            boot_partition.partition_number(e.node, part.disk) == move.number for e in table.entries
+        ):
             # The header's room comes from the space before the new partition.
             free = min(free, move.start_bytes - (part.start + part.size))
     room = plan_room(part, fs, free)
@@ -161,20 +171,29 @@ def preflight(part: Partition, config: Config, *, now: Optional[float] = None) -
 def make_room(part: Partition, pre: Preflight) -> int:
     """Apply the room plan; returns the partition size afterwards (bytes)."""
     if pre.room.grow_partition_to is not None:
-        say(f"{part.path}: growing the partition by "
-            f"{(pre.room.grow_partition_to - part.size) // 1048576} MiB for the LUKS2 header")
+        say(
+            f"{part.path}: growing the partition by "
+            f"{(pre.room.grow_partition_to - part.size) // 1048576} MiB for the LUKS2 header"
+        )
         partitions.grow(part, pre.table, pre.room.grow_partition_to)
         return pre.room.grow_partition_to
     if pre.room.shrink_fs_to is not None:
-        say(f"{part.path}: shrinking {pre.fs.fs_type} to "
-            f"{pre.room.shrink_fs_to // 1048576} MiB for the LUKS2 header")
+        say(
+            f"{part.path}: shrinking {pre.fs.fs_type} to "
+            f"{pre.room.shrink_fs_to // 1048576} MiB for the LUKS2 header"
+        )
         filesystems.shrink(pre.fs.fs_type, part.path, pre.room.shrink_fs_to)
     return part.size
 
 
 def new_token(wrapped: WrappedKey, keyslot: int, part: Partition) -> KmsToken:
-    return KmsToken(keyslots=(str(keyslot),), wrapped=wrapped, created=utc_now(),
-                    fs_uuid=part.signature.uuid or None, fs_label=part.signature.label or None)
+    return KmsToken(
+        keyslots=(str(keyslot),),
+        wrapped=wrapped,
+        created=utc_now(),
+        fs_uuid=part.signature.uuid or None,
+        fs_label=part.signature.label or None,
+    )
 
 
 def verified_new_key(provider: KeyProvider, luks_uuid: str) -> NewKey:
@@ -184,8 +203,10 @@ def verified_new_key(provider: KeyProvider, luks_uuid: str) -> NewKey:
     try:
         if bytes(back) != bytes(new.plaintext):
             new.wipe()
-            raise VerifyError("KMS unwrapped the new key to different bytes; nothing was "
-                              "changed.", hint="check providers.aws_kms.endpoints / endpoint_url")
+            raise VerifyError(
+                "KMS unwrapped the new key to different bytes; nothing was changed.",
+                hint="check providers.aws_kms.endpoints / endpoint_url",
+            )
     finally:
         wipe(back)
     return new
@@ -197,22 +218,23 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
     pre = preflight(part, config)
     say(f"{part.path}: preflight passed ({pre.describe()}); asking KMS for a new key")
     key = with_kms_retries(
-        config, "get a new key from KMS",
+        config,
+        "get a new key from KMS",
         [("new data key from KMS", lambda: verified_new_key(provider, pre.luks_uuid))],
-        outcome="Nothing on disk was changed; the next boot tries again.")
+        outcome="Nothing on disk was changed; the next boot tries again.",
+    )
     stop_after("preflight")
     # What is on the disk so far, for an error that stops the boot half way.
     done = "nothing was changed on disk"
     try:
         if pre.boot is not None:
-            done = ("the /boot move had started (GRUB boots the root's own /boot until it "
-                    "completes)")
+            done = "the /boot move had started (GRUB boots the root's own /boot until it completes)"
             boot_partition.move(part, pre.boot, pre.table)
             done = "/boot was moved to its own partition"
             # The table (and, when the root gave up its tail, the partition and filesystem
             # sizes) changed: plan the rest from the disk as it is now, for the same LUKS UUID
             # the new key's encryption context names.
-            part = devices.partition_facts(part.name, part.disk[len("/dev/"):], part.number)
+            part = devices.partition_facts(part.name, part.disk[len("/dev/") :], part.number)
             pre = replace(preflight(part, config), luks_uuid=pre.luks_uuid)
             say(f"{part.path}: after the /boot move: {pre.describe()}")
         size = make_room(part, pre)
@@ -222,15 +244,21 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
         # The token names keyslot 0: --init-only puts the first keyslot there.
         token = new_token(key.wrapped, 0, part)
         record = PlanRecord(
-            luks_uuid=pre.luks_uuid, partition_size=size, fs_type=pre.fs.fs_type,
-            fs_uuid=part.signature.uuid, fs_label=part.signature.label,
-            head_sha256=plan_record.head_sha256(part.path), token=token_to_json(token),
+            luks_uuid=pre.luks_uuid,
+            partition_size=size,
+            fs_type=pre.fs.fs_type,
+            fs_uuid=part.signature.uuid,
+            fs_label=part.signature.label,
+            head_sha256=plan_record.head_sha256(part.path),
+            token=token_to_json(token),
         )
         plan_record.write(part.path, record)
         stop_after("record")
         say(f"{part.path}: writing the LUKS2 header (no data is encrypted yet)")
         slot = luks2.reencrypt_encrypt_init(
-            part.path, key.plaintext, uuid=pre.luks_uuid,
+            part.path,
+            key.plaintext,
+            uuid=pre.luks_uuid,
             reduce_device_size=REDUCE_DEVICE_SIZE,
             # 4096-byte encryption sectors are ~2x faster than 512 where the fs allows them.
             sector_size=4096 if pre.fs.max_sector >= 4096 else None,
@@ -250,8 +278,10 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
             grow_root(part, config.mapper_name, key.plaintext)
         return mapper
     except EncryptrootfsError as exc:
-        exc.message += (f" On {part.path} so far: {done}. The next boot finds its place and "
-                        "continues; nothing is lost.")
+        exc.message += (
+            f" On {part.path} so far: {done}. The next boot finds its place and "
+            "continues; nothing is lost."
+        )
         raise
     finally:
         key.wipe()
@@ -262,7 +292,8 @@ def store_token(device: str, token: KmsToken, key: bytearray) -> int:
     if not luks2.test_keyslot(device, key, int(token.keyslots[0])):
         raise VerifyError(
             f"The key does not open keyslot {token.keyslots[0]} of {device}; no data has been "
-            "encrypted. The next boot starts the conversion again.")
+            "encrypted. The next boot starts the conversion again."
+        )
     token_id = luks2.import_token(device, token_to_json(token))
     say(f"{device}: token {token_id} stored: key wrapped by {token.wrapped.key_id}")
     return token_id
@@ -277,12 +308,15 @@ def finish_custody(part: Partition, provider: KeyProvider, config: Config) -> bo
     assert part.record is not None
     token = token_from_json(part.record.token)
     if token is None:
-        raise RefusedError(f"The plan record on {part.path} holds no encryptrootfs token; "
-                           "nothing was changed.")
+        raise RefusedError(
+            f"The plan record on {part.path} holds no encryptrootfs token; nothing was changed."
+        )
     key = with_kms_retries(
-        config, "unwrap the key of the plan record",
+        config,
+        "unwrap the key of the plan record",
         [("unwrap the plan record's key", lambda: provider.unwrap(token.wrapped))],
-        outcome="The header is written and no data is encrypted yet; the next boot continues.")
+        outcome="The header is written and no data is encrypted yet; the next boot continues.",
+    )
     try:
         if not luks2.test_keyslot(part.path, key, int(token.keyslots[0])):
             return False
@@ -295,12 +329,15 @@ def finish_custody(part: Partition, provider: KeyProvider, config: Config) -> bo
 def restore_head(part: Partition) -> None:
     """Undo an --init-only whose header write was cut: the moved copy goes back to the head."""
     assert part.record is not None
-    say(f"{part.path}: the previous boot was cut while writing the LUKS2 header; putting the "
-        "original first 16 MiB back from their copy at the end of the partition")
+    say(
+        f"{part.path}: the previous boot was cut while writing the LUKS2 header; putting the "
+        "original first 16 MiB back from their copy at the end of the partition"
+    )
     plan_record.restore_head_from_moved_copy(part.path, part.size)
     if plan_record.head_sha256(part.path) != part.record.head_sha256:
         raise EncryptrootfsError(
             f"Restoring the head of {part.path} did not give back the recorded bytes; the "
             "copy at the end of the partition is untouched. Stopping.",
-            hint="attach the disk to another machine and inspect it before booting it again")
+            hint="attach the disk to another machine and inspect it before booting it again",
+        )
     plan_record.erase(part.path, part.size)

@@ -81,4 +81,3 @@ def wait_for_network(
         if servers:
             say(f"DNS servers from the DHCP lease: {', '.join(servers)}")
     return True
-

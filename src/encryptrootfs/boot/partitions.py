@@ -84,15 +84,17 @@ def grow(part: Partition, table: Table, new_size: int) -> None:
     entry = _entry(table, part.path)
     if table.label == "dos" and part.number > 4:
         raise RefusedError(
-            f"{part.path} is a logical partition; growing it is not supported. Nothing was "
-            "changed.")
+            f"{part.path} is a logical partition; growing it is not supported. Nothing was changed."
+        )
     sectors = new_size // table.sector_size
     if sectors == entry.size:
         return
     # --no-reread/--no-tell-kernel: partx below updates just this partition; rereading the
     # whole table fails while any partition of the disk is in use.
-    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(part.number), part.disk],
-        stdin=f"{entry.start},{sectors}\n".encode())
+    run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(part.number), part.disk],
+        stdin=f"{entry.start},{sectors}\n".encode(),
+    )
     run(["partx", "-u", "--nr", str(part.number), part.disk])
 
 

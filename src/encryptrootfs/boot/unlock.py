@@ -103,8 +103,10 @@ def with_kms_retries(
                 raise KeyServiceError(f"{final[0].message} {outcome}", hint=final[0].hint)
             raise KeyServiceError(
                 f"Could not {what}: every wrapped copy was refused: "
-                + " / ".join(e.message for e in final) + f" {outcome}",
-                hint=final[0].hint)
+                + " / ".join(e.message for e in final)
+                + f" {outcome}",
+                hint=final[0].hint,
+            )
         assert last is not None
         if on_round_failed is not None:
             on_round_failed(last)
@@ -137,9 +139,16 @@ def unwrap_with_retries(
 
     attempts = [(copy_label(t), unwrap(t)) for t in tokens]
     return with_kms_retries(
-        config, "unwrap the root key", attempts, clock=clock, sleep=sleep,
-        route_table=route_table, stop=stop, on_round_failed=on_round_failed,
-        outcome="The root stays locked and nothing on disk was changed.")
+        config,
+        "unwrap the root key",
+        attempts,
+        clock=clock,
+        sleep=sleep,
+        route_table=route_table,
+        stop=stop,
+        on_round_failed=on_round_failed,
+        outcome="The root stays locked and nothing on disk was changed.",
+    )
 
 
 def copy_label(token: KmsToken) -> str:
@@ -151,13 +160,16 @@ def ordered_copies(config: Config, tokens: Sequence[KmsToken]) -> list[KmsToken]
     then header order. Said on the console when there is a choice."""
     ordered = order_tokens(tokens, config.boot.prefer_regions)
     if len(ordered) > 1:
-        say("wrapped copies, in the order tried: " + ", ".join(
-            f"{t.wrapped.region} ({t.wrapped.key_id})" for t in ordered))
+        say(
+            "wrapped copies, in the order tried: "
+            + ", ".join(f"{t.wrapped.region} ({t.wrapped.key_id})" for t in ordered)
+        )
     return ordered
 
 
-def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
-                    *, resume: bool = False) -> str:
+def unwrap_and_open(
+    part: Partition, config: Config, tokens: Sequence[KmsToken], *, resume: bool = False
+) -> str:
     """Later boots: unwrap (with retries), finish an interrupted data pass if any, open.
 
     With ``[boot] recovery_prompt`` (the default) and a recovery key enrolled, the console
@@ -182,8 +194,9 @@ def unwrap_and_open(part: Partition, config: Config, tokens: Sequence[KmsToken],
         if part.luks is not None:
             # For `encryptrootfs status`; the data pass is not part of the unlock's cost.
             seconds = (unwrapped - started) + (time.monotonic() - opening)
-            unlock_record.write(unlock_record.record_for(
-                part.path, part.luks.uuid, mapper, token, seconds))
+            unlock_record.write(
+                unlock_record.record_for(part.path, part.luks.uuid, mapper, token, seconds)
+            )
         if config.first_boot.grow:
             grow_root(part, config.mapper_name, key)
         return mapper
@@ -290,14 +303,18 @@ def recovery_keyslots(device: str) -> tuple[int, ...]:
     except EncryptrootfsError as exc:
         log.debug("cannot read the header of %s for a recovery key: %s", device, exc)
         return ()
-    slots = {s for _, named in recovery_tokens(header) for s in named
-             if str(s) in header.keyslots}
+    slots = {s for _, named in recovery_tokens(header) for s in named if str(s) in header.keyslots}
     return tuple(sorted(slots))
 
 
-def open_with_recovery_key(part: Partition, config: Config, passphrase: bytearray,
-                           slots: Sequence[int], *, resume: bool = False
-                           ) -> Optional[tuple[str, int]]:
+def open_with_recovery_key(
+    part: Partition,
+    config: Config,
+    passphrase: bytearray,
+    slots: Sequence[int],
+    *,
+    resume: bool = False,
+) -> Optional[tuple[str, int]]:
     """(mapper, keyslot) when ``passphrase`` opens one of ``slots``; None when it opens none.
 
     The passphrase reaches cryptsetup on stdin only. With a data pass pending, the keyslot is
@@ -339,9 +356,12 @@ def unwrap_or_recover(
     """
     started = time.monotonic()  # for the unlock record of a recovery-key unlock
     if unwrap is None:
-        def unwrap(stop: threading.Event,
-                   failed: Callable[[EncryptrootfsError], None]) -> Unwrapped:
+
+        def unwrap(
+            stop: threading.Event, failed: Callable[[EncryptrootfsError], None]
+        ) -> Unwrapped:
             return unwrap_with_retries(config, tokens, stop=stop, on_round_failed=failed)
+
     race = KmsRace(unwrap).start()
     race.wait_for_news()
     key = race.take_key()
@@ -358,11 +378,14 @@ def unwrap_or_recover(
     race.start_prompting()
     why = race.error if race.error is not None else race.failing
     reason = why.message if isinstance(why, EncryptrootfsError) else str(why)
-    say(f"{part.path}: KMS is failing ({reason}); asking for the recovery key on the console"
-        + ("" if race.finished else "; KMS retries go on in the background"))
+    say(
+        f"{part.path}: KMS is failing ({reason}); asking for the recovery key on the console"
+        + ("" if race.finished else "; KMS retries go on in the background")
+    )
     question = ask_password.Question(
         f"Recovery key for {part.path} (the root, {config.mapper_name}):",
-        id=f"encryptrootfs:{part.path}")
+        id=f"encryptrootfs:{part.path}",
+    )
     while True:
         typed = ask(question, race.got_key)
         if typed is None:
@@ -391,11 +414,13 @@ def unwrap_or_recover(
             if part.luks is not None:
                 # For `encryptrootfs status`: a boot the recovery key opened means KMS failed,
                 # which the operator should look into. Best effort, as on the KMS path.
-                unlock_record.write(unlock_record.recovery_record_for(
-                    part.path, part.luks.uuid, mapper, slot, seconds))
+                unlock_record.write(
+                    unlock_record.recovery_record_for(
+                        part.path, part.luks.uuid, mapper, slot, seconds
+                    )
+                )
             if config.first_boot.grow:
                 grow_root(part, config.mapper_name, passphrase)
             return mapper
         finally:
             wipe(passphrase)
-

@@ -100,4 +100,3 @@ def provider_for_key(config: Config, key_id: Optional[str], region: Optional[str
         # A bare alias or key id: resolved in the configured region (or IMDS's), as at enroll.
         region = aws.region
     return AwsKmsProvider(dataclasses.replace(aws, key_id=new_key, region=region or aws.region))
-

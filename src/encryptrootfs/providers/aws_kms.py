@@ -116,7 +116,7 @@ def _utc(seconds: float) -> str:
 
 
 def _service_time(aws_message: str) -> str:
-    """", KMS says <time>" from a signature-time error, which ends with AWS's own clock in
+    """ ", KMS says <time>" from a signature-time error, which ends with AWS's own clock in
     parentheses ("... (20261128T081000Z - 5 min.)"); only the timestamp is taken, never the
     service's text."""
     stamps = re.findall(r"\b(\d{8}T\d{6}Z)\b", aws_message)

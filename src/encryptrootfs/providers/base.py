@@ -130,8 +130,8 @@ class KeyWrapper(KeyProvider, Protocol):
     and the volume key is never touched.
     """
 
-    def wrap(self, plaintext: bytes | bytearray, encryption_context: Mapping[str, str]
-             ) -> WrappedKey:
+    def wrap(
+        self, plaintext: bytes | bytearray, encryption_context: Mapping[str, str]
+    ) -> WrappedKey:
         """``plaintext`` wrapped under this provider's key, bound to ``encryption_context``."""
         ...
-

@@ -193,9 +193,7 @@ class ImdsClient:
             retryable=True,
         )
 
-    def _once(
-        self, method: str, path: str, headers: dict[str, str], timeout: float
-    ) -> _Response:
+    def _once(self, method: str, path: str, headers: dict[str, str], timeout: float) -> _Response:
         conn: http.client.HTTPConnection
         if self._scheme == "https":
             conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout)

@@ -55,9 +55,7 @@ class KmsRequest:
     time: float  # time.time()
     action: str  # e.g. "Decrypt", from X-Amz-Target
     key_id: Optional[str]  # the request's KeyId, else the key named inside the ciphertext
-    encryption_context: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    encryption_context: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     status: int = 200
     error_code: Optional[str] = None
     region: Optional[str] = None  # from the request's SigV4 credential scope
@@ -187,14 +185,18 @@ class KmsEmulator:
 
         return kms_backends[self.account_id][region or self.region]
 
-    def create_key(self, alias: Optional[str] = None, *, description: str = "",
-                   region: Optional[str] = None) -> str:  # fmt: skip
+    def create_key(
+        self, alias: Optional[str] = None, *, description: str = "", region: Optional[str] = None
+    ) -> str:
         """A new symmetric ENCRYPT_DECRYPT key (in ``region``, default this emulator's);
         returns its ARN."""
         backend = self._backend(region)
         key = backend.create_key(
-            None, "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT",
-            description or "encryptrootfs emulator key", None,
+            None,
+            "ENCRYPT_DECRYPT",
+            "SYMMETRIC_DEFAULT",
+            description or "encryptrootfs emulator key",
+            None,
         )
         if alias is not None:
             backend.create_alias(key.id, alias if alias.startswith("alias/") else f"alias/{alias}")
@@ -370,13 +372,19 @@ class KmsEmulator:
         minutes = f"{skew / 60:g} min."
         if signed < now:
             limit = time.strftime(_AMZ_DATE, time.gmtime(now - skew))
-            return (400, "InvalidSignatureException",
-                    f"Signature expired: {amz_date} is now earlier than {limit} "
-                    f"({time.strftime(_AMZ_DATE, time.gmtime(now))} - {minutes})")
+            return (
+                400,
+                "InvalidSignatureException",
+                f"Signature expired: {amz_date} is now earlier than {limit} "
+                f"({time.strftime(_AMZ_DATE, time.gmtime(now))} - {minutes})",
+            )
         limit = time.strftime(_AMZ_DATE, time.gmtime(now + skew))
-        return (400, "InvalidSignatureException",
-                f"Signature not yet current: {amz_date} is still later than {limit} "
-                f"({time.strftime(_AMZ_DATE, time.gmtime(now))} + {minutes})")
+        return (
+            400,
+            "InvalidSignatureException",
+            f"Signature not yet current: {amz_date} is still later than {limit} "
+            f"({time.strftime(_AMZ_DATE, time.gmtime(now))} + {minutes})",
+        )
 
     def _wrong_key_fault(
         self, action: str, key_id: Optional[str], blob_key: Optional[str], region: str
@@ -432,8 +440,9 @@ class KmsEmulator:
         region: str,
     ) -> None:
         frozen = MappingProxyType(dict(context))
-        entry = KmsRequest(time.time(), action, key_id, frozen, status, code, region,
-                           self._arn_of(key_id, region))  # fmt: skip
+        entry = KmsRequest(
+            time.time(), action, key_id, frozen, status, code, region, self._arn_of(key_id, region)
+        )
         with self._lock:
             self.requests.append(entry)
 

@@ -25,8 +25,18 @@ from .kms import _CREDENTIAL_SCOPE, KmsEmulator
 from .serving import serve_in_thread, stop_serving
 
 # Per hop: never relayed (RFC 9110 7.6.1); Content-Length is set from the body read.
-_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                  "transfer-encoding", "upgrade", "content-length"})  # fmt: skip
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
 
 
 class KmsRegionRouter:
@@ -119,8 +129,7 @@ def _handler_for(router: KmsRegionRouter) -> type[BaseHTTPRequestHandler]:
 
         def _reset(self) -> None:
             # SO_LINGER 0: close with RST, no answer at all, like a service that is not there.
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))  # fmt: skip
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
 
         do_POST = _relay

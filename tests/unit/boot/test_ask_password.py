@@ -22,8 +22,13 @@ def _ask_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("ask.*")) if folder.exists() else []
 
 
-def agent(folder: Path, replies: list[bytes], *, seen: Optional[list[dict[str, str]]] = None,
-          timeout: float = 10.0) -> threading.Thread:
+def agent(
+    folder: Path,
+    replies: list[bytes],
+    *,
+    seen: Optional[list[dict[str, str]]] = None,
+    timeout: float = 10.0,
+) -> threading.Thread:
     """A stand-in for systemd-tty-ask-password-agent: answers each new ask file in turn."""
 
     def run() -> None:
@@ -59,8 +64,13 @@ def test_ask_file_has_the_fields_agents_read() -> None:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(text)
     assert dict(parser["Ask"]) == {
-        "PID": "1234", "Socket": "/run/systemd/ask-password/sck.ab", "AcceptCached": "0",
-        "Echo": "0", "NotAfter": "0", "Message": QUESTION.message, "Icon": "drive-harddisk",
+        "PID": "1234",
+        "Socket": "/run/systemd/ask-password/sck.ab",
+        "AcceptCached": "0",
+        "Echo": "0",
+        "NotAfter": "0",
+        "Message": QUESTION.message,
+        "Icon": "drive-harddisk",
         "Id": "encryptrootfs:/dev/vda1",
     }
 
@@ -83,8 +93,7 @@ def test_answer_parsing() -> None:
 def test_the_agents_answer_is_returned_and_the_question_withdrawn(tmp_path: Path) -> None:
     seen: list[dict[str, str]] = []
     helper = agent(tmp_path, [b"+7kq2m-x9d4a\0"], seen=seen)
-    answer = ask(QUESTION, threading.Event(), directory=tmp_path, agent_uid=os.getuid(),
-                 poll=0.05)
+    answer = ask(QUESTION, threading.Event(), directory=tmp_path, agent_uid=os.getuid(), poll=0.05)
     helper.join()
     assert answer == bytearray(b"7kq2m-x9d4a")
     assert seen and seen[0]["PID"] == str(os.getpid()) and seen[0]["Echo"] == "0"
@@ -94,8 +103,11 @@ def test_the_agents_answer_is_returned_and_the_question_withdrawn(tmp_path: Path
 def test_withdrawing_takes_the_question_off_the_agents(tmp_path: Path) -> None:
     withdraw = threading.Event()
     result: list[Optional[bytearray]] = []
-    t = threading.Thread(target=lambda: result.append(
-        ask(QUESTION, withdraw, directory=tmp_path, agent_uid=os.getuid(), poll=0.05)))
+    t = threading.Thread(
+        target=lambda: result.append(
+            ask(QUESTION, withdraw, directory=tmp_path, agent_uid=os.getuid(), poll=0.05)
+        )
+    )
     t.start()
     deadline = time.monotonic() + 5
     while not _ask_files(tmp_path) and time.monotonic() < deadline:
@@ -108,12 +120,11 @@ def test_withdrawing_takes_the_question_off_the_agents(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_question_is_asked_again(tmp_path: Path) -> None:
-    """"-" (the person pressed Ctrl-C at the agent): agents never show an answered question
+    """ "-" (the person pressed Ctrl-C at the agent): agents never show an answered question
     again, so a new one is asked."""
     seen: list[dict[str, str]] = []
     helper = agent(tmp_path, [b"-", b"+second\0"], seen=seen)
-    answer = ask(QUESTION, threading.Event(), directory=tmp_path, agent_uid=os.getuid(),
-                 poll=0.05)
+    answer = ask(QUESTION, threading.Event(), directory=tmp_path, agent_uid=os.getuid(), poll=0.05)
     helper.join()
     assert answer == bytearray(b"second")
     assert len(seen) == 2 and seen[0]["Socket"] != seen[1]["Socket"]

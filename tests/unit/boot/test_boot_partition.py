@@ -17,8 +17,9 @@ from encryptrootfs.errors import RefusedError
 ROOT = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 BOOT = "6f1c3a52-7a44-4f0e-9d36-2f6a6b7f6e01"
 
-DEBIAN_STUB = (f"search.fs_uuid {ROOT} root\nset prefix=($root)'/boot/grub'\n"
-               "configfile $prefix/grub.cfg\n")
+DEBIAN_STUB = (
+    f"search.fs_uuid {ROOT} root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n"
+)
 RHEL_STUB = (
     f"search --no-floppy --fs-uuid --set=dev {ROOT}\n"
     "set prefix=($dev)/boot/grub2\nexport $prefix\nconfigfile $prefix/grub.cfg\n"
@@ -27,13 +28,15 @@ RHEL_STUB = (
 
 def test_debian_stub_searches_the_new_boot_and_drops_the_boot_folder_from_the_prefix() -> None:
     assert bp.retarget_stub(DEBIAN_STUB, ROOT, BOOT) == (
-        f"search.fs_uuid {BOOT} root\nset prefix=($root)'/grub'\nconfigfile $prefix/grub.cfg\n")
+        f"search.fs_uuid {BOOT} root\nset prefix=($root)'/grub'\nconfigfile $prefix/grub.cfg\n"
+    )
 
 
 def test_rhel_stub_is_retargeted_the_same_way() -> None:
     assert bp.retarget_stub(RHEL_STUB, ROOT.upper(), BOOT) == (
         f"search --no-floppy --fs-uuid --set=dev {BOOT}\n"
-        "set prefix=($dev)/grub2\nexport $prefix\nconfigfile $prefix/grub.cfg\n")
+        "set prefix=($dev)/grub2\nexport $prefix\nconfigfile $prefix/grub.cfg\n"
+    )
 
 
 def test_a_stub_for_another_filesystem_or_already_retargeted_is_left_alone() -> None:
@@ -44,7 +47,7 @@ def test_a_stub_for_another_filesystem_or_already_retargeted_is_left_alone() -> 
 
 
 def test_fstab_gets_one_boot_line_before_the_esp_and_a_rerun_replaces_it() -> None:
-    fstab = ("# static\nUUID=r / ext4 defaults 0 1\nUUID=E /boot/efi vfat umask=0077 0 0\n")
+    fstab = "# static\nUUID=r / ext4 defaults 0 1\nUUID=E /boot/efi vfat umask=0077 0 0\n"
     once = bp.fstab_with_boot(fstab, BOOT)
     lines = once.splitlines()
     assert lines[0] == "# static"
@@ -61,12 +64,15 @@ def test_fstab_mounts_ignores_comments_and_normalises_trailing_slashes() -> None
     assert bp.fstab_mounts(text) == {"/boot": "UUID=y"}
 
 
-@pytest.mark.parametrize(("names", "expected"), [
-    (["vmlinuz-6.1.0-50-amd64", "initrd.img-6.1.0-50-amd64"], True),
-    (["grub2", "loader"], True),
-    (["efi"], False),
-    ([], False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["vmlinuz-6.1.0-50-amd64", "initrd.img-6.1.0-50-amd64"], True),
+        (["grub2", "loader"], True),
+        (["efi"], False),
+        ([], False),
+    ],
+)
 def test_holds_kernels(names: list[str], expected: bool) -> None:
     assert bp.holds_kernels(names) is expected
 
@@ -76,7 +82,7 @@ def test_mbr_with_grub_boot_img_is_recognised_and_an_empty_protective_mbr_is_not
     mbr[510:] = b"\x55\xaa"
     assert not bp.mbr_has_grub(bytes(mbr))
     text = b"GRUB \x00Geom\x00Hard Disk\x00Read\x00 Error"  # where boot.img has it
-    mbr[0x180:0x180 + len(text)] = text
+    mbr[0x180 : 0x180 + len(text)] = text
     assert bp.mbr_has_grub(bytes(mbr))
     mbr[510:] = b"\x00\x00"
     assert not bp.mbr_has_grub(bytes(mbr))
@@ -100,8 +106,9 @@ def test_the_new_partition_goes_at_the_end_of_the_free_space_leaving_the_header_
     assert (start + size) * 512 > table.last_usable * 512 - MIB
     # a partition after the free space limits it
     other = TableEntry("/dev/vda2", 3 * 1024 * 1024, 2048)
-    start2 = bp.place(_table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024, other), "/dev/vda1",
-                      256 * MIB).start  # fmt: skip
+    start2 = bp.place(
+        _table("gpt", 2 * 1024 * 1024, 4 * 1024 * 1024, other), "/dev/vda1", 256 * MIB
+    ).start
     assert start2 + 256 * MIB // 512 <= other.start
 
 
@@ -121,16 +128,23 @@ def test_partition_numbers_and_nodes() -> None:
     assert bp.partition_node("/dev/vda", 3) == "/dev/vda3"
     assert bp.partition_node("/dev/nvme0n1", 2) == "/dev/nvme0n1p2"
     assert bp.partition_number("/dev/nvme0n1p12", "/dev/nvme0n1") == 12
-    full = _table("dos", 2048, 9000, *(TableEntry(f"/dev/vda{n}", 4096 + n * 100, 50)
-                                       for n in (2, 3, 4)))  # fmt: skip
+    full = _table(
+        "dos", 2048, 9000, *(TableEntry(f"/dev/vda{n}", 4096 + n * 100, 50) for n in (2, 3, 4))
+    )
     with pytest.raises(RefusedError, match="no free partition number"):
         bp.free_number(full, "/dev/vda")
 
 
 def test_the_record_round_trips_through_json() -> None:
-    move = bp.BootMove(number=2, start=4096, size=524288, sector_size=512, fs_uuid=BOOT,
-                       loaders=("bios-grub", "esp-stub"),
-                       stubs=(bp.EspStub("/dev/vda15", "EFI/debian/grub.cfg"),))  # fmt: skip
+    move = bp.BootMove(
+        number=2,
+        start=4096,
+        size=524288,
+        sector_size=512,
+        fs_uuid=BOOT,
+        loaders=("bios-grub", "esp-stub"),
+        stubs=(bp.EspStub("/dev/vda15", "EFI/debian/grub.cfg"),),
+    )
     data = move.to_json()
     assert data["version"] == 1 and data["done"] is False
     assert bp.BootMove.from_json(data) == move
@@ -147,10 +161,13 @@ def test_ext4_that_needs_journal_recovery_or_has_errors_is_named() -> None:
 
 
 def test_boot_partition_config_is_validated() -> None:
-    base: dict[str, Any] = {"root": {"device": "UUID=x"},
-                            "providers": {"aws_kms": {"key_id": "alias/k"}}}  # fmt: skip
-    config = parse_config({**base, "first_boot": {"boot_partition_mib": 256,
-                                                  "move_boot": False}}, source="t")  # fmt: skip
+    base: dict[str, Any] = {
+        "root": {"device": "UUID=x"},
+        "providers": {"aws_kms": {"key_id": "alias/k"}},
+    }
+    config = parse_config(
+        {**base, "first_boot": {"boot_partition_mib": 256, "move_boot": False}}, source="t"
+    )
     assert config.first_boot.boot_partition_mib == 256 and config.first_boot.move_boot is False
     defaults = parse_config(base, source="t").first_boot
     assert defaults.boot_partition_mib == 512 and defaults.move_boot is True
@@ -198,12 +215,21 @@ def test_the_preflight_line_says_the_root_gives_up_its_tail() -> None:
     table = _table("dos", 2 * 1024 * 1024, 2048 + 2 * 1024 * 1024)
     fs = FsGeometry("ext4", 1024 * MIB, 4096, 400 * MIB)
     where = bp.place(table, "/dev/vda1", 256 * MIB, fs)
-    move = bp.BootMove(number=2, start=where.start, size=where.size, sector_size=512,
-                       fs_uuid=BOOT, loaders=("bios-grub",), stubs=(),
-                       root_size=where.root_size, fs_size=where.fs_size)  # fmt: skip
+    move = bp.BootMove(
+        number=2,
+        start=where.start,
+        size=where.size,
+        sector_size=512,
+        fs_uuid=BOOT,
+        loaders=("bios-grub",),
+        stubs=(),
+        root_size=where.root_size,
+        fs_size=where.fs_size,
+    )
     pre = Preflight(fs, RoomPlan(), table, ROOT, move)
-    assert pre.describe() == ("/boot and the LUKS2 header take the root's tail: filesystem "
-                              "736 MiB, partition 768 MiB")  # fmt: skip
+    assert pre.describe() == (
+        "/boot and the LUKS2 header take the root's tail: filesystem 736 MiB, partition 768 MiB"
+    )
     assert Preflight(fs, RoomPlan(), table, ROOT, None).describe() == "there is room already"
 
 
@@ -219,8 +245,10 @@ grub_users $grub_users
 grub_arg --unrestricted
 grub_class amzn
 """
-ON_PARTITION = {"/vmlinuz-6.1.112-122.189.amzn2023.x86_64",
-                "/initramfs-6.1.112-122.189.amzn2023.x86_64.img"}
+ON_PARTITION = {
+    "/vmlinuz-6.1.112-122.189.amzn2023.x86_64",
+    "/initramfs-6.1.112-122.189.amzn2023.x86_64.img",
+}
 
 
 def test_bls_entries_name_their_kernel_relative_to_the_new_boot_partition() -> None:
@@ -229,8 +257,12 @@ def test_bls_entries_name_their_kernel_relative_to_the_new_boot_partition() -> N
     assert "linux /vmlinuz-6.1.112-122.189.amzn2023.x86_64\n" in new
     assert "initrd /initramfs-6.1.112-122.189.amzn2023.x86_64.img $tuned_initrd\n" in new
     # everything else stays as it was, byte for byte
-    assert new.replace("linux /vmlinuz", "linux /boot/vmlinuz").replace(
-        "initrd /initramfs", "initrd /boot/initramfs") == BLS_IN_ROOT
+    assert (
+        new.replace("linux /vmlinuz", "linux /boot/vmlinuz").replace(
+            "initrd /initramfs", "initrd /boot/initramfs"
+        )
+        == BLS_IN_ROOT
+    )
     # a second run (a cut boot copying again) changes nothing
     assert bp.bls_entry_on_boot_partition(new, ON_PARTITION.__contains__) is None
 
@@ -255,8 +287,9 @@ def test_the_copy_rewrites_its_bls_entries_in_place_and_keeps_their_mode(tmp_pat
     entry.chmod(0o600)
     (entries / "notes.txt").write_text("linux /boot/vmlinuz-6.1.112-122.189.amzn2023.x86_64\n")
     bp._retarget_bls_entries(tmp_path, "/dev/vda2")
-    assert entry.read_text() == bp.bls_entry_on_boot_partition(BLS_IN_ROOT,
-                                                               ON_PARTITION.__contains__)
+    assert entry.read_text() == bp.bls_entry_on_boot_partition(
+        BLS_IN_ROOT, ON_PARTITION.__contains__
+    )
     assert entry.stat().st_mode & 0o777 == 0o600
     assert "/boot/" in (entries / "notes.txt").read_text()  # only *.conf are entries
     assert sorted(p.name for p in entries.iterdir()) == [entry.name, "notes.txt"]  # no temp left

@@ -20,8 +20,7 @@ MIB = 1024 * 1024
 
 def test_progress_line_has_percent_speed_and_eta() -> None:
     line = progress_line("/dev/vda1", ReencryptProgress(256 * MIB, 1024 * MIB, 32.0, 24.0))
-    assert line == ("encrypting /dev/vda1:  25.0% (256 of 1024 MiB), 32.0 MiB/s, "
-                    "about 24 s left")
+    assert line == ("encrypting /dev/vda1:  25.0% (256 of 1024 MiB), 32.0 MiB/s, about 24 s left")
 
 
 def test_progress_printer_rate_limits_but_prints_the_end() -> None:
@@ -32,8 +31,7 @@ def test_progress_printer_rate_limits_but_prints_the_end() -> None:
         now[0] += 1
         printer(ReencryptProgress(done * MIB, 100 * MIB, 10.0, None))
     # t=1 (first), t=6 (5 s later), t=10: only 4 s later, but the pass is finished.
-    assert [line.split(":")[1].split("%")[0].strip() for line in lines] == [
-        "10.0", "60.0", "100.0"]
+    assert [line.split(":")[1].split("%")[0].strip() for line in lines] == ["10.0", "60.0", "100.0"]
 
 
 ROUTE_HEAD = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
@@ -43,14 +41,17 @@ DEFAULT = ROUTE_HEAD + "eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t
 LOOPBACK = ROUTE_HEAD + "lo\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n"
 
 
-@pytest.mark.parametrize(("table", "address", "expected"), [
-    (LINK_ONLY, "169.254.169.254", True),
-    (LINK_ONLY, "10.0.0.1", False),
-    (DEFAULT, "169.254.169.254", True),
-    (DEFAULT, None, True),
-    (LOOPBACK, "169.254.169.254", False),
-    (ROUTE_HEAD, None, False),
-])
+@pytest.mark.parametrize(
+    ("table", "address", "expected"),
+    [
+        (LINK_ONLY, "169.254.169.254", True),
+        (LINK_ONLY, "10.0.0.1", False),
+        (DEFAULT, "169.254.169.254", True),
+        (DEFAULT, None, True),
+        (LOOPBACK, "169.254.169.254", False),
+        (ROUTE_HEAD, None, False),
+    ],
+)
 def test_route_detection(tmp_path: Path, table: str, address: str, expected: bool) -> None:
     path = tmp_path / "route"
     path.write_text(table)
@@ -61,8 +62,10 @@ def test_missing_route_table_is_no_route(tmp_path: Path) -> None:
     assert not network.has_route_to(None, tmp_path / "missing")
 
 
-CONFIG = parse_config({"providers": {"aws_kms": {"key_id": "alias/root"}},
-                       "boot": {"unlock_timeout": 30}}, source="test")
+CONFIG = parse_config(
+    {"providers": {"aws_kms": {"key_id": "alias/root"}}, "boot": {"unlock_timeout": 30}},
+    source="test",
+)
 
 
 def make_token(key_id: str) -> KmsToken:
@@ -111,8 +114,9 @@ def test_transient_failures_are_retried_then_succeed(
     provider = FakeProvider([transient, transient, b"k" * 64])
     _patch(monkeypatch, provider)
     clock = FakeClock()
-    key, _ = unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock,
-                                        sleep=clock.sleep, route_table=route)
+    key, _ = unlock.unwrap_with_retries(
+        CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep, route_table=route
+    )
     assert bytes(key) == b"k" * 64
     assert provider.calls == 3
 
@@ -125,8 +129,9 @@ def test_permanent_failure_fails_closed_at_once(
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with pytest.raises(KeyServiceError, match="denied"):
-        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep,
-                                   route_table=route)
+        unlock.unwrap_with_retries(
+            CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep, route_table=route
+        )
     assert provider.calls == 1
 
 
@@ -138,8 +143,9 @@ def test_budget_exhausted_says_why_and_that_nothing_changed(
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with pytest.raises(KeyServiceError) as e:
-        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep,
-                                   route_table=route)
+        unlock.unwrap_with_retries(
+            CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep, route_table=route
+        )
     assert "within 30 s" in e.value.message
     assert "unreachable" in e.value.message
     assert "nothing on disk was changed" in e.value.message
@@ -153,8 +159,13 @@ def test_second_token_is_tried_when_the_first_fails(
     provider = FakeProvider([down, b"x" * 64])
     _patch(monkeypatch, provider)
     clock = FakeClock()
-    _, used = unlock.unwrap_with_retries(CONFIG, [make_token("a"), make_token("b")],
-                                         clock=clock, sleep=clock.sleep, route_table=route)
+    _, used = unlock.unwrap_with_retries(
+        CONFIG,
+        [make_token("a"), make_token("b")],
+        clock=clock,
+        sleep=clock.sleep,
+        route_table=route,
+    )
     assert used.wrapped.key_id == "b"
 
 
@@ -167,8 +178,13 @@ def test_a_copy_refused_for_good_is_dropped_and_the_next_one_unlocks(
     provider = FakeProvider([disabled, down, b"x" * 64])
     _patch(monkeypatch, provider)
     clock = FakeClock()
-    _, used = unlock.unwrap_with_retries(CONFIG, [make_token("a"), make_token("b")],
-                                         clock=clock, sleep=clock.sleep, route_table=route)
+    _, used = unlock.unwrap_with_retries(
+        CONFIG,
+        [make_token("a"), make_token("b")],
+        clock=clock,
+        sleep=clock.sleep,
+        route_table=route,
+    )
     assert used.wrapped.key_id == "b"
     assert provider.calls == 3
 
@@ -182,8 +198,13 @@ def test_every_copy_refused_for_good_fails_at_once_naming_each(
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with pytest.raises(KeyServiceError) as e:
-        unlock.unwrap_with_retries(CONFIG, [make_token("a"), make_token("b")], clock=clock,
-                                   sleep=clock.sleep, route_table=route)
+        unlock.unwrap_with_retries(
+            CONFIG,
+            [make_token("a"), make_token("b")],
+            clock=clock,
+            sleep=clock.sleep,
+            route_table=route,
+        )
     assert "every wrapped copy was refused" in e.value.message
     assert "denied Decrypt on a" in e.value.message and "b is disabled" in e.value.message
     assert provider.calls == 2 and clock.t == 0
@@ -198,8 +219,9 @@ def test_no_network_is_said_and_bounded(
     _patch(monkeypatch, provider)
     clock = FakeClock()
     with caplog.at_level("INFO", logger="encryptrootfs"), pytest.raises(KeyServiceError):
-        unlock.unwrap_with_retries(CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep,
-                                   route_table=table)
+        unlock.unwrap_with_retries(
+            CONFIG, [make_token("a")], clock=clock, sleep=clock.sleep, route_table=table
+        )
     assert "waiting for the network (no route to 169.254.169.254 yet)" in caplog.text
     assert "no network after 30 s" in caplog.text
     assert provider.calls == 1

@@ -20,15 +20,26 @@ MIB = 1024 * 1024
 
 
 def token(fs_uuid: Optional[str] = FS_UUID) -> KmsToken:
-    wrapped = WrappedKey(ProviderName.AWS_KMS, "arn:aws:kms:us-east-1:123456789012:key/k",
-                         "us-east-1", b"ciphertext", {"encryptrootfs:luks_uuid": LUKS_UUID})
+    wrapped = WrappedKey(
+        ProviderName.AWS_KMS,
+        "arn:aws:kms:us-east-1:123456789012:key/k",
+        "us-east-1",
+        b"ciphertext",
+        {"encryptrootfs:luks_uuid": LUKS_UUID},
+    )
     return KmsToken(keyslots=("0",), wrapped=wrapped, fs_uuid=fs_uuid)
 
 
 def record(**kw: Any) -> PlanRecord:
-    base: dict[str, Any] = dict(luks_uuid=LUKS_UUID, partition_size=512 * MIB, fs_type="ext4",
-                                fs_uuid=FS_UUID, fs_label="root", head_sha256="h" * 64,
-                                token={"type": "encryptrootfs"})
+    base: dict[str, Any] = dict(
+        luks_uuid=LUKS_UUID,
+        partition_size=512 * MIB,
+        fs_type="ext4",
+        fs_uuid=FS_UUID,
+        fs_label="root",
+        head_sha256="h" * 64,
+        token={"type": "encryptrootfs"},
+    )
     base.update(kw)
     return PlanRecord(**base)
 
@@ -38,9 +49,18 @@ PLAIN = Signature("ext4", FS_UUID, "root")
 
 def part(sig: Signature = PLAIN, **kw: Any) -> Partition:
     base: dict[str, Any] = dict(
-        path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=MIB, size=512 * MIB,
-        disk_size=1024 * MIB, logical_sector=512, partuuid="aaaa-bbbb", partlabel="root",
-        signature=sig)
+        path="/dev/vda1",
+        name="vda1",
+        disk="/dev/vda",
+        number=1,
+        start=MIB,
+        size=512 * MIB,
+        disk_size=1024 * MIB,
+        logical_sector=512,
+        partuuid="aaaa-bbbb",
+        partlabel="root",
+        signature=sig,
+    )
     base.update(kw)
     return Partition(**base)
 
@@ -77,8 +97,11 @@ def test_header_without_token_but_matching_record_finishes_custody() -> None:
 
 
 def test_record_of_another_volume_does_not_finish_custody() -> None:
-    p = part(LUKS_SIG, luks=luks(pending=True),
-             record=record(luks_uuid="99999999-2222-3333-4444-555555555555"))
+    p = part(
+        LUKS_SIG,
+        luks=luks(pending=True),
+        record=record(luks_uuid="99999999-2222-3333-4444-555555555555"),
+    )
     with pytest.raises(RefusedError, match="not ours"):
         decide("x", p, first_boot_enabled=True)
 
@@ -132,8 +155,12 @@ def test_ambivalent_signature_is_refused() -> None:
 
 def test_fs_uuid_finds_the_plain_partition() -> None:
     p = part()
-    assert find_root("UUID=" + FS_UUID.upper(), [p, part(Signature("ext4", "other"),
-                                                         path="/dev/vdb1")]) == p
+    assert (
+        find_root(
+            "UUID=" + FS_UUID.upper(), [p, part(Signature("ext4", "other"), path="/dev/vdb1")]
+        )
+        == p
+    )
 
 
 def test_fs_uuid_finds_the_encrypted_partition_through_its_token() -> None:
@@ -188,15 +215,27 @@ def test_by_path_forms_are_normalised() -> None:
 
 
 def test_a_damaged_token_alone_is_refused_with_the_damage_named() -> None:
-    facts = LuksFacts(LUKS_UUID, 2, False, (), ("0",),
-                      damaged=("token 0: the encryptrootfs token is malformed: ciphertext",))
+    facts = LuksFacts(
+        LUKS_UUID,
+        2,
+        False,
+        (),
+        ("0",),
+        damaged=("token 0: the encryptrootfs token is malformed: ciphertext",),
+    )
     with pytest.raises(RefusedError, match=r"cannot be read .*token 0: .*malformed"):
         decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
 
 
 def test_a_damaged_token_beside_a_good_one_is_skipped_and_said() -> None:
-    facts = LuksFacts(LUKS_UUID, 2, False, (token(),), ("0",),
-                      damaged=("token 1: the encryptrootfs token is malformed: version",))
+    facts = LuksFacts(
+        LUKS_UUID,
+        2,
+        False,
+        (token(),),
+        ("0",),
+        damaged=("token 1: the encryptrootfs token is malformed: version",),
+    )
     d = decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
     assert d.action is Action.UNLOCK
     assert "skipping token 1" in d.reason

@@ -17,18 +17,32 @@ from encryptrootfs.providers.base import NewKey, ProviderName, WrappedKey
 
 MIB = 1024 * 1024
 CONFIG = parse_config({"providers": {"aws_kms": {"key_id": "alias/root"}}}, source="test")
-PART = Partition(path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=MIB,
-                 size=512 * MIB, disk_size=1024 * MIB, logical_sector=512, partuuid="",
-                 partlabel="", signature=Signature("ext4", "u"))
+PART = Partition(
+    path="/dev/vda1",
+    name="vda1",
+    disk="/dev/vda",
+    number=1,
+    start=MIB,
+    size=512 * MIB,
+    disk_size=1024 * MIB,
+    logical_sector=512,
+    partuuid="",
+    partlabel="",
+    signature=Signature("ext4", "u"),
+)
 
 
 @pytest.fixture
 def stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    pre = Preflight(FsGeometry("ext4", 512 * MIB, 4096, 100 * MIB, 4096),
-                    RoomPlan(grow_partition_to=544 * MIB), Table("gpt", 512, 0, ()),
-                    "11111111-2222-3333-4444-555555555555")
-    key = NewKey(bytearray(b"k" * 64),
-                 WrappedKey(ProviderName.AWS_KMS, "arn:k", "eu-west-1", b"c", {}))
+    pre = Preflight(
+        FsGeometry("ext4", 512 * MIB, 4096, 100 * MIB, 4096),
+        RoomPlan(grow_partition_to=544 * MIB),
+        Table("gpt", 512, 0, ()),
+        "11111111-2222-3333-4444-555555555555",
+    )
+    key = NewKey(
+        bytearray(b"k" * 64), WrappedKey(ProviderName.AWS_KMS, "arn:k", "eu-west-1", b"c", {})
+    )
     monkeypatch.setattr(first_boot, "preflight", lambda part, config: pre)
     monkeypatch.setattr(first_boot, "with_kms_retries", lambda *a, **k: key)
     monkeypatch.setattr(first_boot, "make_room", lambda part, pre: 544 * MIB)

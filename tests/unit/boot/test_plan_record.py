@@ -16,9 +16,15 @@ SIZE = 64 * MIB
 
 
 def make_record(size: int = SIZE) -> PlanRecord:
-    return PlanRecord(luks_uuid="11111111-2222-3333-4444-555555555555", partition_size=size,
-                      fs_type="ext4", fs_uuid="f", fs_label="", head_sha256="0" * 64,
-                      token={"type": "encryptrootfs", "ciphertext": "Y2lwaGVy"})
+    return PlanRecord(
+        luks_uuid="11111111-2222-3333-4444-555555555555",
+        partition_size=size,
+        fs_type="ext4",
+        fs_uuid="f",
+        fs_label="",
+        head_sha256="0" * 64,
+        token={"type": "encryptrootfs", "ciphertext": "Y2lwaGVy"},
+    )
 
 
 @pytest.fixture

@@ -30,8 +30,16 @@ RECOVERY_SLOT = 1
 CONFIG = parse_config({"providers": {"aws_kms": {"key_id": "alias/root"}}}, source="test")
 TOKEN = KmsToken(("0",), WrappedKey(ProviderName.AWS_KMS, "arn:k", "eu-west-1", b"c", {}))
 PART = Partition(
-    path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=1048576, size=1 << 30,
-    disk_size=2 << 30, logical_sector=512, partuuid="", partlabel="",
+    path="/dev/vda1",
+    name="vda1",
+    disk="/dev/vda",
+    number=1,
+    start=1048576,
+    size=1 << 30,
+    disk_size=2 << 30,
+    logical_sector=512,
+    partuuid="",
+    partlabel="",
     signature=Signature("crypto_LUKS", "u", "", "2"),
     luks=LuksFacts("u", 2, False, (TOKEN,), ("0", "1")),
 )
@@ -56,8 +64,9 @@ class ScriptedKms:
         self.outcome = exc
         self.release.set()
 
-    def __call__(self, stop: threading.Event,
-                 failed: Callable[[EncryptrootfsError], None]) -> tuple[bytearray, KmsToken]:
+    def __call__(
+        self, stop: threading.Event, failed: Callable[[EncryptrootfsError], None]
+    ) -> tuple[bytearray, KmsToken]:
         if not self.fail_first:
             self.delivered = bytearray(b"k" * 64)
             return self.delivered, TOKEN
@@ -108,8 +117,9 @@ def cryptsetup(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """A fake ``luks2.open_device``: RIGHT opens RECOVERY_SLOT; returns what was tried."""
     tried: list[tuple[str, int]] = []
 
-    def open_device(device: str, name: str, key: Any, *, keyslot: Optional[int] = None,
-                    header: Any = None) -> str:
+    def open_device(
+        device: str, name: str, key: Any, *, keyslot: Optional[int] = None, header: Any = None
+    ) -> str:
         assert isinstance(key, bytearray), "the passphrase must stay in a bytearray"
         assert keyslot is not None
         tried.append((bytes(key).decode(), keyslot))
@@ -121,16 +131,18 @@ def cryptsetup(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return tried
 
 
-def race(kms: ScriptedKms, console: ScriptedConsole,
-         slots: tuple[int, ...] = (RECOVERY_SLOT,)) -> Union[tuple[bytearray, KmsToken], str]:
+def race(
+    kms: ScriptedKms, console: ScriptedConsole, slots: tuple[int, ...] = (RECOVERY_SLOT,)
+) -> Union[tuple[bytearray, KmsToken], str]:
     asked_for_slots: list[str] = []
 
     def slots_of(device: str) -> tuple[int, ...]:
         asked_for_slots.append(device)
         return slots
 
-    return unlock.unwrap_or_recover(PART, CONFIG, [TOKEN], unwrap=kms, ask=console,
-                                    slots_of=slots_of)
+    return unlock.unwrap_or_recover(
+        PART, CONFIG, [TOKEN], unwrap=kms, ask=console, slots_of=slots_of
+    )
 
 
 def test_kms_answering_at_once_never_asks(cryptsetup: list[tuple[str, int]]) -> None:
@@ -170,7 +182,8 @@ def test_wrong_key_is_said_and_asked_again_then_the_right_one_opens(
 
 
 def test_the_recovery_key_opening_the_root_is_recorded_for_status(
-    cryptsetup: list[tuple[str, int]], written: list[unlock_record.UnlockRecord],
+    cryptsetup: list[tuple[str, int]],
+    written: list[unlock_record.UnlockRecord],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A clock read at the start of the unlock (100.0) and when the root is open (195.25).
@@ -181,7 +194,11 @@ def test_the_recovery_key_opening_the_root_is_recorded_for_status(
     (rec,) = written  # one record, for the key that opened: not for the wrong one
     assert rec.method is unlock_record.UnlockMethod.RECOVERY_KEY
     assert (rec.device, rec.luks_uuid, rec.mapper, rec.keyslot) == (
-        PART.path, "u", "/dev/mapper/root", RECOVERY_SLOT)
+        PART.path,
+        "u",
+        "/dev/mapper/root",
+        RECOVERY_SLOT,
+    )
     assert (rec.provider, rec.key_id, rec.region, rec.attempts) == (None, None, None, None)
     assert rec.seconds == 95.25 and rec.unlocked_at.endswith("Z")
     assert RIGHT not in repr(rec.as_dict()) and RIGHT.replace("-", "") not in repr(rec)
@@ -199,7 +216,8 @@ def test_text_that_is_no_recovery_key_is_refused_without_cryptsetup(
 
 
 def test_kms_coming_back_withdraws_the_question(
-    cryptsetup: list[tuple[str, int]], caplog: pytest.LogCaptureFixture,
+    cryptsetup: list[tuple[str, int]],
+    caplog: pytest.LogCaptureFixture,
     written: list[unlock_record.UnlockRecord],
 ) -> None:
     kms = ScriptedKms()
@@ -216,8 +234,10 @@ def test_kms_giving_up_keeps_the_question_and_says_so(
     cryptsetup: list[tuple[str, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
     kms = ScriptedKms()
-    budget = KeyServiceError("Could not unwrap the root key within 120 s (9 attempts): down. "
-                             "The root stays locked and nothing on disk was changed.")
+    budget = KeyServiceError(
+        "Could not unwrap the root key within 120 s (9 attempts): down. "
+        "The root stays locked and nothing on disk was changed."
+    )
     gave_up = threading.Event()
 
     def give_up() -> None:
@@ -238,8 +258,9 @@ def test_kms_giving_up_keeps_the_question_and_says_so(
                     threading.Event().wait(0.01)
             return original(question, withdraw)
 
-        won = unlock.unwrap_or_recover(PART, CONFIG, [TOKEN], unwrap=kms, ask=ask,
-                                       slots_of=lambda d: (RECOVERY_SLOT,))
+        won = unlock.unwrap_or_recover(
+            PART, CONFIG, [TOKEN], unwrap=kms, ask=ask, slots_of=lambda d: (RECOVERY_SLOT,)
+        )
     assert won == "/dev/mapper/root"
     assert "within 120 s" in caplog.text
     assert "The recovery key typed on the console still opens it." in caplog.text
@@ -250,22 +271,26 @@ def test_kms_refusing_for_good_at_once_asks_without_background_retries(
 ) -> None:
     denied = KeyServiceError("KMS denied Decrypt.", retryable=False)
 
-    def refuse(stop: threading.Event, failed: Callable[[EncryptrootfsError], None]
-               ) -> tuple[bytearray, KmsToken]:
+    def refuse(
+        stop: threading.Event, failed: Callable[[EncryptrootfsError], None]
+    ) -> tuple[bytearray, KmsToken]:
         raise denied
 
     with caplog.at_level("INFO", logger="encryptrootfs"):
-        won = unlock.unwrap_or_recover(PART, CONFIG, [TOKEN], unwrap=refuse,
-                                       ask=ScriptedConsole([RIGHT]),
-                                       slots_of=lambda d: (RECOVERY_SLOT,))
+        won = unlock.unwrap_or_recover(
+            PART,
+            CONFIG,
+            [TOKEN],
+            unwrap=refuse,
+            ask=ScriptedConsole([RIGHT]),
+            slots_of=lambda d: (RECOVERY_SLOT,),
+        )
     assert won == "/dev/mapper/root"
     assert "KMS is failing (KMS denied Decrypt.); asking for the recovery key" in caplog.text
     assert "retries go on" not in caplog.text
 
 
-def test_without_a_recovery_key_the_kms_error_stands(
-    cryptsetup: list[tuple[str, int]]
-) -> None:
+def test_without_a_recovery_key_the_kms_error_stands(cryptsetup: list[tuple[str, int]]) -> None:
     kms = ScriptedKms()
     console = ScriptedConsole([])
     budget = KeyServiceError("Could not unwrap the root key within 120 s.")
@@ -276,7 +301,7 @@ def test_without_a_recovery_key_the_kms_error_stands(
 
 
 def test_without_a_recovery_key_kms_coming_back_late_still_unlocks(
-    cryptsetup: list[tuple[str, int]]
+    cryptsetup: list[tuple[str, int]],
 ) -> None:
     kms = ScriptedKms()
     threading.Timer(0.05, lambda: kms.answer(b"y" * 64)).start()
@@ -284,9 +309,7 @@ def test_without_a_recovery_key_kms_coming_back_late_still_unlocks(
     assert isinstance(won, tuple) and bytes(won[0]) == b"y" * 64
 
 
-def test_only_the_recovery_tokens_keyslots_are_tried(
-    cryptsetup: list[tuple[str, int]]
-) -> None:
+def test_only_the_recovery_tokens_keyslots_are_tried(cryptsetup: list[tuple[str, int]]) -> None:
     """A key typed is tried against the recovery keyslots only (here 3 then 1), never the
     KMS token's keyslot 0."""
     won = race(ScriptedKms(), ScriptedConsole([RIGHT]), slots=(3, RECOVERY_SLOT))
@@ -302,7 +325,8 @@ def test_recovery_keyslots_come_from_recovery_tokens(monkeypatch: pytest.MonkeyP
             "1": {"type": "encryptrootfs-recovery", "keyslots": ["2"]},
             "2": {"type": "encryptrootfs-recovery", "keyslots": ["5"]},  # wiped keyslot
             "3": {"type": "systemd-fido2", "keyslots": ["1"]},
-        })
+        },
+    )
 
     monkeypatch.setattr(luks2, "read_header", lambda device, header_=None: header)
     assert unlock.recovery_keyslots("/dev/vda1") == (2,)

@@ -18,9 +18,19 @@ MIB = 1024 * 1024
 
 
 def part(size: int) -> Partition:
-    return Partition(path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=MIB,
-                     size=size, disk_size=4096 * MIB, logical_sector=512, partuuid="",
-                     partlabel="", signature=Signature("ext4", "u"))
+    return Partition(
+        path="/dev/vda1",
+        name="vda1",
+        disk="/dev/vda",
+        number=1,
+        start=MIB,
+        size=size,
+        disk_size=4096 * MIB,
+        logical_sector=512,
+        partuuid="",
+        partlabel="",
+        signature=Signature("ext4", "u"),
+    )
 
 
 def test_room_already_there() -> None:
@@ -29,8 +39,9 @@ def test_room_already_there() -> None:
 
 
 def test_free_space_after_is_used_first_and_rounded_to_a_mib() -> None:
-    room = plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB - 4096, 4096, 100 * MIB),
-                     1024 * MIB)
+    room = plan_room(
+        part(500 * MIB), FsGeometry("ext4", 500 * MIB - 4096, 4096, 100 * MIB), 1024 * MIB
+    )
     assert room.grow_partition_to == 532 * MIB
     assert room.shrink_fs_to is None
 
@@ -66,15 +77,22 @@ def _sfdisk(label: str, parts: list[dict[str, Any]], **extra: Any) -> str:
 def test_free_after_gpt_stops_at_the_backup_table() -> None:
     t = partitions.parse_sfdisk_json(
         _sfdisk("gpt", [{"node": "/dev/vda1", "start": 2048, "size": 2048}], lastlba=10206),
-        disk_sectors=10240)
+        disk_sectors=10240,
+    )
     assert partitions.free_after(t, "/dev/vda1") == (10207 - 4096) * 512
 
 
 def test_free_after_stops_at_the_next_partition() -> None:
     t = partitions.parse_sfdisk_json(
-        _sfdisk("dos", [{"node": "/dev/vda1", "start": 2048, "size": 2048},
-                        {"node": "/dev/vda2", "start": 8192, "size": 2048}]),
-        disk_sectors=20480)
+        _sfdisk(
+            "dos",
+            [
+                {"node": "/dev/vda1", "start": 2048, "size": 2048},
+                {"node": "/dev/vda2", "start": 8192, "size": 2048},
+            ],
+        ),
+        disk_sectors=20480,
+    )
     assert partitions.free_after(t, "/dev/vda1") == (8192 - 4096) * 512
     assert partitions.free_after(t, "/dev/vda2") == (20480 - 10240) * 512
 
@@ -93,12 +111,18 @@ def test_grown_size() -> None:
 
 
 def test_filesystem_parsers() -> None:
-    assert filesystems.parse_dumpe2fs("Block count:              131072\nBlock size:  4096\n") \
-        == (131072, 4096)
-    assert filesystems.parse_xfs_db("dblocks = 65536\nblocksize = 4096\nsectsize = 512\n") \
-        == (65536, 4096, 512)
+    assert filesystems.parse_dumpe2fs("Block count:              131072\nBlock size:  4096\n") == (
+        131072,
+        4096,
+    )
+    assert filesystems.parse_xfs_db("dblocks = 65536\nblocksize = 4096\nsectsize = 512\n") == (
+        65536,
+        4096,
+        512,
+    )
     assert filesystems.parse_btrfs_super(
-        "sectorsize\t\t4096\ndev_item.total_bytes\t536870912\n") == (536870912, 4096)
+        "sectorsize\t\t4096\ndev_item.total_bytes\t536870912\n"
+    ) == (536870912, 4096)
 
 
 def test_parser_error_is_a_sentence() -> None:
@@ -108,13 +132,17 @@ def test_parser_error_is_a_sentence() -> None:
 
 def test_blkid_export_and_cmdline() -> None:
     assert parse_export("DEVNAME=/dev/vda1\nTYPE=ext4\nUUID=abc\n") == {
-        "DEVNAME": "/dev/vda1", "TYPE": "ext4", "UUID": "abc"}
+        "DEVNAME": "/dev/vda1",
+        "TYPE": "ext4",
+        "UUID": "abc",
+    }
     assert cmdline_root("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro root=UUID=x quiet") == "UUID=x"
     assert cmdline_root("quiet") is None
 
 
-DUMPE2FS = (Path(__file__).resolve().parents[2] / "fixtures" / "ext4"
-            / "dumpe2fs-lab-root.txt").read_text()
+DUMPE2FS = (
+    Path(__file__).resolve().parents[2] / "fixtures" / "ext4" / "dumpe2fs-lab-root.txt"
+).read_text()
 BLOCKS = 358400  # the fixture's block count (4 KiB blocks)
 SHRUNK = BLOCKS - 8192  # 32 MiB less
 
@@ -125,8 +153,9 @@ def test_a_free_tail_shrinks_without_moving_anything() -> None:
 
 def test_data_blocks_in_the_tail_are_counted() -> None:
     # Group 10 spans 327680-358399; say blocks 351000-351099 hold data.
-    text = DUMPE2FS.replace("  Free blocks: 327680-358399",
-                            "  Free blocks: 327680-350999, 351100-358399")
+    text = DUMPE2FS.replace(
+        "  Free blocks: 327680-358399", "  Free blocks: 327680-350999, 351100-358399"
+    )
     assert text != DUMPE2FS
     assert filesystems.ext4_tail_in_use(text, SHRUNK) == (100, 0)
     # ...whereas a shrink that cuts only after them would not touch them

@@ -23,25 +23,41 @@ US, EU, AP = token("us-east-1"), token("eu-west-1"), token("ap-south-1")
 
 
 def config(prefer: list[str]) -> Config:
-    return parse_config({"providers": {"aws_kms": {"key_id": "alias/root"}},
-                         "boot": {"prefer_regions": prefer, "unlock_timeout": 30}},
-                        source="test")
+    return parse_config(
+        {
+            "providers": {"aws_kms": {"key_id": "alias/root"}},
+            "boot": {"prefer_regions": prefer, "unlock_timeout": 30},
+        },
+        source="test",
+    )
 
 
 def part(tokens: tuple[KmsToken, ...]) -> Partition:
     return Partition(
-        path="/dev/vda1", name="vda1", disk="/dev/vda", number=1, start=0, size=1 << 30,
-        disk_size=1 << 31, logical_sector=512, partuuid="", partlabel="",
+        path="/dev/vda1",
+        name="vda1",
+        disk="/dev/vda",
+        number=1,
+        start=0,
+        size=1 << 30,
+        disk_size=1 << 31,
+        logical_sector=512,
+        partuuid="",
+        partlabel="",
         signature=Signature("crypto_LUKS", "u", "", "2"),
-        luks=LuksFacts("u", 2, False, tokens, ("0",)))
+        luks=LuksFacts("u", 2, False, tokens, ("0",)),
+    )
 
 
-@pytest.mark.parametrize(("prefer", "expected"), [
-    ([], [US, EU, AP]),
-    (["eu-west-1"], [EU, US, AP]),
-    (["ap-south-1", "eu-west-1"], [AP, EU, US]),
-    (["sa-east-1"], [US, EU, AP]),  # a region no copy is in changes nothing
-])
+@pytest.mark.parametrize(
+    ("prefer", "expected"),
+    [
+        ([], [US, EU, AP]),
+        (["eu-west-1"], [EU, US, AP]),
+        (["ap-south-1", "eu-west-1"], [AP, EU, US]),
+        (["sa-east-1"], [US, EU, AP]),  # a region no copy is in changes nothing
+    ],
+)
 def test_preferred_regions_come_first_then_header_order(
     prefer: list[str], expected: list[KmsToken], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -71,21 +87,29 @@ class RegionalKms:
         return bytearray(b"k" * 64)
 
 
-@pytest.mark.parametrize(("prefer", "down", "calls", "won"), [
-    (["eu-west-1"], set(), ["eu-west-1"], "eu-west-1"),
-    (["eu-west-1"], {"eu-west-1"}, ["eu-west-1", "us-east-1"], "us-east-1"),
-    ([], set(), ["us-east-1"], "us-east-1"),
-])
+@pytest.mark.parametrize(
+    ("prefer", "down", "calls", "won"),
+    [
+        (["eu-west-1"], set(), ["eu-west-1"], "eu-west-1"),
+        (["eu-west-1"], {"eu-west-1"}, ["eu-west-1", "us-east-1"], "us-east-1"),
+        ([], set(), ["us-east-1"], "us-east-1"),
+    ],
+)
 def test_the_boot_tries_copies_in_the_configured_order_and_records_the_winner(
-    prefer: list[str], down: set[str], calls: list[str], won: str,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    prefer: list[str],
+    down: set[str],
+    calls: list[str],
+    won: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     kms = RegionalKms(down)
     monkeypatch.setattr(unlock, "provider_for_token", lambda cfg, wrapped: kms)
     monkeypatch.setattr(unlock, "wait_for_network", lambda *a, **k: True)
     opened: list[Any] = []
-    monkeypatch.setattr(unlock, "open_root",
-                        lambda dev, cfg, key, tok: opened.append(tok) or "/dev/mapper/root")
+    monkeypatch.setattr(
+        unlock, "open_root", lambda dev, cfg, key, tok: opened.append(tok) or "/dev/mapper/root"
+    )
     records: list[unlock_record.UnlockRecord] = []
     monkeypatch.setattr(unlock_record, "write", lambda rec: records.append(rec) or True)
     with caplog.at_level("INFO", logger="encryptrootfs"):

@@ -4,6 +4,7 @@
 Prints ERFS-PROBE-* lines on the console and on /dev/ttyS1 (the host's results file).
 Stdlib only: this runs before the root filesystem (and its site-packages) is mounted.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -32,7 +33,11 @@ def say(line: str) -> None:
 
 
 def request(
-    host: str, method: str, path: str, headers: dict[str, str], body: Optional[bytes] = None,
+    host: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: Optional[bytes] = None,
     budget: float = 60.0,
 ) -> tuple[Optional[int], bytes, int]:
     """One HTTP request, retried while the network is still coming up."""
@@ -55,21 +60,28 @@ def request(
 def main() -> int:
     ok = True
     status, token, attempts = request(
-        IMDS, "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        IMDS, "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+    )
     say(f"ERFS-PROBE-IMDS-TOKEN status={status} attempts={attempts}")
     region = ""
     if status == 200:
-        status, body, _ = request(IMDS, "GET", "/latest/meta-data/placement/region",
-                                  {"X-aws-ec2-metadata-token": token.decode()})
+        status, body, _ = request(
+            IMDS,
+            "GET",
+            "/latest/meta-data/placement/region",
+            {"X-aws-ec2-metadata-token": token.decode()},
+        )
         region = body.decode(errors="replace").strip()
         say(f"ERFS-PROBE-IMDS-REGION status={status} region={region}")
     ok = ok and status == 200
     # An unsigned KMS call: the point is that it reaches the emulator, not that it succeeds.
     status, body, attempts = request(
-        KMS, "POST", "/",
-        {"X-Amz-Target": "TrentService.ListKeys",
-         "Content-Type": "application/x-amz-json-1.1"},
-        body=json.dumps({}).encode())
+        KMS,
+        "POST",
+        "/",
+        {"X-Amz-Target": "TrentService.ListKeys", "Content-Type": "application/x-amz-json-1.1"},
+        body=json.dumps({}).encode(),
+    )
     say(f"ERFS-PROBE-KMS status={status} attempts={attempts} bytes={len(body)}")
     ok = ok and status is not None
     return 0 if ok else 1
