@@ -45,8 +45,9 @@ log = get_logger("lab.image")
 
 SUITE = "bookworm"
 # Bump when the base recipe (configure_base) changes in a way the package lists do not show.
-# 2: mdadm, its shutdown unit masked; 3: GRUB (debconf preseeded); 4: slimmed (SLIM_PATHS)
-BASE_VERSION = "4"
+# 2: mdadm, its shutdown unit masked; 3: GRUB (debconf preseeded); 4: slimmed (SLIM_PATHS);
+# 5: the kernel update package fetched with the base (its apt lists are gone afterwards)
+BASE_VERSION = "5"
 BASE_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -191,6 +192,8 @@ GRUB_DEBCONF = (
 # What a second kernel package (the same ABI's cloud flavour) is called, for the kernel update
 # test: sort -V puts "-cloud-amd64" after "-amd64", so update-grub makes it the default entry.
 KERNEL_UPDATE_DIR = "var/cache/erfs-lab"
+# Where the base layer keeps that package (beside its rootfs).
+KERNEL_UPDATE = "kernel-update"
 GUEST_PYTHON = "python3.11"
 GUEST_SITE = f"usr/local/lib/{GUEST_PYTHON}/dist-packages"
 # The product's runtime dependencies, installed into the guest at the versions the host runs.
@@ -227,7 +230,8 @@ class ImageSpec:
     lab_probe: bool = False
     extra_dracut_args: tuple[str, ...] = ()
     # A second kernel package (.deb, the cloud flavour of the same ABI) in /var/cache/erfs-lab,
-    # for a kernel update inside a booted guest; downloaded from the Debian mirror at build.
+    # for a kernel update inside a booted guest; fetched with the base layer (its apt lists are
+    # slimmed away after that) and copied in.
     kernel_update: bool = False
 
 
@@ -449,6 +453,7 @@ def build_base(blog: Optional[BuildLog] = None) -> Path:
                     INITRD="No",
                 )
                 blog.run(["chroot", str(root), "apt-get", "clean"])
+                _download_kernel_update(root, _kver(root), tmp / KERNEL_UPDATE, blog)
                 _slim(root, _kver(root))
                 blog.run(["chroot", str(root), "depmod", _kver(root)])
             policy.unlink()
@@ -610,26 +615,24 @@ def _install_grub_config(root: Path) -> None:
     script.chmod(0o755)
 
 
-def _download_kernel_update(root: Path, kver: str, blog: BuildLog) -> None:
-    """The cloud flavour of the image's kernel ABI as a .deb in /var/cache/erfs-lab."""
+def _download_kernel_update(root: Path, kver: str, target: Path, blog: BuildLog) -> None:
+    """The cloud flavour of the image's kernel ABI as a .deb in ``target`` (beside the base
+    rootfs, not in it: only the images that ask for it carry it)."""
     if not kver.endswith("-amd64"):
         raise LabError(f"The image's kernel {kver} is not an -amd64 flavour; no update package.")
     package = "linux-image-" + kver[: -len("amd64")] + "cloud-amd64"
-    folder = root / KERNEL_UPDATE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
-    try:
-        blog.run(
-            [
-                "chroot",
-                str(root),
-                "sh",
-                "-c",
-                f"cd /{KERNEL_UPDATE_DIR} && apt-get download {package}",
-            ]
-        )
-    finally:
-        (root / "etc/resolv.conf").unlink()
+    inside = root / "root/erfs-kernel-update"
+    inside.mkdir()
+    blog.run(
+        [
+            "chroot",
+            str(root),
+            "sh",
+            "-c",
+            f"cd /root/erfs-kernel-update && apt-get download {package}",
+        ]
+    )
+    shutil.move(str(inside), str(target))
 
 
 def build_image(spec: ImageSpec = PLAIN) -> Image:
@@ -653,9 +656,12 @@ def build_image(spec: ImageSpec = PLAIN) -> Image:
             _install_lab_files(root, spec)
             _install_grub_config(root)
             kver = _kver(root)
+            if spec.kernel_update:
+                folder = root / KERNEL_UPDATE_DIR
+                folder.mkdir(parents=True, exist_ok=True)
+                for deb in sorted((base.parent / KERNEL_UPDATE).glob("*.deb")):
+                    shutil.copy(deb, folder / deb.name)
             with chroot_mounts(root):
-                if spec.kernel_update:
-                    _download_kernel_update(root, kver, blog)
                 for command in spec.chroot_commands:
                     blog.run(["chroot", str(root), *command])
                 blog.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ import pytest
 from encryptrootfs_lab import qemu
 from encryptrootfs_lab.cloud import EmulatedCloud, emulated_cloud
 from encryptrootfs_lab.image import PLAIN, PROBE, Image, ImageSpec, build_image
-from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk
+from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk, raw_view
 from encryptrootfs_lab.machine import Machine
+from encryptrootfs_lab.product import ENCRYPT, LAB_KEY_ALIAS, create_lab_key, inspect_script
+from support.session_root import EncryptedRoot
 
 BOOTS_KEY = pytest.StashKey[list[Machine]]()
 # (host, port) of every emulator this session started
@@ -93,6 +96,49 @@ def module_cloud() -> Iterator[EmulatedCloud]:
         yield c
     still = [p for p in ports if _port_open(p)]
     assert not still, f"emulator ports still answering after the module: {still}"
+
+
+# The session's one first boot of the default product image: a root larger than the guest's
+# 1024 MiB of RAM (the data pass never holds the root in memory).
+FIRST_BOOT_LAYOUT = DiskLayout(root_mib=1152)
+
+
+@pytest.fixture(scope="session")
+def lab_cloud() -> Iterator[EmulatedCloud]:
+    """KMS + IMDS emulators for the whole session, with the lab images' key: the key that
+    wraps :func:`encrypted_root` lives here, so every test booting that root uses this cloud
+    (and leaves it without faults and with empty logs, see tests/vm/test_faults.py)."""
+    with emulated_cloud() as c:
+        ports = [c.kms.port, c.imds.port]
+        EMULATOR_PORTS.extend(ports)
+        create_lab_key(c.kms)
+        yield c
+    still = [p for p in ports if _port_open(p)]
+    assert not still, f"emulator ports still answering after the session: {still}"
+
+
+@pytest.fixture(scope="session")
+def encrypted_root(
+    lab_cloud: EmulatedCloud, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EncryptedRoot]:
+    """One first boot per session, shared by the flagship first-boot test and every later-boot
+    case (a first boot is the most expensive boot there is: the whole root is rewritten)."""
+    image = build_image(ENCRYPT)
+    plain = build_disk(FIRST_BOOT_LAYOUT, image)
+    work = tmp_path_factory.mktemp("encrypted-root")
+    lab_cloud.kms.clear_log()
+    m = Machine(image, plain, work, forwards=lab_cloud.forwards())
+    first = m.boot(inspect_script(), timeout=900, name="first")
+    requests = tuple(lab_cloud.kms.requests)
+    lab_cloud.kms.clear_log()
+    assert first.ok and first.marker("TREE-OK") is not None, first.describe()
+    flat = raw_view(m.overlay, "qcow2", work / "encrypted.raw")
+    m.overlay.unlink()
+    key_arn = lab_cloud.kms.key_arn(LAB_KEY_ALIAS)
+    yield EncryptedRoot(
+        image, plain, replace(plain, path=flat, cached=False), first, requests, key_arn
+    )
+    flat.unlink()
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ that does not match, a clock far off, a token that is missing or damaged) fails 
 the root is never mounted, the console names the cause, and the disk is byte-identical. A
 foreign token beside ours is skipped.
 
-Later-boot cases share one encrypted disk, made once by a first boot against this module's
-emulated cloud (the key that wraps it lives there); each case boots its own overlay of it.
+Later-boot cases share the session's encrypted root (one first boot against the session's
+emulated cloud, where the key that wraps it lives: tests/vm/conftest.py); each case boots its
+own copy-on-write overlay of it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from encryptrootfs import luks2
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.cloud import GUEST_KMS_URL, EmulatedCloud
 from encryptrootfs_lab.image import Image, build_image
-from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk, disk_sha256, raw_view
+from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk, disk_sha256
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.offline import edit_root_header
 from encryptrootfs_lab.product import ENCRYPT, inspect_script
 from encryptrootfs_lab.qemu import BootResult
 from encryptrootfs_lab.testtree import bytes_lost, cached_tree
 from support.robustness import Case
+from support.session_root import EncryptedRoot
 
 NewMachine = Callable[..., Machine]
 INSPECT = inspect_script()
@@ -58,12 +60,12 @@ def _reset(c: EmulatedCloud) -> None:
 
 
 @pytest.fixture
-def faulty(module_cloud: EmulatedCloud) -> Iterator[EmulatedCloud]:
-    """The module's cloud (its key wraps the encrypted disk), with no fault set and empty
+def faulty(lab_cloud: EmulatedCloud) -> Iterator[EmulatedCloud]:
+    """The session's cloud (its key wraps the encrypted root), with no fault set and empty
     logs; reset again afterwards."""
-    _reset(module_cloud)
-    yield module_cloud
-    _reset(module_cloud)
+    _reset(lab_cloud)
+    yield lab_cloud
+    _reset(lab_cloud)
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +74,9 @@ def plain_disk(encrypt_image: Image) -> Disk:
 
 
 @pytest.fixture(scope="module")
-def encrypted_disk(
-    encrypt_image: Image,
-    plain_disk: Disk,
-    module_cloud: EmulatedCloud,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Disk]:
-    """The plain disk after its first boot, flattened: every later-boot case starts here."""
-    work = tmp_path_factory.mktemp("encrypted")
-    _reset(module_cloud)
-    m = Machine(encrypt_image, plain_disk, work, forwards=module_cloud.forwards())
-    r = m.boot(INSPECT, timeout=900, name="first")
-    assert r.ok and r.marker("TREE-OK") is not None, r.describe()
-    flat = raw_view(m.overlay, "qcow2", work / "encrypted.raw")
-    m.overlay.unlink()
-    yield dataclasses.replace(plain_disk, path=flat, cached=False)
-    flat.unlink()  # 1.5 GiB
+def encrypted_disk(encrypted_root: EncryptedRoot) -> Disk:
+    """The session's root after its first boot: every later-boot case starts here."""
+    return encrypted_root.disk
 
 
 def _with_header(disk: Disk, work: Path, edit: Callable[[Path], None]) -> Disk:

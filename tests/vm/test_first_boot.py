@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from encryptrootfs_lab.cloud import EmulatedCloud
+from encryptrootfs_lab.emulators.kms import KmsRequest
 from encryptrootfs_lab.image import PLAIN, Image, build_image
 from encryptrootfs_lab.layout import (
     Disk,
@@ -29,6 +30,7 @@ from encryptrootfs_lab.offline import root_key
 from encryptrootfs_lab.product import ENCRYPT, create_lab_key, inspect_script
 from encryptrootfs_lab.qemu import BootResult
 from encryptrootfs_lab.testtree import PLAINTEXT_MARKER
+from support.session_root import EncryptedRoot
 
 NewMachine = Callable[..., Machine]
 MIB = 1024 * 1024
@@ -36,11 +38,9 @@ MIB = 1024 * 1024
 INSPECT = inspect_script()
 
 
-# The flagship case encrypts a root larger than the guest's 1024 MiB of RAM (the data pass
-# never holds the root in memory); the other paths use the lab's smaller default root.
-LARGE_ROOT_MIB = 1152
+# The flagship case boots the session's encrypted root (tests/vm/conftest.py); the other
+# paths use the lab's smaller default root.
 LAYOUTS = {
-    "ext4-grow": DiskLayout(root_mib=LARGE_ROOT_MIB),
     "ext4-shrink": DiskLayout(free_after_mib=0),
     "xfs-grow": DiskLayout(fs=Filesystem.XFS),
     # (XFS without free space, refused: tests/vm/test_bad_input_boot.py)
@@ -72,30 +72,19 @@ def _kms_actions(cloud: EmulatedCloud) -> list[str]:
     return [q.action for q in cloud.kms.requests]
 
 
-def _two_boots(
-    image: Image,
+def _check_two_boots(
     disk: Disk,
-    cloud: EmulatedCloud,
-    new_machine: NewMachine,
-    tmp_path: Path,
-    *,
-    check_secrets: bool = False,
-) -> tuple[BootResult, BootResult]:
-    key_arn = create_lab_key(cloud.kms)
-    m = new_machine(image, disk, cloud)
-    marker = PLAINTEXT_MARKER  # file content of the test tree, in the plain root only
-    assert disk_contains(disk.path, [marker], fmt="raw")[marker], "marker not on the plain disk"
-
-    first = m.boot(INSPECT, timeout=900)
-    assert first.ok, first.describe()
-    boot1_kms = list(cloud.kms.requests)
-    if check_secrets:  # (the host's own Decrypt, to learn the key, is not in boot1_kms)
-        _assert_no_secret_on_disk(cloud, m, marker, tmp_path)
-    cloud.kms.clear_log()
-    second = m.boot(INSPECT, timeout=600)
-    assert second.ok, second.describe()
-
+    key_arn: str,
+    first: BootResult,
+    boot1_kms: Sequence[KmsRequest],
+    second: BootResult,
+    boot2_kms: Sequence[KmsRequest],
+) -> None:
+    """Both boots came up on the encrypted root with the tree intact; the token names the lab
+    key and binds the header's UUID; the first boot asked KMS for a new key and proved it, the
+    second asked only to unwrap it, each with the token's context."""
     for r in (first, second):
+        assert r.ok, r.describe()
         assert r.marker("TREE-OK") is not None and r.marker("VERIFY-FAILED") is None, r.describe()
         dev = r.marker("ROOTDEV")
         assert dev is not None and dev.fields() == {"dm": "crypt", "uuid": disk.root_uuid}, (
@@ -111,13 +100,24 @@ def _two_boots(
 
     actions1 = [q.action for q in boot1_kms]
     assert "GenerateDataKey" in actions1 and "Decrypt" in actions1, actions1
-    assert _kms_actions(cloud) == ["Decrypt"], _kms_actions(cloud)
-    for q in boot1_kms + list(cloud.kms.requests):
+    actions2 = [q.action for q in boot2_kms]
+    assert actions2 == ["Decrypt"], actions2
+    for q in [*boot1_kms, *boot2_kms]:
         if q.action in ("GenerateDataKey", "Decrypt"):
             assert q.encryption_context == token["encryption_context"], q
 
-    if check_secrets:
-        _assert_no_secret_on_disk(cloud, m, marker, tmp_path)
+
+def _two_boots(
+    image: Image, disk: Disk, cloud: EmulatedCloud, new_machine: NewMachine
+) -> tuple[BootResult, BootResult]:
+    key_arn = create_lab_key(cloud.kms)
+    m = new_machine(image, disk, cloud)
+    first = m.boot(INSPECT, timeout=900)
+    assert first.ok, first.describe()
+    boot1_kms = list(cloud.kms.requests)
+    cloud.kms.clear_log()
+    second = m.boot(INSPECT, timeout=600)
+    _check_two_boots(disk, key_arn, first, boot1_kms, second, list(cloud.kms.requests))
     return first, second
 
 
@@ -132,17 +132,25 @@ def _assert_no_secret_on_disk(
 
 
 def test_ext4_gpt_with_free_space_encrypts_on_boot_1_and_unlocks_on_boot_2(
-    encrypt_image: Image,
-    disks: dict[str, Disk],
-    cloud: EmulatedCloud,
+    encrypted_root: EncryptedRoot,
+    lab_cloud: EmulatedCloud,
     new_machine: NewMachine,
     tmp_path: Path,
 ) -> None:
-    disk = disks["ext4-grow"]
-    first, second = _two_boots(
-        encrypt_image, disk, cloud, new_machine, tmp_path, check_secrets=True
+    """The session's first boot (tests/vm/conftest.py: a 1152 MiB root, more than the guest's
+    RAM), then a second boot of its result; no secret and no plaintext left on the disk."""
+    root = encrypted_root
+    marker = PLAINTEXT_MARKER  # file content of the test tree, in the plain root only
+    assert disk_contains(root.plain.path, [marker], fmt="raw")[marker], "marker not on the disk"
+    m = new_machine(root.image, root.disk, lab_cloud)
+    _assert_no_secret_on_disk(lab_cloud, m, marker, tmp_path)
+    lab_cloud.kms.clear_log()
+    second = m.boot(INSPECT, timeout=600)
+    _check_two_boots(
+        root.disk, root.key_arn, root.first, root.requests, second, list(lab_cloud.kms.requests)
     )
-    journal1 = "\n".join(m.value for m in first.all("JOURNAL"))
+    _assert_no_secret_on_disk(lab_cloud, m, marker, tmp_path)
+    journal1 = "\n".join(m.value for m in root.first.all("JOURNAL"))
     assert "growing the partition by 32 MiB" in journal1, journal1
     assert "encrypting /dev/vda1:" in journal1 and "MiB/s" in journal1, journal1
     journal2 = "\n".join(m.value for m in second.all("JOURNAL"))
@@ -160,7 +168,7 @@ def test_other_filesystems_and_the_shrink_path(
     tmp_path: Path,
 ) -> None:
     disk = disks[name]
-    first, _ = _two_boots(encrypt_image, disk, cloud, new_machine, tmp_path)
+    first, _ = _two_boots(encrypt_image, disk, cloud, new_machine)
     journal = "\n".join(m.value for m in first.all("JOURNAL"))
     room = "shrinking" if disk.layout.free_after_mib == 0 else "growing the partition"
     assert room in journal, journal

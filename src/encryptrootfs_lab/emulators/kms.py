@@ -202,6 +202,15 @@ class KmsEmulator:
             backend.create_alias(key.id, alias if alias.startswith("alias/") else f"alias/{alias}")
         return str(key.arn)
 
+    def key_arn(self, alias: str, region: Optional[str] = None) -> str:
+        """The ARN of the key ``alias`` names (created earlier by :meth:`create_key`)."""
+        backend = self._backend(region)
+        name = alias if alias.startswith("alias/") else f"alias/{alias}"
+        key_id = backend.get_key_id_from_alias(name)
+        if key_id is None:
+            raise KeyError(f"no key has the alias {name}")
+        return str(backend.describe_key(key_id).arn)
+
     def disable_key(self, key_id: str) -> None:
         backend = self._backend()
         backend.disable_key(backend.any_id_to_key_id(key_id))
