@@ -14,7 +14,7 @@ APT_PACKAGES := cryptsetup-bin qemu-system-x86 qemu-utils debootstrap fdisk e2fs
 .PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo clean \
 	lab-build lab-boot
 
-deps: apt venv
+deps: apt deb-deps venv
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -80,4 +80,44 @@ bench: deps $(VENV)/.bench-installed
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+
+# Packages (issue 18, docs/packages.md). The Debian build tools are their own list, installed by
+# `make deps` too: the header tier builds the .deb and inspects it (tests/header/test_package.py,
+# about 25 s, reused while dist/ is newer than the tree). lintian (large) only for `make deb`.
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	help2man dpkg-dev shellcheck
+RPM_CHECK_PACKAGES := rpm rpmlint
+
+.PHONY: deb deb-build deb-deps rpm-check rpm-deps
+
+deb-deps:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(DEB_BUILD_PACKAGES)"
+
+rpm-deps:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(RPM_CHECK_PACKAGES)"
+
+# dpkg-buildpackage writes its outputs next to the checkout; they are moved to dist/. The build
+# runs in a copy of the tracked files so that .venv and caches never reach the source package,
+# with the system's PATH: pybuild must find Debian's python3, not a pyenv or virtualenv one.
+DEB_PATH := /usr/sbin:/usr/bin:/sbin:/bin
+
+deb-build: deb-deps
+	rm -rf build/deb dist/encryptrootfs_* dist/encryptrootfs-dracut_*
+	mkdir -p build/deb/src dist
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/deb/src
+	cd build/deb/src && PATH=$(DEB_PATH) dpkg-buildpackage -us -uc -b
+	mv build/deb/*.deb build/deb/*.buildinfo build/deb/*.changes dist/
+	rm -rf build/deb
+
+deb: deb-build
+	@$(MAKE) --no-print-directory apt APT_PACKAGES=lintian
+	PATH=$(DEB_PATH) lintian --fail-on error,warning dist/encryptrootfs_*.changes
+
+# The spec is checked here as far as a Debian host allows; the build itself runs on the target
+# distribution (docs/packages.md).
+# rpmspec reports some parse errors on stderr with exit status 0: any stderr output fails.
+rpm-check: rpm-deps
+	@err=$$(rpmspec -P rpm/encryptrootfs.spec 2>&1 >/dev/null); \
+	if [ -n "$$err" ]; then echo "$$err" >&2; exit 1; fi; echo "rpmspec -P: ok"
+	rpmlint --rpmlintrc rpm/encryptrootfs.rpmlintrc rpm/encryptrootfs.spec

@@ -46,6 +46,7 @@ Commands for image builders and operators:
   rewrap         re-wrap a token's key for another KMS key or region
   recovery-key   add or remove a typeable recovery passphrase (own Argon2id keyslot)
   volumes        the configured data volumes: devices, state, what `volumes up` would do
+  removal-check  may the package be removed? (run by its prerm; refuses on an encrypted root)
 
 Run by a systemd unit in the real root on every boot:
   volumes up     format blank data volumes, unlock ours, mount them ([[volumes]])
@@ -756,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_install_parsers(sub)
     _add_operator_parsers(sub)
     _add_volumes_parsers(sub)
+    from .removal import add_removal_check_parser
+
+    add_removal_check_parser(sub)
     return parser
 
 
