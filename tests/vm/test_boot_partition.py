@@ -30,9 +30,10 @@ GRUB_IMAGE = ImageSpec(
     kernel_update=True,
 )
 # Room after the root for the /boot partition and the header's 32 MiB.
-# The root has room for the update's kernel modules (~120 MiB of the cloud flavour's).
-BIOS = BootDiskLayout(Firmware.BIOS, Filesystem.EXT4, root_mib=896, free_after_mib=BOOT_MIB + 40)
-UEFI = BootDiskLayout(Firmware.UEFI, Filesystem.XFS, root_mib=896, free_after_mib=BOOT_MIB + 40)
+# The root has room for the update's kernel modules and for dracut's work folder in /var/tmp
+# (~200 MiB while it builds the new kernel's initramfs).
+BIOS = BootDiskLayout(Firmware.BIOS, Filesystem.EXT4, root_mib=1152, free_after_mib=BOOT_MIB + 40)
+UEFI = BootDiskLayout(Firmware.UEFI, Filesystem.XFS, root_mib=1152, free_after_mib=BOOT_MIB + 40)
 
 # What the tests read in the booted guest besides the usual inspection: where /boot and / come
 # from, what GRUB handed the kernel, and GRUB's view of the disk.
