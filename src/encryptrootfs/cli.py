@@ -22,7 +22,7 @@ from .providers.base import wipe
 from .token import token_to_json
 
 if TYPE_CHECKING:
-    from .enroll import ProviderFor
+    from .ops.enroll import ProviderFor
 
 # Operator commands import what they need when they run: the initramfs runs only ``boot``, and
 # every module it does not import is time saved before the root is unlocked (see bench/).
@@ -131,7 +131,7 @@ def _provider_for(config: Config) -> ProviderFor:
 
 
 def cmd_enroll_copy(args: argparse.Namespace) -> int:
-    from .enroll import enroll_copy
+    from .ops.enroll import enroll_copy
 
     config = _config(args)
     new_provider = provider_for_key(config, args.key_id, args.region)
@@ -165,7 +165,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "--key-id, --region and --token-id go with --copy; nothing was changed.",
             hint="a plain enroll wraps with the configured key; set it in the configuration",
         )
-    from .enroll import enroll
+    from .ops.enroll import enroll
 
     provider = provider_from_config(_config(args))
     existing = _read_existing_key(args)
@@ -196,13 +196,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_token_show(args: argparse.Namespace) -> int:
-    from .enroll import find_tokens, require_luks2
+    from .ops.enroll import require_luks2
+    from .token import TOKEN_TYPE, read_tokens
 
     header = require_luks2(args.device)
     tokens = []
-    for found in find_tokens(header):
-        entry: dict[str, Any] = {"id": found.token_id, "type": found.type}
-        if found.token is not None:
+    for found in read_tokens(header.tokens).all:
+        entry: dict[str, Any] = {"id": found.id, "type": found.type}
+        if found.damaged is not None:
+            entry["damaged"] = found.damaged
+        elif found.token is not None:
             full = token_to_json(found.token)
             # The ciphertext is not secret (only KMS can open it), but it is noise on a screen.
             full.pop("ciphertext", None)
@@ -233,8 +236,11 @@ def cmd_token_show(args: argparse.Namespace) -> int:
         + (" (reencryption pending)" if header.reencryption_pending else "")
     )
     for t in tokens:
-        if t["type"] != "encryptrootfs":
+        if t["type"] != TOKEN_TYPE:
             print(f"  token {t['id']}: {t['type']} (not ours, skipped)")
+            continue
+        if "damaged" in t:
+            print(f"  token {t['id']}: {t['damaged']} (damaged, skipped)")
             continue
         print(
             f"  token {t['id']}: {t['provider']} key {t['key_id']} region {t['region']} "
@@ -249,7 +255,7 @@ def cmd_token_show(args: argparse.Namespace) -> int:
 
 
 def cmd_token_verify(args: argparse.Namespace) -> int:
-    from .enroll import all_ok, verify
+    from .ops.enroll import all_ok, verify
 
     provider = provider_from_config(_config(args))
     results = verify(args.device, provider)
@@ -276,7 +282,8 @@ def cmd_token_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import status, unlock_record
+    from . import unlock_record
+    from .ops import status
 
     devices = list(args.devices) or [status.configured_root(_config(args))]
     record = unlock_record.read(Path(args.record))
@@ -290,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
-    from .rewrap import rewrap
+    from .ops.rewrap import rewrap
 
     config = _config(args)
     new_provider = provider_for_key(config, args.key_id, args.region)
@@ -319,7 +326,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery_add(args: argparse.Namespace) -> int:
-    from .recovery import ENTROPY_BITS, add_recovery_key
+    from .ops.recovery import add_recovery_key
+    from .passphrase import ENTROPY_BITS
 
     config = _config(args)
     added = add_recovery_key(args.device, _provider_for(config), iter_time_ms=args.iter_time)
@@ -352,7 +360,7 @@ def cmd_recovery_add(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery_remove(args: argparse.Namespace) -> int:
-    from .recovery import remove_recovery_key
+    from .ops.recovery import remove_recovery_key
 
     config = _config(args)
     removed = remove_recovery_key(args.device, _provider_for(config))
@@ -467,7 +475,7 @@ def _add_operator_parsers(sub: Any) -> None:
 
 
 def cmd_volumes(args: argparse.Namespace) -> int:
-    from . import volumes
+    from .ops import volumes
 
     config = _config(args)
     if args.subcommand == "up":
@@ -541,7 +549,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from .install import check_readiness, install, readiness_exit_code
+    from .image.install import check_readiness, install, readiness_exit_code
 
     root = Path(args.root)
     if args.check:
@@ -573,7 +581,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_dracut_files(args: argparse.Namespace) -> int:
-    from .initramfs import manifest_lines, plan_initramfs
+    from .image.initramfs import manifest_lines, plan_initramfs
 
     config_path = Path(args.config)
     if config_path.exists():

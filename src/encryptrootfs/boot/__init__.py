@@ -11,32 +11,17 @@ import os
 import time
 from typing import Callable, Optional
 
-from ..config import Config, RootKind
+from .. import devices
+from ..config import Config
+from ..devices import Partition, find_root, root_spec
 from ..errors import DeviceError, RefusedError
 from ..providers import provider_from_config
-from . import devices
 from .console import say
-from .decide import Action, Decision, decide, find_root
-from .devices import Partition
+from .decide import Action, Decision, decide
 from .network import wait_for_network
 from .unlock import unwrap_and_open
 
 __all__ = ["boot", "root_spec"]
-
-
-def root_spec(config: Config, cmdline: Optional[str] = None) -> str:
-    """The root selector as a ``TAG=value`` or path string."""
-    if config.root.kind is RootKind.CMDLINE:
-        text = devices.kernel_cmdline() if cmdline is None else cmdline
-        spec = devices.cmdline_root(text)
-        if not spec:
-            raise RefusedError(
-                "The kernel command line has no root=, and [root] device is `cmdline`; "
-                "encryptrootfs never guesses which disk to touch. Nothing was changed.",
-                hint='set [root] device = "UUID=..." in the configuration',
-            )
-        return spec
-    return str(config.root)
 
 
 def locate_root(

@@ -24,21 +24,21 @@ import uuid as uuid_module
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .. import luks2
+from .. import devices, luks2, plan_record
 from ..config import Config
+from ..devices import Partition
 from ..errors import EncryptrootfsError, RefusedError, ToolError, VerifyError
+from ..plan_record import REDUCE_DEVICE_SIZE, PlanRecord
 from ..providers import KeyProvider
 from ..providers.base import NewKey, WrappedKey, wipe
 from ..token import KmsToken, token_from_json, token_to_json, utc_now
 from ..tools import Need, missing
-from . import boot_partition, devices, filesystems, partitions, plan_record
+from . import boot_partition, filesystems, partitions
 from .boot_partition import BootMove
 from .breakpoints import stop_after
 from .console import say
-from .devices import Partition
 from .filesystems import FsGeometry
 from .grow import grow_root
-from .plan_record import REDUCE_DEVICE_SIZE, PlanRecord
 from .unlock import with_kms_retries
 from .volume import data_pass, open_root
 

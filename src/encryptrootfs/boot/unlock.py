@@ -26,16 +26,15 @@ from typing import Callable, Optional, TypeVar, Union
 
 from .. import luks2, unlock_record
 from ..config import Config
-from ..enroll import order_tokens
+from ..devices import Partition
 from ..errors import EncryptrootfsError, KeyServiceError, VerifyError
 from ..log import get_logger
+from ..passphrase import normalise
 from ..providers import provider_for_token
 from ..providers.base import wipe
-from ..recovery import normalise, recovery_tokens
-from ..token import KmsToken
+from ..token import KmsToken, order_tokens, read_tokens
 from . import ask_password
 from .console import say
-from .devices import Partition
 from .grow import grow_root
 from .network import wait_for_network
 from .volume import data_pass, open_root
@@ -303,7 +302,12 @@ def recovery_keyslots(device: str) -> tuple[int, ...]:
     except EncryptrootfsError as exc:
         log.debug("cannot read the header of %s for a recovery key: %s", device, exc)
         return ()
-    slots = {s for _, named in recovery_tokens(header) for s in named if str(s) in header.keyslots}
+    slots = {
+        s
+        for _, named in read_tokens(header.tokens).recovery
+        for s in named
+        if str(s) in header.keyslots
+    }
     return tuple(sorted(slots))
 
 

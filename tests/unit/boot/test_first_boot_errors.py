@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from encryptrootfs.boot import first_boot
-from encryptrootfs.boot.devices import Partition, Signature
 from encryptrootfs.boot.filesystems import FsGeometry
 from encryptrootfs.boot.first_boot import Preflight, RoomPlan
 from encryptrootfs.boot.partitions import Table
 from encryptrootfs.config import parse_config
+from encryptrootfs.devices import Partition, Signature
 from encryptrootfs.errors import EncryptrootfsError
 from encryptrootfs.providers.base import NewKey, ProviderName, WrappedKey
 

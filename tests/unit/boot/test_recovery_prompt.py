@@ -18,8 +18,8 @@ import pytest
 from encryptrootfs import luks2, unlock_record
 from encryptrootfs.boot import unlock
 from encryptrootfs.boot.ask_password import Question
-from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
 from encryptrootfs.config import parse_config
+from encryptrootfs.devices import LuksFacts, Partition, Signature
 from encryptrootfs.errors import EncryptrootfsError, KeyServiceError, VerifyError
 from encryptrootfs.providers.base import ProviderName, WrappedKey
 from encryptrootfs.token import KmsToken

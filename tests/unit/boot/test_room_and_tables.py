@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from encryptrootfs.boot import filesystems, partitions
-from encryptrootfs.boot.devices import Partition, Signature, cmdline_root, parse_export
 from encryptrootfs.boot.filesystems import FsGeometry
 from encryptrootfs.boot.first_boot import plan_room
+from encryptrootfs.devices import Partition, Signature, cmdline_root, parse_export
 from encryptrootfs.errors import RefusedError
 
 MIB = 1024 * 1024

@@ -8,8 +8,8 @@ import pytest
 
 from encryptrootfs import unlock_record
 from encryptrootfs.boot import unlock
-from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
 from encryptrootfs.config import Config, parse_config
+from encryptrootfs.devices import LuksFacts, Partition, Signature
 from encryptrootfs.errors import KeyServiceError
 from encryptrootfs.providers.base import ProviderName, WrappedKey
 from encryptrootfs.token import KmsToken

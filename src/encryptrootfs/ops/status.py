@@ -14,23 +14,19 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
-from . import luks2
-from .config import Config
-from .errors import DeviceError, EncryptrootfsError
-from .log import get_logger
-from .run import run
-from .token import TOKEN_TYPE, token_from_json
-from .unlock_record import UnlockMethod, UnlockRecord
+from .. import luks2
+from ..config import Config
+from ..errors import DeviceError, EncryptrootfsError
+from ..log import get_logger
+from ..run import run
+from ..token import RECOVERY_TOKEN_TYPE, read_tokens
+from ..unlock_record import UnlockMethod, UnlockRecord
 
 log = get_logger("status")
 
 # Bump on any change a reader could trip over (a field removed, renamed or changing meaning);
 # new fields are added without a bump. docs/status.md is the reference.
 STATUS_SCHEMA_VERSION = 1
-
-# The token that records a recovery passphrase's keyslot (see recovery.py); defined here so
-# status does not need the recovery module.
-RECOVERY_TOKEN_TYPE = "encryptrootfs-recovery"  # noqa: S105 - a LUKS2 token type, not a secret
 
 
 # Under a recovery-key unlock: what it means and what to look at. The boot's console output
@@ -182,22 +178,16 @@ def reencryption_percent(header: luks2.LuksHeader, device_size: Optional[int]) -
 
 def summarise_tokens(header: luks2.LuksHeader) -> tuple[TokenSummary, ...]:
     out = []
-    for key, raw in sorted(header.tokens.items(), key=lambda kv: int(kv[0])):
-        token_type = str(raw.get("type", "?"))
-        slots = tuple(sorted(int(s) for s in raw.get("keyslots", ()) if str(s).isdigit()))
-        if token_type == TOKEN_TYPE:
-            try:
-                token = token_from_json(raw)
-            except EncryptrootfsError as exc:
-                out.append(
-                    TokenSummary(int(key), token_type, TokenKind.KMS, slots, error=exc.message)
-                )
-                continue
-            assert token is not None
+    for found in read_tokens(header.tokens).all:
+        key, token_type, token = found.id, found.type, found.token
+        slots = tuple(sorted(found.keyslots))
+        if found.damaged is not None:
+            out.append(TokenSummary(key, token_type, TokenKind.KMS, slots, error=found.damaged))
+        elif token is not None:
             w = token.wrapped
             out.append(
                 TokenSummary(
-                    int(key),
+                    key,
                     token_type,
                     TokenKind.KMS,
                     slots,
@@ -209,18 +199,11 @@ def summarise_tokens(header: luks2.LuksHeader) -> tuple[TokenSummary, ...]:
                 )
             )
         elif token_type == RECOVERY_TOKEN_TYPE:
-            created = raw.get("created")
             out.append(
-                TokenSummary(
-                    int(key),
-                    token_type,
-                    TokenKind.RECOVERY,
-                    slots,
-                    created=created if isinstance(created, str) else None,
-                )
+                TokenSummary(key, token_type, TokenKind.RECOVERY, slots, created=found.created)
             )
         else:
-            out.append(TokenSummary(int(key), token_type, TokenKind.FOREIGN, slots))
+            out.append(TokenSummary(key, token_type, TokenKind.FOREIGN, slots))
     return tuple(out)
 
 
@@ -297,7 +280,7 @@ def device_size(path: str) -> Optional[int]:
 
 def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceStatus:
     """Everything ``status`` says about one device; problems become an ``unreadable`` entry."""
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     try:
         if not os.path.exists(device):
@@ -321,9 +304,7 @@ def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceS
 
 def configured_root(config: Config) -> str:
     """The root partition ``encryptrootfs boot`` would pick, found the same way (read-only)."""
-    from .boot import root_spec
-    from .boot.decide import find_root
-    from .boot.devices import gather
+    from ..devices import find_root, gather, root_spec
 
     spec = root_spec(config)
     root = find_root(spec, gather())

@@ -41,9 +41,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import __version__, luks2
-from .config import Config, Raid, VolumeConfig, VolumeFilesystem
-from .errors import (
+from .. import __version__, luks2
+from ..config import Config, Raid, VolumeConfig, VolumeFilesystem
+from ..errors import (
     DeviceError,
     EncryptrootfsError,
     KeyServiceError,
@@ -51,11 +51,11 @@ from .errors import (
     ToolError,
     VerifyError,
 )
-from .log import get_logger
-from .providers import KeyProvider, provider_for_token, provider_from_config
-from .providers.base import wipe
-from .run import run, which
-from .token import KmsToken, TokenError, token_from_json, token_to_json, utc_now
+from ..log import get_logger
+from ..providers import KeyProvider, provider_for_token, provider_from_config
+from ..providers.base import wipe
+from ..run import run, which
+from ..token import KmsToken, read_tokens, token_to_json, utc_now
 
 log = get_logger("volumes")
 
@@ -375,7 +375,7 @@ def _signature(tags: dict[str, str], found_type: str) -> str:
 
 
 def probe_member(path: str) -> MemberProbe:
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     sig, tags = probe_signature(path)
     return MemberProbe(
@@ -387,7 +387,7 @@ def probe_member(path: str) -> MemberProbe:
 
 
 def probe_target(path: str) -> TargetProbe:
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     sig, tags = probe_signature(path)
     held = holders(path)
@@ -407,21 +407,14 @@ def probe_target(path: str) -> TargetProbe:
         header = luks2.read_header(path)
     except EncryptrootfsError as exc:
         return dataclasses.replace(base, luks_version=2, error=exc.message)
-    ours = 0
-    damaged = []
-    for token_id, raw in sorted(header.tokens.items(), key=lambda t: int(t[0])):
-        try:
-            if token_from_json(raw) is not None:
-                ours += 1
-        except TokenError as exc:
-            damaged.append(f"token {token_id}: {exc.message}")
+    tokens = read_tokens(header.tokens)
     return dataclasses.replace(
         base,
         luks_version=2,
         luks_uuid=header.uuid,
         subsystem=header.subsystem,
-        our_tokens=ours,
-        damaged_tokens=tuple(damaged),
+        our_tokens=len(tokens.kms),
+        damaged_tokens=tokens.damaged,
         reencryption_pending=header.reencryption_pending,
     )
 
@@ -434,16 +427,10 @@ def read_mounts(path: Path = MOUNTINFO) -> list[MountEntry]:
 
 
 def our_tokens(path: str) -> list[KmsToken]:
-    found = []
-    for _, raw in sorted(luks2.read_header(path).tokens.items(), key=lambda t: int(t[0])):
-        try:
-            token = token_from_json(raw)
-        except TokenError as exc:
-            log.warning("%s: skipping a damaged token: %s", path, exc.message)
-            continue
-        if token is not None:
-            found.append(token)
-    return found
+    tokens = read_tokens(luks2.read_header(path).tokens)
+    for why in tokens.damaged:
+        log.warning("%s: skipping a damaged token: %s", path, why)
+    return list(tokens.kms)
 
 
 # --- stages that write --------------------------------------------------------------------------
@@ -656,7 +643,7 @@ def make_filesystem(mapper: str, volume: VolumeConfig) -> None:
 
 
 def filesystem_of(device: str) -> str:
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     sig, _ = probe_signature(device)
     return sig.type
