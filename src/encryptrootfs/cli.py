@@ -535,13 +535,20 @@ def _add_volumes_parsers(sub: Any) -> None:
 def cmd_boot(args: argparse.Namespace) -> int:
     # Imported here: the boot path is the only one that needs the stage modules.
     from .boot import boot
+    from .boot.systemd_initrd import DracutSystemd
 
-    mapper = boot(_config(args))
-    print(
-        f"encryptrootfs: root ready at {mapper}"
-        if mapper
-        else "encryptrootfs: root left plain (first-boot encryption disabled)"
-    )
+    # dracut's systemd initrd is the one integration today (boot/integration.py says what
+    # another generator supplies).
+    integration = DracutSystemd()
+    try:
+        mapper = boot(_config(args), integration)
+        integration.hand_back(mapper)
+    except EncryptrootfsError as exc:
+        if args.debug:
+            log.exception("failed")
+        return integration.fail(exc)
+    finally:
+        integration.network_down()
     return ExitCode.OK
 
 

@@ -8,7 +8,6 @@ half-way is rolled back, so the device is left as it was found.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from .. import __version__, luks2
 from ..errors import DeviceError, EncryptrootfsError, RefusedError, VerifyError
 from ..log import get_logger
 from ..providers import KeyProvider
-from ..providers.base import KeyWrapper, WrappedKey, wipe
+from ..providers.base import KeyWrapper, WrappedKey, new_proven_key, prove_round_trip, wipe
 from ..run import Secret
 from ..token import TOKEN_TYPE, KmsToken, read_tokens, token_from_json, token_to_json, utc_now
 
@@ -49,10 +48,6 @@ class VerifyResult:
     key_id: str
     ok: bool
     reason: str
-
-
-def same_key(a: Secret, b: Secret) -> bool:
-    return hmac.compare_digest(bytes(a), bytes(b))
 
 
 def require_luks2(device: str, header: Optional[Path] = None) -> luks2.LuksHeader:
@@ -98,21 +93,11 @@ def enroll(
             f"The existing key does not open any keyslot of {device}; nothing was changed.",
             hint="pass a passphrase or key file that unlocks the device today",
         )
-    new = provider.new_key(header.uuid)
+    # Proven before the key is trusted with a keyslot.
+    new = new_proven_key(provider, header.uuid, unchanged=f"nothing was changed on {device}")
     slot: Optional[int] = None
     token_id: Optional[int] = None
     try:
-        # Prove the round trip before the key is trusted with a keyslot.
-        unwrapped = provider.unwrap(new.wrapped)
-        try:
-            if not same_key(unwrapped, new.plaintext):
-                raise VerifyError(
-                    f"KMS returned a different key on unwrap; nothing was changed on {device}.",
-                    hint="check that the endpoint really is AWS KMS (providers.aws_kms."
-                    "endpoints / endpoint_url)",
-                )
-        finally:
-            wipe(unwrapped)
         slot = luks2.add_keyslot(
             device, existing_key=existing_key, new_key=new.plaintext, keyslot=keyslot
         )
@@ -310,16 +295,9 @@ def wrap_copy(key: bytearray, source: FoundToken, new_provider: KeyWrapper) -> W
     """
     assert source.token is not None
     wrapped = new_provider.wrap(key, source.token.wrapped.encryption_context)
-    back = new_provider.unwrap(wrapped)
-    try:
-        if not same_key(back, key):
-            raise VerifyError(
-                "KMS returned a different key on unwrap of the new copy; nothing was changed.",
-                hint="check that the endpoint really is AWS KMS (providers.aws_kms."
-                "endpoints / endpoint_url)",
-            )
-    finally:
-        wipe(back)
+    prove_round_trip(
+        new_provider, wrapped, key, unchanged="the new copy was not stored; nothing was changed"
+    )
     return wrapped
 
 

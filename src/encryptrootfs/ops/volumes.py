@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hmac
 import os
 import stat
 import time
@@ -41,19 +40,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .. import __version__, luks2
+from .. import __version__, kms_retries, luks2
 from ..config import Config, Raid, VolumeConfig, VolumeFilesystem
 from ..errors import (
     DeviceError,
     EncryptrootfsError,
-    KeyServiceError,
     RefusedError,
     ToolError,
     VerifyError,
 )
 from ..log import get_logger
 from ..providers import KeyProvider, provider_for_token, provider_from_config
-from ..providers.base import wipe
+from ..providers.base import new_proven_key, wipe
 from ..run import run, which
 from ..token import KmsToken, read_tokens, token_to_json, utc_now
 
@@ -537,18 +535,8 @@ def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> b
     after the token is stored. Returns the key (for the open stage; the caller wipes it).
     """
     luks_uuid = str(uuid_module.uuid4())
-    new = provider.new_key(luks_uuid)
+    new = new_proven_key(provider, luks_uuid, unchanged=f"nothing was written to {device}")
     try:
-        back = provider.unwrap(new.wrapped)
-        try:
-            if not hmac.compare_digest(bytes(back), bytes(new.plaintext)):
-                raise VerifyError(
-                    f"KMS returned a different key on unwrap; nothing was written to {device}.",
-                    hint="check that the endpoint really is AWS KMS "
-                    "(providers.aws_kms.endpoints / endpoint_url)",
-                )
-        finally:
-            wipe(back)
         log.info("volume %s: formatting %s as LUKS2 %s", volume.name, device, luks_uuid)
         slot = luks_format(device, new.plaintext, uuid=luks_uuid, label=volume.name)
         token = KmsToken(
@@ -586,34 +574,22 @@ def unwrap_key(
     tokens = our_tokens(device)
     if not tokens:
         raise VerifyError(f"{device} has no readable encryptrootfs token; nothing was changed.")
-    deadline = clock() + config.boot.unlock_timeout
-    delay = 1.0
-    alive = list(tokens)
-    while True:
-        last: Optional[KeyServiceError] = None
-        for token in list(alive):
-            try:
-                return provider_for_token(config, token.wrapped).unwrap(token.wrapped), token
-            except KeyServiceError as exc:
-                log.warning(
-                    "%s: unwrap with %s (%s) failed: %s",
-                    device,
-                    token.wrapped.key_id,
-                    token.wrapped.region,
-                    exc.message,
-                )
-                last = exc
-                if not exc.retryable:
-                    alive.remove(token)
-        assert last is not None
-        if not alive or clock() + delay > deadline:
-            raise KeyServiceError(
-                f"Could not unwrap the key of {device}: {last.message} The volume stays locked "
-                "and nothing on it was changed.",
-                hint=last.hint,
-            )
-        sleep(delay)
-        delay = min(delay * 2, 15.0)
+
+    def unwrap(token: KmsToken) -> Callable[[], tuple[bytearray, KmsToken]]:
+        return lambda: (provider_for_token(config, token.wrapped).unwrap(token.wrapped), token)
+
+    def report(line: str) -> None:
+        log.warning("%s: %s", device, line)
+
+    return kms_retries.with_kms_retries(
+        config.boot.unlock_timeout,
+        f"unwrap the key of {device}",
+        [(f"unwrap with {t.wrapped.key_id} ({t.wrapped.region})", unwrap(t)) for t in tokens],
+        outcome="The volume stays locked and nothing on it was changed.",
+        report=report,
+        clock=clock,
+        sleep=sleep,
+    )
 
 
 def open_volume(device: str, volume: VolumeConfig, key: bytearray, keyslot: Optional[int]) -> str:

@@ -14,6 +14,7 @@ copy cannot be overwritten from Python and is dropped immediately.
 from __future__ import annotations
 
 import calendar
+import hmac
 import math
 import re
 import time
@@ -339,7 +340,7 @@ class AwsKmsProvider:
                 again = self._decrypt(
                     region, wrapped.key_id, wrapped.ciphertext, context, deadline, client=client
                 )
-                same = again == plaintext
+                same = hmac.compare_digest(bytes(again), bytes(plaintext))
                 wipe(again)
             finally:
                 wipe(plaintext)

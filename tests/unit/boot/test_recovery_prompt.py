@@ -108,7 +108,7 @@ class ScriptedConsole:
 def written(monkeypatch: pytest.MonkeyPatch) -> list[unlock_record.UnlockRecord]:
     """The unlock records the boot wrote (never the host's /run)."""
     records: list[unlock_record.UnlockRecord] = []
-    monkeypatch.setattr(unlock_record, "write", lambda rec: records.append(rec) or True)
+    monkeypatch.setattr(unlock_record, "write", lambda rec, path=None: records.append(rec) or True)
     return records
 
 
