@@ -132,3 +132,39 @@ def test_the_custody_proof_refuses_a_key_service_that_unwraps_to_other_bytes(
         volumes.format_volume("/dev/vdc", config.volumes[0], kms)  # type: ignore[arg-type]
     # Every new key was wiped when the proof failed.
     assert kms.made and all(not any(new.plaintext) for new in kms.made)
+
+
+def test_every_cryptsetup_call_goes_through_luks2_in_the_c_locale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Outside the luks2 package, nothing names the cryptsetup program.
+    src = Path(luks2.__file__).resolve().parents[1]
+    outside = [
+        str(p.relative_to(src))
+        for p in src.rglob("*.py")
+        if "luks2" not in p.parts
+        and p.name != "tools.py"  # the tool table: package names, not a call
+        and ("CRYPTSETUP" in p.read_text() or '"cryptsetup",' in p.read_text())
+    ]
+    assert outside == []
+
+    from encryptrootfs.luks2 import cryptsetup
+
+    seen: list[tuple[list[str], Any]] = []
+
+    def fake_run(argv: list[str], **kwargs: Any) -> Any:
+        seen.append((list(argv), kwargs.get("env")))
+        raise AssertionError("stop here")
+
+    monkeypatch.setattr(cryptsetup, "run", fake_run)
+    for call in (
+        lambda: luks2.read_dump("/dev/vdb"),
+        lambda: luks2.set_label("/dev/vdb", "data", "encryptrootfs"),
+        lambda: luks2.format_device(
+            "/dev/vdb", bytearray(b"k"), uuid="u", label="l", subsystem="s"
+        ),
+    ):
+        with pytest.raises(AssertionError):
+            call()
+    assert [argv[0] for argv, _ in seen] == ["cryptsetup"] * 3
+    assert all(env == {"LC_ALL": "C", "LANG": "C"} for _, env in seen)

@@ -18,7 +18,6 @@ from .. import luks2
 from ..config import Config
 from ..errors import DeviceError, EncryptrootfsError
 from ..log import get_logger
-from ..run import run
 from ..token import RECOVERY_TOKEN_TYPE, read_tokens
 from ..unlock_record import UnlockMethod, UnlockRecord
 
@@ -290,9 +289,7 @@ def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceS
             signature, _ = probe_signature(device)
             return DeviceStatus(device, VolumeState.PLAIN, filesystem=signature.type or None)
         if version != 2:
-            dump = luks2.parse_dump_text(
-                run([luks2.CRYPTSETUP, "luksDump", device]).stdout.decode(errors="replace")
-            )
+            dump = luks2.read_dump(device)
             return DeviceStatus(
                 device, VolumeState.NOT_OURS, luks_version=version, luks_uuid=dump.uuid
             )

@@ -486,29 +486,12 @@ def luks_format(device: str, key: bytearray, *, uuid: str, label: str) -> int:
 
     ``uuid`` is chosen beforehand: the wrapped key's encryption context binds to it.
     """
-    run(
-        [
-            luks2.CRYPTSETUP,
-            "luksFormat",
-            "--batch-mode",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            luks2.PBKDF,
-            "--pbkdf-force-iterations",
-            str(luks2.PBKDF_ITERATIONS),
-            "--uuid",
-            uuid,
-            "--label",
-            label,
-            "--subsystem",
-            FORMATTING_SUBSYSTEM,
-            "--key-file",
-            "-",
-            device,
-        ],
-        stdin=key,
-        env={"LC_ALL": "C", "LANG": "C"},
+    luks2.format_device(
+        device,
+        key,
+        uuid=uuid,
+        label=label,
+        subsystem=FORMATTING_SUBSYSTEM,
         hint="the device held no data (it was blank); run it again",
     )
     header = luks2.read_header(device)
@@ -521,11 +504,7 @@ def luks_format(device: str, key: bytearray, *, uuid: str, label: str) -> int:
 
 
 def mark(device: str, label: str, subsystem: str) -> None:
-    # `cryptsetup config` clears the label when only --subsystem is given: pass both.
-    run(
-        [luks2.CRYPTSETUP, "config", "--label", label, "--subsystem", subsystem, device],
-        env={"LC_ALL": "C", "LANG": "C"},
-    )
+    luks2.set_label(device, label, subsystem)
 
 
 def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> bytearray:
