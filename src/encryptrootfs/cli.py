@@ -83,7 +83,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     }
     if config.aws_kms is not None:
         summary["key_id"] = config.aws_kms.key_id
-        summary["region"] = config.aws_kms.region or "(from IMDS placement/region)"
+        region, source = config.aws_kms.region_and_source()
+        summary["region"] = f"{region} (from the {source})" if region else f"(from {source})"
     if args.json:
         _print_json({"valid": True, **summary})
     else:

@@ -487,11 +487,9 @@ class AwsKmsProvider:
         )
 
     def _region(self, imds: ImdsClient) -> tuple[str, str]:
-        if self.config.region:
-            return self.config.region, "config"
-        key_id = self.config.key_id
-        if key_id.startswith("arn:"):
-            return key_id.split(":")[3], "key ARN"
+        region, source = self.config.region_and_source()
+        if region is not None:
+            return region, source
         try:
             return imds.region(), "IMDS placement/region"
         except ImdsError as e:

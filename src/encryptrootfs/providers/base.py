@@ -9,6 +9,7 @@ never leaves the process.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -182,3 +183,29 @@ def new_proven_key(provider: KeyProvider, luks_uuid: str, *, unchanged: str) -> 
         new.wipe()
         raise
     return new
+
+
+# --------------------------------------------------------------------------------------------
+# The key ARN, parsed in one place: the config validates with it, and the region a key ARN
+# names decides where KMS is called (before the configured region's default or IMDS's).
+
+_KEY_ARN = re.compile(
+    r"^arn:(?P<partition>aws[a-z-]*):kms:(?P<region>[a-z0-9-]+):(?P<account>[0-9]{12}):"
+    r"(?P<resource>key/[A-Za-z0-9-]+|alias/[A-Za-z0-9/_-]+)$"
+)
+
+
+@dataclass(frozen=True)
+class KeyArn:
+    partition: str  # aws, aws-cn, aws-us-gov
+    region: str
+    account: str
+    resource: str  # key/<id> or alias/<name>
+
+
+def parse_key_arn(key_id: str) -> Optional[KeyArn]:
+    """The parts of a KMS key (or alias) ARN; None when ``key_id`` is not one."""
+    match = _KEY_ARN.match(key_id)
+    if match is None:
+        return None
+    return KeyArn(**match.groupdict())
