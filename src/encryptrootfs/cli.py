@@ -790,11 +790,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("encryptrootfs: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A file the command was given or needs (--key-file, the unlock record, a device
+        # node): a sentence naming it, not a traceback.
+        if args.debug:
+            log.exception("failed")
+        print(f"encryptrootfs: error: {os_error_sentence(exc)}", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+    except Exception as exc:  # the last resort: a bug, said in one line
+        if args.debug:
+            log.exception("failed")
+        print(
+            f"encryptrootfs: error: unexpected {type(exc).__name__}: {exc}; the command "
+            "stopped there. Run it again with --debug and report it.",
+            file=sys.stderr,
+        )
+        return int(ExitCode.FAILURE)
 
 
-def entry() -> None:
-    sys.exit(main())
+def os_error_sentence(exc: OSError) -> str:
+    """``cannot open /missing: No such file or directory.`` (plus the second file, if any)."""
+    what = exc.strerror or str(exc)
+    if exc.filename is None:
+        return f"{what}; the command stopped there (run it with --debug for details)."
+    files = f"`{exc.filename}`" + (f" -> `{exc.filename2}`" if exc.filename2 else "")
+    return (
+        f"cannot use {files}: {what}. The command stopped there; check the path and "
+        "its permissions, then run it again."
+    )
 
 
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())
