@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from encryptrootfs import devices
-from encryptrootfs.boot import filesystems
-from encryptrootfs.boot.__init__ import locate_root
+from encryptrootfs.boot import filesystems, locate_root
 from encryptrootfs.boot.decide import decide
 from encryptrootfs.boot.first_boot import plan_room
 from encryptrootfs.cli import main

@@ -41,7 +41,7 @@ def test_trim_keeps_kms_of_every_partition_and_drops_other_services() -> None:
         "endpoints": {"fips-us-gov-west-1": {"deprecated": True}},
         "defaults": {"variants": [{"hostname": "kms-fips.{region}", "tags": ["fips"]}]},
     }
-    data = {
+    data: dict[str, Any] = {
         "version": 3,
         "partitions": [
             _partition("aws", {"kms": {"endpoints": {"us-east-1": {}}}, "s3": {}, "ec2": {}}),

@@ -50,6 +50,18 @@ def part(tokens: tuple[KmsToken, ...]) -> Partition:
     )
 
 
+def written(monkeypatch: pytest.MonkeyPatch) -> list[unlock_record.UnlockRecord]:
+    """The unlock records the boot wrote (never the host's /run)."""
+    records: list[unlock_record.UnlockRecord] = []
+
+    def write(record: unlock_record.UnlockRecord, path: Any = None) -> bool:
+        records.append(record)
+        return True
+
+    monkeypatch.setattr(unlock_record, "write", write)
+    return records
+
+
 @pytest.mark.parametrize(
     ("prefer", "expected"),
     [
@@ -108,11 +120,13 @@ def test_the_boot_tries_copies_in_the_configured_order_and_records_the_winner(
     monkeypatch.setattr(unlock, "provider_for_token", lambda cfg, wrapped: kms)
     monkeypatch.setattr(systemd_initrd, "wait_for_network", lambda *a, **k: True)
     opened: list[Any] = []
-    monkeypatch.setattr(
-        unlock, "open_root", lambda dev, cfg, key, tok: opened.append(tok) or "/dev/mapper/root"
-    )
-    records: list[unlock_record.UnlockRecord] = []
-    monkeypatch.setattr(unlock_record, "write", lambda rec, path=None: records.append(rec) or True)
+
+    def open_root(dev: str, cfg: Config, key: bytearray, tok: KmsToken) -> str:
+        opened.append(tok)
+        return "/dev/mapper/root"
+
+    monkeypatch.setattr(unlock, "open_root", open_root)
+    records = written(monkeypatch)
     with caplog.at_level("INFO", logger="encryptrootfs"):
         mapper = unlock.unwrap_and_open(part((US, EU)), config(prefer), [US, EU])
     assert mapper == "/dev/mapper/root"

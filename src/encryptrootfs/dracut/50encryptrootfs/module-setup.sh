@@ -1,4 +1,7 @@
 #!/bin/bash
+# dracut defines moddir, initdir, dracutbasedir, systemdutildir and the like before it sources
+# this file (dracut-init.sh), so they are never assigned here.
+# shellcheck disable=SC2154
 # dracut module "encryptrootfs": python3 with exactly what `encryptrootfs boot` imports, this
 # package, a pruned botocore, the CA bundle, cryptsetup and the partition and file-system
 # tools, and a systemd unit that runs `python3 -m encryptrootfs boot` before the root is
