@@ -6,6 +6,7 @@ here writes to a device.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,20 @@ def luks_facts(device: str) -> LuksFacts:
         keyslots=tuple(sorted(header.keyslots, key=int)),
         damaged=tokens.damaged,
     )
+
+
+def device_size(path: str) -> Optional[int]:
+    """Size in bytes of a block device or file (None when it cannot be told)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_int(path: Path) -> int:

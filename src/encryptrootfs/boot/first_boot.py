@@ -85,11 +85,21 @@ def plan_room(part: Partition, fs: FsGeometry, free_after: int) -> RoomPlan:
             hint=f"leave at least {short} MiB more unpartitioned space after the root "
             "partition in the image (cloud disks larger than the image have it)",
         )
+    # What works is room after the partition: the first boot grows the partition into it.
+    # Deleting files does not: the shrink is in place and must give up the partition's last
+    # 32 MiB, and resize2fs's minimum (-P) hardly falls as files go (measured: the same
+    # minimum after 128 MiB were deleted).
+    after = free_after // 1048576 + short
     raise RefusedError(
-        f"The root {part.path} cannot make room for the 32 MiB LUKS2 header: the filesystem "
-        f"needs at least {fs.min_size // 1048576} MiB and only "
-        f"{(part.size - REDUCE_DEVICE_SIZE) // 1048576} MiB would be left. Nothing was changed.",
-        hint="free some space in the image, or leave free space after the root partition",
+        f"The root {part.path} cannot make room for the 32 MiB LUKS2 header: grow the disk so "
+        f"that at least {after} MiB lie free after the root partition (now "
+        f"{free_after // 1048576} MiB), and the first boot grows the partition into it. "
+        f"Shrinking in place does not fit: the filesystem needs at least "
+        f"{fs.min_size // 1048576} MiB and only {(part.size - REDUCE_DEVICE_SIZE) // 1048576} "
+        "MiB would be left. Nothing was changed.",
+        hint=f"grow the disk (or leave {after} MiB unpartitioned after the root in the image); "
+        "deleting files in the image does not help: resize2fs's minimum barely moves with "
+        "free space, and the header needs the partition's last 32 MiB",
     )
 
 

@@ -139,6 +139,9 @@ from .header import (
     Segment as Segment,
 )
 from .header import (
+    encryption_progress as encryption_progress,
+)
+from .header import (
     parse_dump_text as parse_dump_text,
 )
 from .header import (

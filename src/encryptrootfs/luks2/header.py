@@ -343,3 +343,36 @@ def thaw(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [thaw(v) for v in value]
     return value
+
+
+def encryption_progress(
+    header: LuksHeader, device_size: Optional[int]
+) -> Optional[tuple[int, int]]:
+    """(bytes encrypted, bytes in all) of a pending in-place *encryption*, from the header.
+
+    While cryptsetup encrypts, the live segments (those without a ``backup-*`` flag) are the
+    parts already encrypted (``crypt``) and the parts still plain (``linear``); together they
+    cover the data. A ``dynamic`` segment runs to the end of the device, so its size needs
+    ``device_size``; without it the share is unknown (None), as it is for any other mode or
+    when nothing is pending. Used by ``status`` (the percentage) and by the data pass (what
+    this boot encrypted, apart from what an earlier boot did).
+    """
+    state_slot = header.reencrypt_keyslot
+    if not header.reencryption_pending or state_slot is None or state_slot.mode != "encrypt":
+        return None
+    done = total = 0
+    for segment in header.segments:
+        if any(f.startswith("backup-") for f in segment.flags):
+            continue
+        if segment.size is not None:
+            size = segment.size
+        elif device_size is not None:
+            size = max(device_size - segment.offset, 0)
+        else:
+            return None
+        total += size
+        if segment.type == "crypt" and "in-reencryption" not in segment.flags:
+            done += size
+    if total <= 0:
+        return None
+    return done, total

@@ -146,32 +146,11 @@ class DeviceStatus:
 
 
 def reencryption_percent(header: luks2.LuksHeader, device_size: Optional[int]) -> Optional[float]:
-    """How much of an in-place *encryption* is done, from the header's live data segments.
-
-    While cryptsetup encrypts, the live segments (those without a ``backup-*`` flag) are the
-    parts already encrypted (``crypt``) and the parts still plain (``linear``); together they
-    cover the data. A ``dynamic`` segment runs to the end of the device, so its size needs
-    ``device_size``; without it the share is unknown (None). Only the ``encrypt`` mode is
-    measured this way.
-    """
-    state_slot = header.reencrypt_keyslot
-    if not header.reencryption_pending or state_slot is None or state_slot.mode != "encrypt":
+    """How much of an in-place *encryption* is done (see :func:`luks2.encryption_progress`)."""
+    progress = luks2.encryption_progress(header, device_size)
+    if progress is None:
         return None
-    done = total = 0
-    for segment in header.segments:
-        if any(f.startswith("backup-") for f in segment.flags):
-            continue
-        if segment.size is not None:
-            size = segment.size
-        elif device_size is not None:
-            size = max(device_size - segment.offset, 0)
-        else:
-            return None
-        total += size
-        if segment.type == "crypt" and "in-reencryption" not in segment.flags:
-            done += size
-    if total <= 0:
-        return None
+    done, total = progress
     return round(100.0 * done / total, 1)
 
 
@@ -263,23 +242,9 @@ def summarise_header(
 # --- reading devices --------------------------------------------------------------------------
 
 
-def device_size(path: str) -> Optional[int]:
-    """Size in bytes of a block device or file (None when it cannot be told)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceStatus:
     """Everything ``status`` says about one device; problems become an ``unreadable`` entry."""
-    from ..devices import probe_signature
+    from ..devices import device_size, probe_signature
 
     try:
         if not os.path.exists(device):
