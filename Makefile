@@ -5,11 +5,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
+# The lab runs from the checkout: the installed wheel holds only the product.
+LAB := PYTHONPATH=src $(PY) -m encryptrootfs_lab
 
 # Host programs: cryptsetup for the header tier; QEMU, debootstrap and the mkfs tools for the lab;
-# GRUB's images and tools, mkfs.vfat and mtools for the lab's disks that boot through GRUB.
+# GRUB's images and tools, mkfs.vfat and mtools for the lab's disks that boot through GRUB;
+# shellcheck for the lint tier (every shell file the product and the lab ship).
 APT_PACKAGES := cryptsetup-bin qemu-system-x86 qemu-utils debootstrap fdisk e2fsprogs \
-	xfsprogs btrfs-progs zstd cpio ovmf grub-pc-bin grub-efi-amd64-bin dosfstools mtools
+	xfsprogs btrfs-progs zstd cpio ovmf grub-pc-bin grub-efi-amd64-bin dosfstools mtools \
+	shellcheck
 
 .PHONY: deps apt venv test test-all test-unit test-header test-vm lint demo clean \
 	lab-build lab-boot
@@ -56,15 +60,15 @@ lint: venv
 	$(PYTEST) -m lint
 
 demo: deps
-	$(VENV)/bin/encryptrootfs-lab demo
+	$(LAB) demo
 
 # The lab (README "The lab"): build or reuse the guest image and default disk; boot it once.
 # The cache lives outside the checkout (ENCRYPTROOTFS_LAB_CACHE, default /var/tmp/encryptrootfs-lab).
 lab-build: deps
-	$(VENV)/bin/encryptrootfs-lab build
+	$(LAB) build
 
 lab-boot: deps
-	$(VENV)/bin/encryptrootfs-lab boot
+	$(LAB) boot
 
 # Benchmarks (issue 8): bench/results.json, bench/*.png and bench/RESULTS.md. Pieces one at a
 # time with `make bench ONLY=fleet` (initramfs, fleet, disk, boot); BENCH_ARGS=--small for a try.
@@ -77,7 +81,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	touch $@
 
 bench: deps $(VENV)/.bench-installed
-	$(PY) -m bench $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
+	PYTHONPATH=src $(PY) -m bench $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -72,7 +72,7 @@ t0 = time.monotonic()
 import encryptrootfs.cli
 t1 = time.monotonic()
 from encryptrootfs.boot import boot, locate_root, root_spec
-from encryptrootfs.boot import devices
+from encryptrootfs import devices
 from encryptrootfs.boot.decide import decide
 t2 = time.monotonic()
 from encryptrootfs.config import load_config

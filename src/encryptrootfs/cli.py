@@ -22,7 +22,7 @@ from .providers.base import wipe
 from .token import token_to_json
 
 if TYPE_CHECKING:
-    from .enroll import ProviderFor
+    from .ops.enroll import ProviderFor
 
 # Operator commands import what they need when they run: the initramfs runs only ``boot``, and
 # every module it does not import is time saved before the root is unlocked (see bench/).
@@ -84,7 +84,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     }
     if config.aws_kms is not None:
         summary["key_id"] = config.aws_kms.key_id
-        summary["region"] = config.aws_kms.region or "(from IMDS placement/region)"
+        region, source = config.aws_kms.region_and_source()
+        summary["region"] = f"{region} (from the {source})" if region else f"(from {source})"
     if args.json:
         _print_json({"valid": True, **summary})
     else:
@@ -132,7 +133,7 @@ def _provider_for(config: Config) -> ProviderFor:
 
 
 def cmd_enroll_copy(args: argparse.Namespace) -> int:
-    from .enroll import enroll_copy
+    from .ops.enroll import enroll_copy
 
     config = _config(args)
     new_provider = provider_for_key(config, args.key_id, args.region)
@@ -166,7 +167,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "--key-id, --region and --token-id go with --copy; nothing was changed.",
             hint="a plain enroll wraps with the configured key; set it in the configuration",
         )
-    from .enroll import enroll
+    from .ops.enroll import enroll
 
     provider = provider_from_config(_config(args))
     existing = _read_existing_key(args)
@@ -197,13 +198,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_token_show(args: argparse.Namespace) -> int:
-    from .enroll import find_tokens, require_luks2
+    from .ops.enroll import require_luks2
+    from .token import TOKEN_TYPE, read_tokens
 
     header = require_luks2(args.device)
     tokens = []
-    for found in find_tokens(header):
-        entry: dict[str, Any] = {"id": found.token_id, "type": found.type}
-        if found.token is not None:
+    for found in read_tokens(header.tokens).all:
+        entry: dict[str, Any] = {"id": found.id, "type": found.type}
+        if found.damaged is not None:
+            entry["damaged"] = found.damaged
+        elif found.token is not None:
             full = token_to_json(found.token)
             # The ciphertext is not secret (only KMS can open it), but it is noise on a screen.
             full.pop("ciphertext", None)
@@ -234,8 +238,11 @@ def cmd_token_show(args: argparse.Namespace) -> int:
         + (" (reencryption pending)" if header.reencryption_pending else "")
     )
     for t in tokens:
-        if t["type"] != "encryptrootfs":
+        if t["type"] != TOKEN_TYPE:
             print(f"  token {t['id']}: {t['type']} (not ours, skipped)")
+            continue
+        if "damaged" in t:
+            print(f"  token {t['id']}: {t['damaged']} (damaged, skipped)")
             continue
         print(
             f"  token {t['id']}: {t['provider']} key {t['key_id']} region {t['region']} "
@@ -250,7 +257,7 @@ def cmd_token_show(args: argparse.Namespace) -> int:
 
 
 def cmd_token_verify(args: argparse.Namespace) -> int:
-    from .enroll import all_ok, verify
+    from .ops.enroll import all_ok, verify
 
     provider = provider_from_config(_config(args))
     results = verify(args.device, provider)
@@ -277,7 +284,8 @@ def cmd_token_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import status, unlock_record
+    from . import unlock_record
+    from .ops import status
 
     devices = list(args.devices) or [status.configured_root(_config(args))]
     record = unlock_record.read(Path(args.record))
@@ -291,7 +299,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
-    from .rewrap import rewrap
+    from .ops.rewrap import rewrap
 
     config = _config(args)
     new_provider = provider_for_key(config, args.key_id, args.region)
@@ -320,7 +328,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery_add(args: argparse.Namespace) -> int:
-    from .recovery import ENTROPY_BITS, add_recovery_key
+    from .ops.recovery import add_recovery_key
+    from .passphrase import ENTROPY_BITS
 
     config = _config(args)
     added = add_recovery_key(args.device, _provider_for(config), iter_time_ms=args.iter_time)
@@ -353,7 +362,7 @@ def cmd_recovery_add(args: argparse.Namespace) -> int:
 
 
 def cmd_recovery_remove(args: argparse.Namespace) -> int:
-    from .recovery import remove_recovery_key
+    from .ops.recovery import remove_recovery_key
 
     config = _config(args)
     removed = remove_recovery_key(args.device, _provider_for(config))
@@ -468,7 +477,7 @@ def _add_operator_parsers(sub: Any) -> None:
 
 
 def cmd_volumes(args: argparse.Namespace) -> int:
-    from . import volumes
+    from .ops import volumes
 
     config = _config(args)
     if args.subcommand == "up":
@@ -528,13 +537,20 @@ def _add_volumes_parsers(sub: Any) -> None:
 def cmd_boot(args: argparse.Namespace) -> int:
     # Imported here: the boot path is the only one that needs the stage modules.
     from .boot import boot
+    from .boot.systemd_initrd import DracutSystemd
 
-    mapper = boot(_config(args))
-    print(
-        f"encryptrootfs: root ready at {mapper}"
-        if mapper
-        else "encryptrootfs: root left plain (first-boot encryption disabled)"
-    )
+    # dracut's systemd initrd is the one integration today (boot/integration.py says what
+    # another generator supplies).
+    integration = DracutSystemd()
+    try:
+        mapper = boot(_config(args), integration)
+        integration.hand_back(mapper)
+    except EncryptrootfsError as exc:
+        if args.debug:
+            log.exception("failed")
+        return integration.fail(exc)
+    finally:
+        integration.network_down()
     return ExitCode.OK
 
 
@@ -542,7 +558,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from .install import check_readiness, install, readiness_exit_code
+    from .image.install import check_readiness, install, readiness_exit_code
 
     root = Path(args.root)
     if args.check:
@@ -574,7 +590,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_dracut_files(args: argparse.Namespace) -> int:
-    from .initramfs import manifest_lines, plan_initramfs
+    from .image.initramfs import manifest_lines, plan_initramfs
 
     config_path = Path(args.config)
     if config_path.exists():
@@ -778,11 +794,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("encryptrootfs: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A file the command was given or needs (--key-file, the unlock record, a device
+        # node): a sentence naming it, not a traceback.
+        if args.debug:
+            log.exception("failed")
+        print(f"encryptrootfs: error: {os_error_sentence(exc)}", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+    except Exception as exc:  # the last resort: a bug, said in one line
+        if args.debug:
+            log.exception("failed")
+        print(
+            f"encryptrootfs: error: unexpected {type(exc).__name__}: {exc}; the command "
+            "stopped there. Run it again with --debug and report it.",
+            file=sys.stderr,
+        )
+        return int(ExitCode.FAILURE)
 
 
-def entry() -> None:
-    sys.exit(main())
+def os_error_sentence(exc: OSError) -> str:
+    """``cannot open /missing: No such file or directory.`` (plus the second file, if any)."""
+    what = exc.strerror or str(exc)
+    if exc.filename is None:
+        return f"{what}; the command stopped there (run it with --debug for details)."
+    files = f"`{exc.filename}`" + (f" -> `{exc.filename2}`" if exc.filename2 else "")
+    return (
+        f"cannot use {files}: {what}. The command stopped there; check the path and "
+        "its permissions, then run it again."
+    )
 
 
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())

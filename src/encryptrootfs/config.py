@@ -19,7 +19,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .providers.base import RESERVED_CONTEXT_PREFIX, ProviderName, frozen_context
+from .providers.base import RESERVED_CONTEXT_PREFIX, ProviderName, frozen_context, parse_key_arn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,9 +33,6 @@ DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 # udev rules, crypttab and shell hooks.
 _MAPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
-_KEY_ARN = re.compile(
-    r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):[0-9]{12}:(key/[A-Za-z0-9-]+|alias/[A-Za-z0-9/_-]+)$"
-)
 _ALIAS = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
 _KEY_UUID = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -106,6 +103,16 @@ class AwsKmsConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "encryption_context", frozen_context(self.encryption_context))
         object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
+
+    def region_and_source(self) -> tuple[Optional[str], str]:
+        """Where KMS is called for this key, and why: the configured region, else the one a
+        key ARN names, else (None) the instance's, from IMDS placement/region at run time."""
+        if self.region:
+            return self.region, "config"
+        arn = parse_key_arn(self.key_id)
+        if arn is not None:
+            return arn.region, "key ARN"
+        return None, "IMDS placement/region"
 
 
 @dataclass(frozen=True)
@@ -318,7 +325,8 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     top = _Table(data, "", source)
     root_table = top.table("root") or _Table({}, "root", source)
     root = _parse_root_device(root_table)
-    mapper_name = root_table.string("mapper_name", "root") or "root"
+    # Defaults are the dataclass fields' (one place); the parsers only validate.
+    mapper_name = root_table.string("mapper_name", Config.mapper_name) or Config.mapper_name
     if not _MAPPER_NAME.match(mapper_name):
         raise root_table.error(
             "mapper_name",
@@ -354,17 +362,19 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
 
     first_boot_table = top.table("first_boot") or _Table({}, "first_boot", source)
     first_boot = FirstBootConfig(
-        enabled=first_boot_table.boolean("enabled", True),
-        grow=first_boot_table.boolean("grow", False),
-        move_boot=first_boot_table.boolean("move_boot", True),
-        boot_partition_mib=first_boot_table.mib("boot_partition_mib", 512, 64, 8192),
+        enabled=first_boot_table.boolean("enabled", FirstBootConfig.enabled),
+        grow=first_boot_table.boolean("grow", FirstBootConfig.grow),
+        move_boot=first_boot_table.boolean("move_boot", FirstBootConfig.move_boot),
+        boot_partition_mib=first_boot_table.mib(
+            "boot_partition_mib", FirstBootConfig.boot_partition_mib, 64, 8192
+        ),
     )
     first_boot_table.finish()
     boot_table = top.table("boot") or _Table({}, "boot", source)
     boot = BootConfig(
         device_timeout=boot_table.seconds("device_timeout", BootConfig.device_timeout),
         unlock_timeout=boot_table.seconds("unlock_timeout", BootConfig.unlock_timeout),
-        recovery_prompt=boot_table.boolean("recovery_prompt", True),
+        recovery_prompt=boot_table.boolean("recovery_prompt", BootConfig.recovery_prompt),
         prefer_regions=_parse_prefer_regions(boot_table),
     )
     boot_table.finish()
@@ -486,7 +496,7 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
     key_id = table.string("key_id")
     if key_id is None:
         raise table.error("key_id", "missing: name the KMS key (ARN, alias/... or key id)")
-    arn = _KEY_ARN.match(key_id)
+    arn = parse_key_arn(key_id)
     if key_id.startswith("alias/aws/") or ":alias/aws/" in key_id:
         raise table.error(
             "key_id", "AWS managed keys (alias/aws/...) cannot wrap data keys; use a customer key"
@@ -494,13 +504,14 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
     if not (arn or _ALIAS.match(key_id) or _KEY_UUID.match(key_id) or _MRK_ID.match(key_id)):
         raise table.error("key_id", f"must be an ARN, alias/... or key id, not {key_id!r}")
 
+    defaults = AwsKmsConfig(key_id=key_id)  # every default of the table, from one place
     region = table.string("region")
     if region is not None and not _REGION.match(region):
         raise table.error("region", f"must be an AWS region such as us-east-1, not {region!r}")
-    if arn and region is not None and arn.group("region") != region:
+    if arn and region is not None and arn.region != region:
         raise table.error(
             "region",
-            f"{region!r} differs from the region in key_id ({arn.group('region')!r}); "
+            f"{region!r} differs from the region in key_id ({arn.region!r}); "
             "drop region or make them agree",
         )
 
@@ -509,7 +520,7 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
         endpoint_url = _check_url(table, "endpoint_url", endpoint_url)
     endpoints = _parse_endpoints(table)
     imds_endpoint = _check_url(
-        table, "imds_endpoint", table.string("imds_endpoint", DEFAULT_IMDS_ENDPOINT) or ""
+        table, "imds_endpoint", table.string("imds_endpoint", defaults.imds_endpoint) or ""
     )
 
     context: dict[str, str] = {}
@@ -527,7 +538,6 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
                 raise context_table.error(key, f"must be a string, not {_toml_type(value)}")
             context[key] = value
 
-    defaults = AwsKmsConfig(key_id=key_id)
     connect_timeout = table.seconds("connect_timeout", defaults.connect_timeout)
     read_timeout = table.seconds("read_timeout", defaults.read_timeout)
     max_attempts = table.count("max_attempts", defaults.max_attempts)
@@ -547,7 +557,7 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
             f"{total_timeout:g} s is shorter than one IMDS attempt "
             f"(imds_timeout = {imds_timeout:g} s)",
         )
-    bind_instance_id = table.boolean("bind_instance_id", False)
+    bind_instance_id = table.boolean("bind_instance_id", defaults.bind_instance_id)
     table.finish()
     return AwsKmsConfig(
         key_id=key_id,
@@ -696,7 +706,7 @@ def _parse_volume(table: _Table) -> VolumeConfig:
                 "each option is one word without spaces or "
                 f'commas (write ["noatime", "nodev"]), not {option!r}',
             )
-    optional = table.boolean("optional", False)
+    optional = table.boolean("optional", VolumeConfig.optional)
     table.finish()
     return VolumeConfig(
         name=name,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -25,6 +25,10 @@ from .providers.base import ProviderName, WrappedKey
 
 TOKEN_TYPE = "encryptrootfs"  # noqa: S105 - the LUKS2 token type, not a secret
 TOKEN_VERSION = 1
+# The token that names the recovery passphrase's keyslot (see ops/recovery.py). It holds no
+# key material, only the keyslot; read here so that every reader of a header sees it alike.
+RECOVERY_TOKEN_TYPE = "encryptrootfs-recovery"  # noqa: S105 - a LUKS2 token type, not a secret
+RECOVERY_TOKEN_VERSION = 1
 
 
 class TokenError(EncryptrootfsError):
@@ -159,3 +163,87 @@ def _base64(obj: Mapping[str, Any], field: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise _malformed(field, "is not valid base64") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading every token of a header: one policy for the boot, status, token show|verify, volumes
+# and the recovery key.
+#
+# - ours and readable: used;
+# - ours and damaged (malformed, or from a newer encryptrootfs): skipped and named as
+#   "token N: why", never fatal on its own: the header may hold a good copy beside it, and a
+#   damaged token must not stop a boot that another copy can unlock;
+# - recovery tokens: listed with the keyslots they name;
+# - foreign (clevis, systemd-*): listed by type, never touched.
+
+
+@dataclass(frozen=True)
+class HeaderToken:
+    """One token of a header as every reader sees it."""
+
+    id: int
+    type: str
+    keyslots: tuple[int, ...]  # as the JSON names them (digits only)
+    token: Optional[KmsToken] = None  # ours and readable
+    damaged: Optional[str] = None  # ours but unreadable: why
+    created: Optional[str] = None  # a recovery token's "created"
+
+    @property
+    def ours(self) -> bool:
+        return self.type == TOKEN_TYPE
+
+    def why_skipped(self) -> str:
+        """The one wording for a damaged token, on the console and in every report."""
+        return f"token {self.id}: {self.damaged}"
+
+
+@dataclass(frozen=True)
+class HeaderTokens:
+    all: tuple[HeaderToken, ...]
+
+    @property
+    def usable(self) -> tuple[HeaderToken, ...]:
+        """Our readable tokens, in header order."""
+        return tuple(t for t in self.all if t.token is not None)
+
+    @property
+    def kms(self) -> tuple[KmsToken, ...]:
+        return tuple(t.token for t in self.all if t.token is not None)
+
+    @property
+    def damaged(self) -> tuple[str, ...]:
+        """``token N: why`` for each of our tokens that cannot be read (skipped)."""
+        return tuple(t.why_skipped() for t in self.all if t.damaged is not None)
+
+    @property
+    def recovery(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """(token id, keyslots) of every recovery token."""
+        return tuple((t.id, t.keyslots) for t in self.all if t.type == RECOVERY_TOKEN_TYPE)
+
+
+def read_tokens(tokens: Mapping[str, Mapping[str, Any]]) -> HeaderTokens:
+    """Every token of a header (``LuksHeader.tokens``), in id order, read by the policy above."""
+    out = []
+    for key, raw in sorted(tokens.items(), key=lambda kv: int(kv[0])):
+        token_type = str(raw.get("type", "?"))
+        slots = tuple(int(s) for s in raw.get("keyslots", ()) if str(s).isdigit())
+        token = damaged = created = None
+        if token_type == TOKEN_TYPE:
+            try:
+                token = token_from_json(raw)
+            except TokenError as exc:
+                damaged = exc.message
+        elif token_type == RECOVERY_TOKEN_TYPE:
+            value = raw.get("created")
+            created = value if isinstance(value, str) else None
+        out.append(HeaderToken(int(key), token_type, slots, token, damaged, created))
+    return HeaderTokens(tuple(out))
+
+
+def order_tokens(tokens: Sequence[KmsToken], preferred_regions: Sequence[str]) -> list[KmsToken]:
+    """``tokens`` with those in ``preferred_regions`` first, in that order; the rest keep
+    their header order (``[boot] prefer_regions``)."""
+    rank = {region: i for i, region in enumerate(preferred_regions)}
+    indexed = list(enumerate(tokens))
+    indexed.sort(key=lambda it: (rank.get(it[1].wrapped.region, len(rank)), it[0]))
+    return [t for _, t in indexed]

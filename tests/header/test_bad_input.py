@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from encryptrootfs.boot import devices, filesystems
-from encryptrootfs.boot.__init__ import locate_root
-from encryptrootfs.boot.decide import decide, find_root
+from encryptrootfs import devices
+from encryptrootfs.boot import filesystems, locate_root
+from encryptrootfs.boot.decide import decide
 from encryptrootfs.boot.first_boot import plan_room
 from encryptrootfs.cli import main
+from encryptrootfs.devices import find_root
 from encryptrootfs.errors import DeviceError, EncryptrootfsError, ExitCode, RefusedError
 from encryptrootfs.run import run
 from header.conftest import MIB, luks_format

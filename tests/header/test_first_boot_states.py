@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from encryptrootfs import luks2
-from encryptrootfs.boot import devices, first_boot, plan_record
+from encryptrootfs import devices, luks2, plan_record
+from encryptrootfs.boot import first_boot
 from encryptrootfs.boot.decide import Action, decide
-from encryptrootfs.boot.devices import Partition
-from encryptrootfs.boot.plan_record import REDUCE_DEVICE_SIZE, PlanRecord
 from encryptrootfs.config import parse_config
+from encryptrootfs.devices import Partition
 from encryptrootfs.errors import RefusedError
+from encryptrootfs.plan_record import REDUCE_DEVICE_SIZE, PlanRecord
 from encryptrootfs.providers.aws_kms import AwsKmsProvider
 from encryptrootfs.providers.base import NewKey
 from encryptrootfs.run import run

@@ -15,8 +15,8 @@ import pytest
 from encryptrootfs import run as run_module
 from encryptrootfs.cli import main
 from encryptrootfs.errors import ConfigError, EncryptrootfsError, ExitCode, ToolError
-from encryptrootfs.initramfs import plan_initramfs
-from encryptrootfs.install import (
+from encryptrootfs.image.initramfs import plan_initramfs
+from encryptrootfs.image.install import (
     DRACUT_CONF,
     MODULE_DIR,
     Change,

@@ -22,7 +22,7 @@ from encryptrootfs.luks2 import ReencryptionState, ReencryptProgress
 from encryptrootfs.run import CommandError, run
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import Ext4Image, ImageTools, LuksImage
+    from header.conftest import Ext4Image, ImageTools, LuksImage
 
 MIB = 1024 * 1024
 

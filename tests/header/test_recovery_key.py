@@ -11,9 +11,9 @@ import pytest
 
 from encryptrootfs import luks2
 from encryptrootfs.errors import ExitCode
-from encryptrootfs.recovery import normalise
+from encryptrootfs.passphrase import normalise
 from encryptrootfs.run import run
-from encryptrootfs.status import RECOVERY_TOKEN_TYPE
+from encryptrootfs.token import RECOVERY_TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
 from support.cli import Cli, emulator_config
 

@@ -13,8 +13,8 @@ import pytest
 from encryptrootfs import luks2
 from encryptrootfs.config import load_config
 from encryptrootfs.errors import ExitCode
+from encryptrootfs.ops.rewrap import STEPS, planned
 from encryptrootfs.providers import provider_for_key, provider_for_token
-from encryptrootfs.rewrap import STEPS, planned
 from encryptrootfs.run import run
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator

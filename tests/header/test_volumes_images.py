@@ -22,11 +22,7 @@ import pytest
 from encryptrootfs import luks2
 from encryptrootfs.config import Config, VolumeConfig, load_config
 from encryptrootfs.errors import ExitCode, KeyServiceError
-from encryptrootfs.providers import provider_from_config
-from encryptrootfs.providers.base import wipe
-from encryptrootfs.run import run
-from encryptrootfs.token import TOKEN_TYPE
-from encryptrootfs.volumes import (
+from encryptrootfs.ops.volumes import (
     FORMATTING_SUBSYSTEM,
     VOLUME_SUBSYSTEM,
     TargetAction,
@@ -35,6 +31,10 @@ from encryptrootfs.volumes import (
     plan_target,
     probe_target,
 )
+from encryptrootfs.providers import provider_from_config
+from encryptrootfs.providers.base import wipe
+from encryptrootfs.run import run
+from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
 from encryptrootfs_lab.offline import unwrap
 from support.cli import Cli, emulator_config
@@ -323,7 +323,7 @@ optional = true
 
 
 def test_install_writes_the_unit_and_enables_it_only_with_volumes(tmp_path: Path) -> None:
-    from encryptrootfs.install import VOLUMES_UNIT, Change, install, volumes_unit_source
+    from encryptrootfs.image.install import VOLUMES_UNIT, Change, install, volumes_unit_source
 
     example = Path(__file__).resolve().parents[2] / "examples" / "config.toml"
     with_volumes = tmp_path / "with-volumes.toml"
@@ -356,7 +356,7 @@ mount = "/data"
 
 
 def test_the_unit_orders_after_the_network_and_before_remote_filesystems() -> None:
-    from encryptrootfs.install import volumes_unit_source
+    from encryptrootfs.image.install import volumes_unit_source
 
     lines = [
         line.strip()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -54,7 +54,7 @@ class Ledger:
         self.cases[item.nodeid] = case
         return case
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         ran = [c for c in self.cases.values() if c.outcome in ("passed", "failed")]
         unmeasured = [c.nodeid for c in ran if c.bytes_lost is None]
         return {
@@ -73,10 +73,10 @@ class Ledger:
             f"{s['bytes_lost']} bytes of user data lost ({s['by_kind']})"
         ]
         if s["cases_without_data_check"]:
+            unmeasured: list[str] = s["cases_without_data_check"]
             out.append(
-                "robustness: ended before the data could be checked: "
-                + ", ".join(s["cases_without_data_check"])
-            )  # type: ignore[arg-type]
+                "robustness: ended before the data could be checked: " + ", ".join(unmeasured)
+            )
         return out
 
     def write(self, path: Path) -> None:

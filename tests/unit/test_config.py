@@ -230,3 +230,25 @@ def test_the_shipped_example_is_valid() -> None:
     config = load_config(REPO / "examples" / "config.toml")
     assert config.aws_kms is not None
     assert dict(config.aws_kms.encryption_context) == {"purpose": "rootfs"}
+
+
+@pytest.mark.parametrize(
+    ("aws", "said"),
+    [
+        ({"key_id": "alias/root"}, "region: (from IMDS placement/region)"),
+        (
+            {"key_id": "arn:aws:kms:ap-south-1:111122223333:key/1234abcd-12ab"},
+            "region: ap-south-1 (from the key ARN)",
+        ),
+        ({"key_id": "alias/root", "region": "eu-west-1"}, "region: eu-west-1 (from the config)"),
+    ],
+)
+def test_config_check_names_where_the_region_comes_from(
+    aws: dict[str, str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from encryptrootfs import cli
+
+    path = tmp_path / "config.toml"
+    path.write_text("[providers.aws_kms]\n" + "".join(f'{k} = "{v}"\n' for k, v in aws.items()))
+    assert cli.main(["config", "check", str(path)]) == 0
+    assert f"  {said}\n" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 
 from encryptrootfs.config import load_config, parse_config
 from encryptrootfs.errors import ConfigError, ExitCode
-from encryptrootfs.install import Status, check_config, install_config
+from encryptrootfs.image.install import Status, check_config, install_config
 
 ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 EU_URL = "https://vpce-0abc-xyz.kms.eu-west-1.vpce.amazonaws.com"

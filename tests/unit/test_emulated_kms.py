@@ -122,7 +122,9 @@ def test_persistent_throttling_stops_at_the_attempt_budget(
     kms.inject("Decrypt", "ThrottlingException", times=1000)
     with pytest.raises(KeyServiceError) as err:
         p.unwrap(new.wrapped)
-    assert "KMS kept throttling Decrypt past the retry budget (3 attempts" in str(err.value)
+    # The limit reached is the attempt count, and the message says so.
+    assert "KMS kept throttling Decrypt: all 3 attempts allowed " in str(err.value)
+    assert "(providers.aws_kms.max_attempts) were used, in " in str(err.value)
     assert len(kms.requests_for("Decrypt")) == 3
 
 
@@ -143,9 +145,12 @@ def test_persistent_throttling_stops_at_the_time_budget(
     kms.inject("Decrypt", "ThrottlingException", times=1000)
     with pytest.raises(KeyServiceError) as err:
         p.unwrap(new.wrapped)
-    assert "past the retry budget (20 attempts within 3 s)" in str(err.value)
     attempts = len(kms.requests_for("Decrypt"))
     assert 1 <= attempts < 20
+    # The limit reached is the time budget, not the 20 attempts: the message says which.
+    assert f"KMS kept throttling Decrypt: {attempts} attempts in " in str(err.value)
+    assert "the time budget (providers.aws_kms.total_timeout = 3 s) left no time" in str(err.value)
+    assert "20 attempts" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ import botocore
 import pytest
 from botocore.regions import EndpointResolver
 
-from encryptrootfs import initramfs
-from encryptrootfs.initramfs import (
+from encryptrootfs.boot import network
+from encryptrootfs.image import initramfs
+from encryptrootfs.image.initramfs import (
     Trace,
     imported_names,
     manifest_lines,
@@ -40,7 +41,7 @@ def test_trim_keeps_kms_of_every_partition_and_drops_other_services() -> None:
         "endpoints": {"fips-us-gov-west-1": {"deprecated": True}},
         "defaults": {"variants": [{"hostname": "kms-fips.{region}", "tags": ["fips"]}]},
     }
-    data = {
+    data: dict[str, Any] = {
         "version": 3,
         "partitions": [
             _partition("aws", {"kms": {"endpoints": {"us-east-1": {}}}, "s3": {}, "ec2": {}}),
@@ -143,7 +144,7 @@ def test_the_real_package_modules_include_the_boot_path() -> None:
         "encryptrootfs.cli",
         "encryptrootfs.boot",
         "encryptrootfs.providers.aws_kms",
-        "encryptrootfs.initramfs",
+        "encryptrootfs.image.initramfs",
     } <= set(names)
     assert not any(".dracut" in n or n.endswith("__main__") for n in names)
 
@@ -330,7 +331,7 @@ def test_resolv_conf_is_written_from_networkd_leases_only_when_missing(tmp_path:
     resolv = tmp_path / "etc/resolv.conf"
     resolv.parent.mkdir()
     resolv.symlink_to(tmp_path / "run/systemd/resolve/stub-resolv.conf")  # dangling
-    assert initramfs.ensure_resolv_conf(resolv, leases) == [
+    assert network.ensure_resolv_conf(resolv, leases) == [
         "169.254.169.3",
         "10.0.0.2",
         "192.0.2.53",
@@ -343,13 +344,13 @@ def test_resolv_conf_is_written_from_networkd_leases_only_when_missing(tmp_path:
     ]
     # A resolv.conf that already names a server (dhclient wrote it) is left alone.
     resolv.write_text("nameserver 192.0.2.1\n")
-    assert initramfs.ensure_resolv_conf(resolv, leases) == []
+    assert network.ensure_resolv_conf(resolv, leases) == []
     assert resolv.read_text() == "nameserver 192.0.2.1\n"
 
 
 def test_no_lease_no_resolv_conf(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
-    assert initramfs.ensure_resolv_conf(resolv, tmp_path / "missing") == []
+    assert network.ensure_resolv_conf(resolv, tmp_path / "missing") == []
     assert not resolv.exists()
 
 

@@ -8,39 +8,38 @@ import re
 
 import pytest
 
-from encryptrootfs import recovery
-from encryptrootfs.enroll import order_tokens
+from encryptrootfs import passphrase
+from encryptrootfs.ops import recovery
 from encryptrootfs.providers.base import ProviderName, WrappedKey
-from encryptrootfs.status import RECOVERY_TOKEN_TYPE
-from encryptrootfs.token import KmsToken
+from encryptrootfs.token import RECOVERY_TOKEN_TYPE, KmsToken, order_tokens
 
 FORM = re.compile(rb"^[0-9a-hjkmnp-tv-z]{5}(-[0-9a-hjkmnp-tv-z]{5}){7}$")
 
 
 def test_a_new_passphrase_has_the_printed_form_and_at_least_128_bits() -> None:
-    keys = {bytes(recovery.new_passphrase()) for _ in range(200)}
+    keys = {bytes(passphrase.new_passphrase()) for _ in range(200)}
     assert len(keys) == 200
     assert all(FORM.match(k) for k in keys)
-    assert recovery.ENTROPY_BITS == 40 * math.log2(len(recovery.ALPHABET)) == 200
-    assert not set("ilou") & set(recovery.ALPHABET)
+    assert passphrase.ENTROPY_BITS == 40 * math.log2(len(passphrase.ALPHABET)) == 200
+    assert not set("ilou") & set(passphrase.ALPHABET)
     # Every character of the alphabet turns up: the draw is not a narrower set.
-    assert set(b"".join(keys).decode()) - {"-"} == set(recovery.ALPHABET)
+    assert set(b"".join(keys).decode()) - {"-"} == set(passphrase.ALPHABET)
 
 
 def test_what_a_person_types_is_read_as_the_passphrase() -> None:
-    key = bytes(recovery.new_passphrase())
-    assert recovery.normalise(key) == key
-    assert recovery.normalise(key.decode().upper()) == key
-    assert recovery.normalise(key.decode().replace("-", "")) == key
-    assert recovery.normalise(" ".join(key.decode().split("-")) + "\n") == key
+    key = bytes(passphrase.new_passphrase())
+    assert passphrase.normalise(key) == key
+    assert passphrase.normalise(key.decode().upper()) == key
+    assert passphrase.normalise(key.decode().replace("-", "")) == key
+    assert passphrase.normalise(" ".join(key.decode().split("-")) + "\n") == key
     typed = key.decode().replace("0", "O").replace("1", "l")
-    assert recovery.normalise(typed) == key
+    assert passphrase.normalise(typed) == key
 
 
 @pytest.mark.parametrize("typed", ["", "abcde-fghjk", "u" * 40, "a" * 41, "abcde!" * 8])
 def test_what_cannot_be_a_recovery_key_is_refused(typed: str) -> None:
     with pytest.raises(ValueError, match="8 groups of 5"):
-        recovery.normalise(typed)
+        passphrase.normalise(typed)
 
 
 def test_the_recovery_token_names_its_keyslot_only() -> None:

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from encryptrootfs import luks2, status, unlock_record
-from encryptrootfs.boot import devices
-from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
+from encryptrootfs import devices, luks2, unlock_record
 from encryptrootfs.config import Config, RootKind, RootSelector
+from encryptrootfs.devices import LuksFacts, Partition, Signature
 from encryptrootfs.errors import DeviceError, RefusedError
+from encryptrootfs.ops import status
+from encryptrootfs.ops.status import TokenKind, VolumeState
 from encryptrootfs.providers.base import ProviderName, WrappedKey
-from encryptrootfs.status import TokenKind, VolumeState
 from encryptrootfs.token import KmsToken
 from encryptrootfs.unlock_record import UnlockMethod, UnlockRecord, UnlockRecordError
 

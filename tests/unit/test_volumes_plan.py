@@ -16,7 +16,7 @@ from encryptrootfs.config import (
     parse_config,
 )
 from encryptrootfs.errors import ConfigError, KeyServiceError
-from encryptrootfs.volumes import (
+from encryptrootfs.ops.volumes import (
     FORMATTING_SUBSYSTEM,
     VOLUME_SUBSYSTEM,
     MemberProbe,
@@ -349,7 +349,7 @@ class _Clock:
 
 
 def test_unwrap_retries_a_passing_failure_until_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from encryptrootfs import volumes
+    from encryptrootfs.ops import volumes
     from encryptrootfs.providers.base import ProviderName, WrappedKey
     from encryptrootfs.token import KmsToken
 

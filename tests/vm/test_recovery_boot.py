@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from encryptrootfs.recovery import normalise
+from encryptrootfs.passphrase import normalise
 from encryptrootfs_lab.cloud import GUEST_KMS_URL, EmulatedCloud
 from encryptrootfs_lab.image import Image, build_image
 from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk

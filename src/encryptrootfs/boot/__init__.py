@@ -11,32 +11,18 @@ import os
 import time
 from typing import Callable, Optional
 
-from ..config import Config, RootKind
+from .. import devices
+from ..config import Config
+from ..devices import Partition, find_root, root_spec
 from ..errors import DeviceError, RefusedError
 from ..providers import provider_from_config
-from . import devices
 from .console import say
-from .decide import Action, Decision, decide, find_root
-from .devices import Partition
-from .network import wait_for_network
+from .decide import Action, Decision, decide
+from .integration import Integration
+from .systemd_initrd import DracutSystemd
 from .unlock import unwrap_and_open
 
 __all__ = ["boot", "root_spec"]
-
-
-def root_spec(config: Config, cmdline: Optional[str] = None) -> str:
-    """The root selector as a ``TAG=value`` or path string."""
-    if config.root.kind is RootKind.CMDLINE:
-        text = devices.kernel_cmdline() if cmdline is None else cmdline
-        spec = devices.cmdline_root(text)
-        if not spec:
-            raise RefusedError(
-                "The kernel command line has no root=, and [root] device is `cmdline`; "
-                "encryptrootfs never guesses which disk to touch. Nothing was changed.",
-                hint='set [root] device = "UUID=..." in the configuration',
-            )
-        return spec
-    return str(config.root)
 
 
 def locate_root(
@@ -77,8 +63,12 @@ def locate_root(
         sleep(1.0)
 
 
-def boot(config: Config) -> Optional[str]:
-    """Make the root ready; returns the mapper path, or None when the root stays plain."""
+def boot(config: Config, integration: Optional[Integration] = None) -> Optional[str]:
+    """Make the root ready; returns the mapper path, or None when the root stays plain.
+
+    ``integration`` is the initramfs generator's side (network, console questions, records;
+    :mod:`encryptrootfs.boot.integration`); dracut's when not given."""
+    chosen: Integration = integration or DracutSystemd()
     mapper = f"/dev/mapper/{config.mapper_name}"
     if os.path.exists(mapper):
         say(f"{mapper} is already open; nothing to do")
@@ -89,7 +79,7 @@ def boot(config: Config) -> Optional[str]:
     for _ in range(3):  # at most: restore head -> encrypt, or custody -> restore -> encrypt
         decision = decide(spec, root, first_boot_enabled=config.first_boot.enabled)
         say(f"{root.path}: {decision.reason} ({decision.action})")
-        result = _apply(decision, config)
+        result = _apply(decision, config, chosen)
         if result is not _AGAIN:
             return result
         root = locate_root(spec, config.boot.device_timeout)
@@ -99,16 +89,16 @@ def boot(config: Config) -> Optional[str]:
 _AGAIN = "again"
 
 
-def _apply(decision: Decision, config: Config) -> Optional[str]:
+def _apply(decision: Decision, config: Config, integration: Integration) -> Optional[str]:
     part = decision.partition
     if decision.action is Action.LEAVE_PLAIN:
         return None
     if decision.action is Action.UNLOCK:
         assert part.luks is not None
-        return unwrap_and_open(part, config, part.luks.tokens)
+        return unwrap_and_open(part, config, part.luks.tokens, integration=integration)
     if decision.action is Action.RESUME:
         assert part.luks is not None
-        return unwrap_and_open(part, config, part.luks.tokens, resume=True)
+        return unwrap_and_open(part, config, part.luks.tokens, resume=True, integration=integration)
     # Only a first boot (or an interrupted one) needs these stages: every later boot, the
     # common case, skips importing them and the /boot, filesystem and partition code they pull.
     from . import first_boot
@@ -118,11 +108,13 @@ def _apply(decision: Decision, config: Config) -> Optional[str]:
         return _AGAIN
     provider = provider_from_config(config)
     budget = config.boot.unlock_timeout
-    if not wait_for_network(config, time.monotonic() + budget):
+    if not integration.network_up(
+        config, time.monotonic() + budget, clock=time.monotonic, sleep=time.sleep
+    ):
         say(f"no network after {budget:g} s; trying KMS anyway")
     if decision.action is Action.FINISH_CUSTODY:
-        if not first_boot.finish_custody(part, provider, config):
+        if not first_boot.finish_custody(part, provider, config, integration):
             first_boot.restore_head(part)
         return _AGAIN
     # Action.ENCRYPT
-    return first_boot.encrypt(part, config, provider)
+    return first_boot.encrypt(part, config, provider, integration)

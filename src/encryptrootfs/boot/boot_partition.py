@@ -41,16 +41,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
+from ..devices import Partition
 from ..errors import DeviceError, RefusedError
 from ..log import get_logger
+from ..plan_record import REDUCE_DEVICE_SIZE
 from ..run import run
 from . import filesystems, partitions
 from .breakpoints import stop_after
 from .console import say
-from .devices import Partition
 from .filesystems import FsGeometry
 from .partitions import MIB, Table
-from .plan_record import REDUCE_DEVICE_SIZE
 
 log = get_logger("boot.boot_partition")
 

@@ -15,8 +15,8 @@ import os
 import time
 from typing import Callable, Optional
 
+from ..devices import kernel_cmdline
 from .console import say
-from .devices import kernel_cmdline
 
 OPTION = "rd.encryptrootfs.break"
 

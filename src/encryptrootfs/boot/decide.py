@@ -7,22 +7,13 @@ holds that is not one of the known states is refused with the reason, and nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
 
+from ..devices import Partition
 from ..errors import DeviceError, RefusedError
-from .devices import Partition
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs", "btrfs")
-
-_BY_PATH = {
-    "/dev/disk/by-uuid/": "UUID=",
-    "/dev/disk/by-label/": "LABEL=",
-    "/dev/disk/by-partuuid/": "PARTUUID=",
-    "/dev/disk/by-partlabel/": "PARTLABEL=",
-}
 
 
 class Action(str, Enum):
@@ -42,70 +33,6 @@ class Decision:
     action: Action
     partition: Partition
     reason: str
-
-
-def normalise_spec(spec: str) -> str:
-    """``/dev/disk/by-uuid/X`` -> ``UUID=X``; other forms unchanged."""
-    for prefix, tag in _BY_PATH.items():
-        if spec.startswith(prefix):
-            return tag + spec[len(prefix) :]
-    return spec
-
-
-def _fs_uuids(p: Partition) -> set[str]:
-    uuids = set()
-    if p.luks is None and p.signature.uuid:
-        uuids.add(p.signature.uuid.lower())
-    if p.luks is not None:
-        uuids.update(t.fs_uuid.lower() for t in p.luks.tokens if t.fs_uuid)
-    if p.record is not None and p.record.fs_uuid:
-        uuids.add(p.record.fs_uuid.lower())
-    return uuids
-
-
-def _fs_labels(p: Partition) -> set[str]:
-    labels = set()
-    if p.luks is None and p.signature.label:
-        labels.add(p.signature.label)
-    if p.luks is not None:
-        labels.update(t.fs_label for t in p.luks.tokens if t.fs_label)
-    if p.record is not None and p.record.fs_label:
-        labels.add(p.record.fs_label)
-    return labels
-
-
-def matches(spec: str, p: Partition) -> bool:
-    """Whether partition ``p`` is (or, encrypted, holds) the root that ``spec`` names."""
-    spec = normalise_spec(spec)
-    tag, sep, value = spec.partition("=")
-    if not sep:
-        return spec == p.path
-    if tag == "UUID":
-        return value.lower() in _fs_uuids(p)
-    if tag == "LABEL":
-        return value in _fs_labels(p)
-    if tag == "PARTUUID":
-        return bool(p.partuuid) and value.lower() == p.partuuid.lower()
-    if tag == "PARTLABEL":
-        return bool(p.partlabel) and value == p.partlabel
-    raise RefusedError(
-        f"The root selector `{spec}` is not understood; nothing was changed.",
-        hint="use UUID=, LABEL=, PARTUUID=, PARTLABEL= or a /dev path",
-    )
-
-
-def find_root(spec: str, partitions: Sequence[Partition]) -> Optional[Partition]:
-    """The one partition ``spec`` names; None when none does yet; refuse when several do."""
-    found = [p for p in partitions if matches(spec, p)]
-    if len(found) > 1:
-        names = ", ".join(p.describe() for p in found)
-        raise RefusedError(
-            f"The root selector `{spec}` matches {len(found)} partitions ({names}); "
-            "encryptrootfs never guesses which disk to touch, so nothing was changed.",
-            hint="detach the copy (e.g. a cloned disk) or select the root by PARTUUID= in "
-            "[root] device",
-        )
-    return found[0] if found else None
 
 
 def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:

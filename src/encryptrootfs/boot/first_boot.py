@@ -24,21 +24,22 @@ import uuid as uuid_module
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .. import luks2
+from .. import devices, luks2, plan_record
 from ..config import Config
+from ..devices import Partition
 from ..errors import EncryptrootfsError, RefusedError, ToolError, VerifyError
+from ..plan_record import REDUCE_DEVICE_SIZE, PlanRecord
 from ..providers import KeyProvider
-from ..providers.base import NewKey, WrappedKey, wipe
+from ..providers.base import NewKey, WrappedKey, new_proven_key, wipe
 from ..token import KmsToken, token_from_json, token_to_json, utc_now
 from ..tools import Need, missing
-from . import boot_partition, devices, filesystems, partitions, plan_record
+from . import boot_partition, filesystems, partitions
 from .boot_partition import BootMove
 from .breakpoints import stop_after
 from .console import say
-from .devices import Partition
 from .filesystems import FsGeometry
 from .grow import grow_root
-from .plan_record import REDUCE_DEVICE_SIZE, PlanRecord
+from .integration import Integration
 from .unlock import with_kms_retries
 from .volume import data_pass, open_root
 
@@ -84,11 +85,21 @@ def plan_room(part: Partition, fs: FsGeometry, free_after: int) -> RoomPlan:
             hint=f"leave at least {short} MiB more unpartitioned space after the root "
             "partition in the image (cloud disks larger than the image have it)",
         )
+    # What works is room after the partition: the first boot grows the partition into it.
+    # Deleting files does not: the shrink is in place and must give up the partition's last
+    # 32 MiB, and resize2fs's minimum (-P) hardly falls as files go (measured: the same
+    # minimum after 128 MiB were deleted).
+    after = free_after // 1048576 + short
     raise RefusedError(
-        f"The root {part.path} cannot make room for the 32 MiB LUKS2 header: the filesystem "
-        f"needs at least {fs.min_size // 1048576} MiB and only "
-        f"{(part.size - REDUCE_DEVICE_SIZE) // 1048576} MiB would be left. Nothing was changed.",
-        hint="free some space in the image, or leave free space after the root partition",
+        f"The root {part.path} cannot make room for the 32 MiB LUKS2 header: grow the disk so "
+        f"that at least {after} MiB lie free after the root partition (now "
+        f"{free_after // 1048576} MiB), and the first boot grows the partition into it. "
+        f"Shrinking in place does not fit: the filesystem needs at least "
+        f"{fs.min_size // 1048576} MiB and only {(part.size - REDUCE_DEVICE_SIZE) // 1048576} "
+        "MiB would be left. Nothing was changed.",
+        hint=f"grow the disk (or leave {after} MiB unpartitioned after the root in the image); "
+        "deleting files in the image does not help: resize2fs's minimum barely moves with "
+        "free space, and the header needs the partition's last 32 MiB",
     )
 
 
@@ -198,21 +209,15 @@ def new_token(wrapped: WrappedKey, keyslot: int, part: Partition) -> KmsToken:
 
 def verified_new_key(provider: KeyProvider, luks_uuid: str) -> NewKey:
     """A new data key whose wrapped form has been proven to unwrap to the same bytes."""
-    new = provider.new_key(luks_uuid)
-    back = provider.unwrap(new.wrapped)
-    try:
-        if bytes(back) != bytes(new.plaintext):
-            new.wipe()
-            raise VerifyError(
-                "KMS unwrapped the new key to different bytes; nothing was changed.",
-                hint="check providers.aws_kms.endpoints / endpoint_url",
-            )
-    finally:
-        wipe(back)
-    return new
+    return new_proven_key(provider, luks_uuid, unchanged="nothing was changed")
 
 
-def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
+def encrypt(
+    part: Partition,
+    config: Config,
+    provider: KeyProvider,
+    integration: Optional[Integration] = None,
+) -> str:
     """Stages 1-7 for a plain root; returns the opened mapping."""
     say(f"{part.path}: first boot: converting the {part.signature.type} root to LUKS2 in place")
     pre = preflight(part, config)
@@ -222,6 +227,7 @@ def encrypt(part: Partition, config: Config, provider: KeyProvider) -> str:
         "get a new key from KMS",
         [("new data key from KMS", lambda: verified_new_key(provider, pre.luks_uuid))],
         outcome="Nothing on disk was changed; the next boot tries again.",
+        integration=integration,
     )
     stop_after("preflight")
     # What is on the disk so far, for an error that stops the boot half way.
@@ -299,7 +305,12 @@ def store_token(device: str, token: KmsToken, key: bytearray) -> int:
     return token_id
 
 
-def finish_custody(part: Partition, provider: KeyProvider, config: Config) -> bool:
+def finish_custody(
+    part: Partition,
+    provider: KeyProvider,
+    config: Config,
+    integration: Optional[Integration] = None,
+) -> bool:
     """The header exists but the token does not: import it from the plan record.
 
     Returns False when the keyslot does not open with the recorded key (its write was torn);
@@ -316,6 +327,7 @@ def finish_custody(part: Partition, provider: KeyProvider, config: Config) -> bo
         "unwrap the key of the plan record",
         [("unwrap the plan record's key", lambda: provider.unwrap(token.wrapped))],
         outcome="The header is written and no data is encrypted yet; the next boot continues.",
+        integration=integration,
     )
     try:
         if not luks2.test_keyslot(part.path, key, int(token.keyslots[0])):

@@ -7,12 +7,12 @@ grown but not the mapping or the filesystem), and picks up a disk that was enlar
 
 from __future__ import annotations
 
+from ..devices import Partition, probe_signature
 from ..luks2 import resize_device
 from ..run import Secret, run
 from . import filesystems, partitions
 from .breakpoints import stop_after
 from .console import say
-from .devices import Partition, probe_signature
 
 MIB = 1024 * 1024
 

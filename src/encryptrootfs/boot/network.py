@@ -17,7 +17,6 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from ..config import Config
-from ..initramfs import ensure_resolv_conf
 from .console import say
 
 ROUTE_TABLE = Path("/proc/net/route")
@@ -81,3 +80,57 @@ def wait_for_network(
         if servers:
             say(f"DNS servers from the DHCP lease: {', '.join(servers)}")
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# DNS in the initrd: systemd-networkd gives DNS servers only to systemd-resolved, which it lacks
+
+NETWORKD_LEASES = Path("/run/systemd/netif/leases")
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def lease_nameservers(leases: Path = NETWORKD_LEASES) -> list[str]:
+    """DNS servers of systemd-networkd's DHCP leases, in interface order, without repeats."""
+    servers: list[str] = []
+    try:
+        files = sorted(leases.iterdir(), key=lambda p: (len(p.name), p.name))
+    except OSError:
+        return servers
+    for lease in files:
+        try:
+            text = lease.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("DNS="):
+                servers += [s for s in line[len("DNS=") :].split() if s not in servers]
+    return servers
+
+
+def ensure_resolv_conf(
+    resolv_conf: Path = RESOLV_CONF, leases: Path = NETWORKD_LEASES
+) -> list[str]:
+    """Give the initrd a resolv.conf from the DHCP lease when it has no nameserver.
+
+    systemd-networkd hands DNS servers only to systemd-resolved, which the initrd lacks (a
+    separate package on Debian 12), so without this the KMS endpoint's name cannot be looked
+    up. network-legacy's dhclient writes resolv.conf itself: then nothing is changed. Returns
+    the servers written (empty: nothing written).
+    """
+    try:
+        current = resolv_conf.read_text()
+    except OSError:
+        current = ""
+    if any(line.split()[:1] == ["nameserver"] for line in current.splitlines()):
+        return []
+    servers = lease_nameservers(leases)
+    if not servers:
+        return []
+    if resolv_conf.is_symlink():
+        resolv_conf.unlink()  # e.g. a dangling link to systemd-resolved's stub file
+    resolv_conf.parent.mkdir(parents=True, exist_ok=True)
+    resolv_conf.write_text(
+        "# written by encryptrootfs in the initrd from the DHCP lease\n"
+        + "".join(f"nameserver {s}\n" for s in servers[:3])
+    )
+    return servers[:3]

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..devices import Partition
 from ..errors import RefusedError
 from ..run import run
-from .devices import Partition
 
 MIB = 1024 * 1024
 

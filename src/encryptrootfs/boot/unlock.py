@@ -24,28 +24,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Optional, TypeVar, Union
 
-from .. import luks2, unlock_record
+from .. import kms_retries, luks2, unlock_record
 from ..config import Config
-from ..enroll import order_tokens
-from ..errors import EncryptrootfsError, KeyServiceError, VerifyError
+from ..devices import Partition
+from ..errors import EncryptrootfsError, VerifyError
+from ..kms_retries import RetriesStopped
 from ..log import get_logger
+from ..passphrase import normalise
 from ..providers import provider_for_token
 from ..providers.base import wipe
-from ..recovery import normalise, recovery_tokens
-from ..token import KmsToken
+from ..token import KmsToken, order_tokens, read_tokens
 from . import ask_password
 from .console import say
-from .devices import Partition
 from .grow import grow_root
-from .network import wait_for_network
+from .integration import Integration
+from .systemd_initrd import DracutSystemd
 from .volume import data_pass, open_root
 
 T = TypeVar("T")
 log = get_logger("boot.unlock")
-
-
-class RetriesStopped(Exception):
-    """``with_kms_retries`` was told to stop (the root was opened another way)."""
 
 
 def with_kms_retries(
@@ -59,66 +56,23 @@ def with_kms_retries(
     route_table: Optional[Path] = None,
     stop: Optional[threading.Event] = None,
     on_round_failed: Optional[Callable[[EncryptrootfsError], None]] = None,
+    integration: Optional[Integration] = None,
 ) -> T:
-    """The result of the first of ``attempts`` that succeeds, round after round, until the
-    boot budget; one console line per failed attempt. Errors KMS says are final (access
-    denied, context mismatch, disabled key) are raised at once.
-
-    ``on_round_failed`` hears the last error after every round in which all attempts failed
-    (the recovery prompt starts on the first); ``stop`` set ends the retries between two
-    attempts with :class:`RetriesStopped`."""
-    budget = config.boot.unlock_timeout
-    deadline = clock() + budget
-    if not wait_for_network(config, deadline, clock=clock, sleep=sleep, route_table=route_table):
-        say(f"no network after {budget:g} s; trying KMS once anyway")
-    attempt = 0
-    delay = 1.0
-    last: Optional[EncryptrootfsError] = None
-    # An attempt KMS refused for good (denied, context mismatch, disabled key) is dropped;
-    # the others (another wrapped copy, say) go on. When none is left, that is the answer.
-    alive = list(attempts)
-    final: list[KeyServiceError] = []
-    while True:
-        attempt += 1
-        for label, action in list(alive):
-            if stop is not None and stop.is_set():
-                raise RetriesStopped()
-            try:
-                result = action()
-                if stop is None or not stop.is_set():
-                    say(f"{label}: done on attempt {attempt}")
-                return result
-            except KeyServiceError as exc:
-                if stop is not None and stop.is_set():
-                    # The root is open already: nothing more to say (and a thread that still
-                    # writes to the console while the boot process exits could block its exit).
-                    raise RetriesStopped() from None
-                last = exc
-                say(f"{label}: attempt {attempt} failed: {exc.message}")
-                if not exc.retryable:
-                    alive.remove((label, action))
-                    final.append(exc)
-        if not alive:
-            if len(final) == 1:
-                raise KeyServiceError(f"{final[0].message} {outcome}", hint=final[0].hint)
-            raise KeyServiceError(
-                f"Could not {what}: every wrapped copy was refused: "
-                + " / ".join(e.message for e in final)
-                + f" {outcome}",
-                hint=final[0].hint,
-            )
-        assert last is not None
-        if on_round_failed is not None:
-            on_round_failed(last)
-        remaining = deadline - clock()
-        if remaining <= 0:
-            break
-        sleep(min(delay, remaining))
-        delay = min(delay * 2, 15.0)
-    assert last is not None
-    raise KeyServiceError(
-        f"Could not {what} within {budget:g} s ({attempt} attempts): {last.message} {outcome}",
-        hint=last.hint,
+    """:func:`encryptrootfs.kms_retries.with_kms_retries` as the boot runs it: within
+    ``[boot] unlock_timeout``, after the integration's network wait, one console line per
+    failed attempt."""
+    net = integration or DracutSystemd(route_table=route_table)
+    return kms_retries.with_kms_retries(
+        config.boot.unlock_timeout,
+        what,
+        attempts,
+        outcome=outcome,
+        report=say,
+        clock=clock,
+        sleep=sleep,
+        network_up=lambda deadline: net.network_up(config, deadline, clock=clock, sleep=sleep),
+        stop=stop,
+        on_round_failed=on_round_failed,
     )
 
 
@@ -131,6 +85,7 @@ def unwrap_with_retries(
     route_table: Optional[Path] = None,
     stop: Optional[threading.Event] = None,
     on_round_failed: Optional[Callable[[EncryptrootfsError], None]] = None,
+    integration: Optional[Integration] = None,
 ) -> tuple[bytearray, KmsToken]:
     """The key of the first token that unwraps, trying each in order, until the boot budget."""
 
@@ -148,6 +103,7 @@ def unwrap_with_retries(
         stop=stop,
         on_round_failed=on_round_failed,
         outcome="The root stays locked and nothing on disk was changed.",
+        integration=integration,
     )
 
 
@@ -168,7 +124,12 @@ def ordered_copies(config: Config, tokens: Sequence[KmsToken]) -> list[KmsToken]
 
 
 def unwrap_and_open(
-    part: Partition, config: Config, tokens: Sequence[KmsToken], *, resume: bool = False
+    part: Partition,
+    config: Config,
+    tokens: Sequence[KmsToken],
+    *,
+    resume: bool = False,
+    integration: Optional[Integration] = None,
 ) -> str:
     """Later boots: unwrap (with retries), finish an interrupted data pass if any, open.
 
@@ -176,15 +137,18 @@ def unwrap_and_open(
     asks for the recovery key as soon as a whole round of unwrap attempts has failed, while
     the retries go on in the background: whichever comes first opens the root.
     """
+    chosen: Integration = integration or DracutSystemd()
     ordered = ordered_copies(config, tokens)
     started = time.monotonic()
     if config.boot.recovery_prompt:
-        won = unwrap_or_recover(part, config, ordered, resume=resume)
+        won = unwrap_or_recover(
+            part, config, ordered, resume=resume, ask=chosen.ask, integration=chosen
+        )
         if isinstance(won, str):
             return won
         key, token = won
     else:
-        key, token = unwrap_with_retries(config, ordered)
+        key, token = unwrap_with_retries(config, ordered, integration=chosen)
     unwrapped = time.monotonic()
     try:
         if resume:
@@ -195,7 +159,8 @@ def unwrap_and_open(
             # For `encryptrootfs status`; the data pass is not part of the unlock's cost.
             seconds = (unwrapped - started) + (time.monotonic() - opening)
             unlock_record.write(
-                unlock_record.record_for(part.path, part.luks.uuid, mapper, token, seconds)
+                unlock_record.record_for(part.path, part.luks.uuid, mapper, token, seconds),
+                chosen.record_path,
             )
         if config.first_boot.grow:
             grow_root(part, config.mapper_name, key)
@@ -303,7 +268,12 @@ def recovery_keyslots(device: str) -> tuple[int, ...]:
     except EncryptrootfsError as exc:
         log.debug("cannot read the header of %s for a recovery key: %s", device, exc)
         return ()
-    slots = {s for _, named in recovery_tokens(header) for s in named if str(s) in header.keyslots}
+    slots = {
+        s
+        for _, named in read_tokens(header.tokens).recovery
+        for s in named
+        if str(s) in header.keyslots
+    }
     return tuple(sorted(slots))
 
 
@@ -345,6 +315,7 @@ def unwrap_or_recover(
     unwrap: Optional[Unwrapper] = None,
     ask: AskPassword = ask_password.ask,
     slots_of: Callable[[str], tuple[int, ...]] = recovery_keyslots,
+    integration: Optional[Integration] = None,
 ) -> Union[Unwrapped, str]:
     """The KMS key (``(key, token)``), or the mapper path when the recovery key opened the
     root first.
@@ -360,7 +331,9 @@ def unwrap_or_recover(
         def unwrap(
             stop: threading.Event, failed: Callable[[EncryptrootfsError], None]
         ) -> Unwrapped:
-            return unwrap_with_retries(config, tokens, stop=stop, on_round_failed=failed)
+            return unwrap_with_retries(
+                config, tokens, stop=stop, on_round_failed=failed, integration=integration
+            )
 
     race = KmsRace(unwrap).start()
     race.wait_for_news()
@@ -417,7 +390,8 @@ def unwrap_or_recover(
                 unlock_record.write(
                     unlock_record.recovery_record_for(
                         part.path, part.luks.uuid, mapper, slot, seconds
-                    )
+                    ),
+                    (integration or DracutSystemd()).record_path,
                 )
             if config.first_boot.grow:
                 grow_root(part, config.mapper_name, passphrase)

@@ -11,7 +11,15 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from ..errors import ConfigError
-from .base import KeyProvider, KeyWrapper, NewKey, ProviderCheck, ProviderName, WrappedKey
+from .base import (
+    KeyProvider,
+    KeyWrapper,
+    NewKey,
+    ProviderCheck,
+    ProviderName,
+    WrappedKey,
+    parse_key_arn,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -85,9 +93,9 @@ def provider_for_key(config: Config, key_id: Optional[str], region: Optional[str
         )
     aws = config.aws_kms
     new_key = key_id or aws.key_id
-    if key_id and key_id.startswith("arn:"):
-        parts = key_id.split(":")
-        arn_region = parts[3] if len(parts) > 5 else ""
+    arn = parse_key_arn(key_id) if key_id else None
+    if arn is not None:
+        arn_region = arn.region
         if region and arn_region and region != arn_region:
             raise ConfigError(
                 f"--region {region} differs from the region in the key ARN ({arn_region}); "

@@ -14,6 +14,7 @@ copy cannot be overwritten from Python and is dropped immediately.
 from __future__ import annotations
 
 import calendar
+import hmac
 import math
 import re
 import time
@@ -111,6 +112,32 @@ class _OutOfTime(Exception):
     """The call's total time budget ran out before another attempt could start."""
 
 
+@dataclass(frozen=True)
+class Tries:
+    """How a call's retries ended: for a message that names the limit that was reached."""
+
+    attempts: int  # attempts made
+    seconds: float  # from the first attempt to the end
+    out_of_time: bool  # the time budget, not the attempt count, stopped the retries
+
+
+def _throttled(op: str, call: KmsCall, tries: Optional[Tries]) -> str:
+    if tries is None:
+        budget = f"{call.max_attempts} attempts within {call.total_timeout:g} s"
+        return f"KMS kept throttling {op} past the retry budget ({budget})."
+    if tries.out_of_time:
+        return (
+            f"KMS kept throttling {op}: {tries.attempts} attempts in {tries.seconds:.1f} s, and "
+            f"the time budget (providers.aws_kms.total_timeout = {call.total_timeout:g} s) "
+            "left no time for another."
+        )
+    return (
+        f"KMS kept throttling {op}: all {call.max_attempts} attempts allowed "
+        f"(providers.aws_kms.max_attempts) were used, in {tries.seconds:.1f} s of the "
+        f"{call.total_timeout:g} s time budget."
+    )
+
+
 def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
@@ -128,8 +155,12 @@ def _service_time(aws_message: str) -> str:
         return ""
 
 
-def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
-    """A sentence for a botocore failure of ``call``; never contains key material."""
+def explain_kms_error(
+    error: BaseException, call: KmsCall, tries: Optional[Tries] = None
+) -> KeyServiceError:
+    """A sentence for a botocore failure of ``call``; never contains key material.
+
+    ``tries`` (how the retries ended) lets a throttling message name the limit reached."""
     from botocore import exceptions as bx
 
     key, op = call.key_id, call.operation
@@ -184,7 +215,7 @@ def explain_kms_error(error: BaseException, call: KmsCall) -> KeyServiceError:
             )
         if code in _THROTTLING:
             return KeyServiceError(
-                f"KMS kept throttling {op} past the retry budget ({budget}).",
+                _throttled(op, call, tries),
                 hint="raise providers.aws_kms.total_timeout / max_attempts or the account's KMS "
                 "request quota; " + _NOTHING_CHANGED,
                 retryable=True,
@@ -339,7 +370,7 @@ class AwsKmsProvider:
                 again = self._decrypt(
                     region, wrapped.key_id, wrapped.ciphertext, context, deadline, client=client
                 )
-                same = again == plaintext
+                same = hmac.compare_digest(bytes(again), bytes(plaintext))
                 wipe(again)
             finally:
                 wipe(plaintext)
@@ -449,11 +480,17 @@ class AwsKmsProvider:
         """
         per_attempt = self.config.connect_timeout + self.config.read_timeout
         clock = self._clock
+        started = clock()
+        # Filled by the handler below, read once the call failed (the handler runs in this
+        # thread, inside request()).
+        seen = {"attempts": 0, "out_of_time": False}
 
         def budget(attempts: int, **_: Any) -> Optional[bool]:
+            seen["attempts"] = attempts
             worst_sleep = min(2.0 ** (attempts - 1), 20.0)
             if clock() + worst_sleep + per_attempt > deadline:
                 log.debug("%s: no retry after attempt %d: time budget", call.operation, attempts)
+                seen["out_of_time"] = True
                 return False
             return None
 
@@ -470,7 +507,12 @@ class AwsKmsProvider:
             response: dict[str, Any] = request()
             return response
         except (bx.BotoCoreError, bx.ClientError, _OutOfTime) as e:
-            raise explain_kms_error(e, call) from None
+            tries = Tries(
+                attempts=int(seen["attempts"]),
+                seconds=clock() - started,
+                out_of_time=bool(seen["out_of_time"]) or isinstance(e, _OutOfTime),
+            )
+            raise explain_kms_error(e, call, tries if tries.attempts else None) from None
         finally:
             events.unregister("needs-retry.kms", unique_id="encryptrootfs-budget")
             events.unregister("before-send.kms", unique_id="encryptrootfs-deadline")
@@ -486,11 +528,9 @@ class AwsKmsProvider:
         )
 
     def _region(self, imds: ImdsClient) -> tuple[str, str]:
-        if self.config.region:
-            return self.config.region, "config"
-        key_id = self.config.key_id
-        if key_id.startswith("arn:"):
-            return key_id.split(":")[3], "key ARN"
+        region, source = self.config.region_and_source()
+        if region is not None:
+            return region, source
         try:
             return imds.region(), "IMDS placement/region"
         except ImdsError as e:

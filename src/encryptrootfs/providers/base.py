@@ -8,11 +8,15 @@ never leaves the process.
 
 from __future__ import annotations
 
+import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, Optional, Protocol
+
+from ..errors import VerifyError
 
 # Pairs whose keys start with this prefix are written by encryptrootfs itself; the
 # configuration may not set them (a key policy can trust them).
@@ -135,3 +139,73 @@ class KeyWrapper(KeyProvider, Protocol):
     ) -> WrappedKey:
         """``plaintext`` wrapped under this provider's key, bound to ``encryption_context``."""
         ...
+
+
+# --------------------------------------------------------------------------------------------
+# The custody proof: before a wrapped key is trusted with a keyslot (first boot, enroll, a
+# volume) or stored as a new copy (copies, rewrap), it is unwrapped once and compared, in
+# constant time, with the key it must give back; the unwrapped bytes are wiped either way.
+
+# Said whenever the proof fails: a key service that answers Decrypt with other bytes is not
+# the one configured (a proxy, a wrong endpoint), and a keyslot must never depend on it.
+ROUND_TRIP_HINT = (
+    "check that the endpoint really is AWS KMS (providers.aws_kms.endpoints / endpoint_url)"
+)
+
+
+class Unwrapper(Protocol):
+    def unwrap(self, wrapped: WrappedKey) -> bytearray: ...
+
+
+def prove_round_trip(
+    unwrapper: Unwrapper, wrapped: WrappedKey, key: bytes | bytearray, *, unchanged: str
+) -> None:
+    """Raise :class:`VerifyError` unless ``wrapped`` unwraps to exactly ``key``.
+
+    ``unchanged`` completes the sentence with what the caller has (not) written, e.g.
+    "nothing was changed on /dev/vdb"."""
+    back = unwrapper.unwrap(wrapped)
+    try:
+        if not hmac.compare_digest(bytes(back), bytes(key)):
+            raise VerifyError(
+                f"KMS returned a different key on unwrap; {unchanged}.", hint=ROUND_TRIP_HINT
+            )
+    finally:
+        wipe(back)
+
+
+def new_proven_key(provider: KeyProvider, luks_uuid: str, *, unchanged: str) -> NewKey:
+    """A new data key for ``luks_uuid`` whose wrapped form is proven to unwrap to it."""
+    new = provider.new_key(luks_uuid)
+    try:
+        prove_round_trip(provider, new.wrapped, new.plaintext, unchanged=unchanged)
+    except BaseException:
+        new.wipe()
+        raise
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# The key ARN, parsed in one place: the config validates with it, and the region a key ARN
+# names decides where KMS is called (before the configured region's default or IMDS's).
+
+_KEY_ARN = re.compile(
+    r"^arn:(?P<partition>aws[a-z-]*):kms:(?P<region>[a-z0-9-]+):(?P<account>[0-9]{12}):"
+    r"(?P<resource>key/[A-Za-z0-9-]+|alias/[A-Za-z0-9/_-]+)$"
+)
+
+
+@dataclass(frozen=True)
+class KeyArn:
+    partition: str  # aws, aws-cn, aws-us-gov
+    region: str
+    account: str
+    resource: str  # key/<id> or alias/<name>
+
+
+def parse_key_arn(key_id: str) -> Optional[KeyArn]:
+    """The parts of a KMS key (or alias) ARN; None when ``key_id`` is not one."""
+    match = _KEY_ARN.match(key_id)
+    if match is None:
+        return None
+    return KeyArn(**match.groupdict())

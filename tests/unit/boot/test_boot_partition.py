@@ -11,8 +11,8 @@ from encryptrootfs.boot import boot_partition as bp
 from encryptrootfs.boot.filesystems import FsGeometry, ext4_unclean
 from encryptrootfs.boot.first_boot import Preflight, RoomPlan
 from encryptrootfs.boot.partitions import MIB, Table, TableEntry
-from encryptrootfs.config import ConfigError, parse_config
-from encryptrootfs.errors import RefusedError
+from encryptrootfs.config import parse_config
+from encryptrootfs.errors import ConfigError, RefusedError
 
 ROOT = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 BOOT = "6f1c3a52-7a44-4f0e-9d36-2f6a6b7f6e01"

@@ -19,7 +19,7 @@ def test_stop_after_hangs_only_at_the_requested_stage(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     synced: list[bool] = []
-    monkeypatch.setattr(breakpoints.os, "sync", lambda: synced.append(True))
+    monkeypatch.setattr("os.sync", lambda: synced.append(True))
     hung: list[str] = []
     line = "ro rd.encryptrootfs.break=token"
     with caplog.at_level("INFO", logger="encryptrootfs"):

@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import pytest
 
-from encryptrootfs.boot.decide import Action, decide, find_root, normalise_spec
-from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
-from encryptrootfs.boot.plan_record import PlanRecord
+from encryptrootfs.boot.decide import Action, decide
+from encryptrootfs.devices import LuksFacts, Partition, Signature, find_root, normalise_spec
 from encryptrootfs.errors import DeviceError, RefusedError
+from encryptrootfs.plan_record import PlanRecord
 from encryptrootfs.providers.base import ProviderName, WrappedKey
 from encryptrootfs.token import KmsToken
 

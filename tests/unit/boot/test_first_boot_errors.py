@@ -6,12 +6,13 @@ from typing import Any
 
 import pytest
 
+from encryptrootfs import luks2, plan_record
 from encryptrootfs.boot import first_boot
-from encryptrootfs.boot.devices import Partition, Signature
 from encryptrootfs.boot.filesystems import FsGeometry
 from encryptrootfs.boot.first_boot import Preflight, RoomPlan
 from encryptrootfs.boot.partitions import Table
 from encryptrootfs.config import parse_config
+from encryptrootfs.devices import Partition, Signature
 from encryptrootfs.errors import EncryptrootfsError
 from encryptrootfs.providers.base import NewKey, ProviderName, WrappedKey
 
@@ -46,8 +47,8 @@ def stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(first_boot, "preflight", lambda part, config: pre)
     monkeypatch.setattr(first_boot, "with_kms_retries", lambda *a, **k: key)
     monkeypatch.setattr(first_boot, "make_room", lambda part, pre: 544 * MIB)
-    monkeypatch.setattr(first_boot.plan_record, "head_sha256", lambda dev: "0" * 64)
-    monkeypatch.setattr(first_boot.plan_record, "write", lambda dev, rec: None)
+    monkeypatch.setattr(plan_record, "head_sha256", lambda dev: "0" * 64)
+    monkeypatch.setattr(plan_record, "write", lambda dev, rec: None)
     return {"key": key}
 
 
@@ -58,7 +59,7 @@ def fail(*args: Any, **kwargs: Any) -> Any:
 def test_failure_after_making_room_says_only_the_room_was_made(
     monkeypatch: pytest.MonkeyPatch, stages: dict[str, Any]
 ) -> None:
-    monkeypatch.setattr(first_boot.luks2, "reencrypt_encrypt_init", fail)
+    monkeypatch.setattr(luks2, "reencrypt_encrypt_init", fail)
     with pytest.raises(EncryptrootfsError) as e:
         first_boot.encrypt(PART, CONFIG, provider=None)  # type: ignore[arg-type]
     assert "only the room for the header was made (grow the partition to 544 MiB)" in str(e.value)
@@ -69,7 +70,7 @@ def test_failure_after_making_room_says_only_the_room_was_made(
 def test_failure_after_the_header_says_no_data_is_encrypted(
     monkeypatch: pytest.MonkeyPatch, stages: dict[str, Any]
 ) -> None:
-    monkeypatch.setattr(first_boot.luks2, "reencrypt_encrypt_init", lambda *a, **k: 0)
+    monkeypatch.setattr(luks2, "reencrypt_encrypt_init", lambda *a, **k: 0)
     monkeypatch.setattr(first_boot, "store_token", fail)
     with pytest.raises(EncryptrootfsError, match="header was written, no data is encrypted"):
         first_boot.encrypt(PART, CONFIG, provider=None)  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from encryptrootfs.boot import plan_record
-from encryptrootfs.boot.plan_record import HEAD_SIZE, SLOT_SIZE, PlanRecord
+from encryptrootfs import plan_record
+from encryptrootfs.plan_record import HEAD_SIZE, SLOT_SIZE, PlanRecord
 
 MIB = 1024 * 1024
 SIZE = 64 * MIB

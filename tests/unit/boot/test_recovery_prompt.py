@@ -18,9 +18,10 @@ import pytest
 from encryptrootfs import luks2, unlock_record
 from encryptrootfs.boot import unlock
 from encryptrootfs.boot.ask_password import Question
-from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
 from encryptrootfs.config import parse_config
+from encryptrootfs.devices import LuksFacts, Partition, Signature
 from encryptrootfs.errors import EncryptrootfsError, KeyServiceError, VerifyError
+from encryptrootfs.kms_retries import RetriesStopped
 from encryptrootfs.providers.base import ProviderName, WrappedKey
 from encryptrootfs.token import KmsToken
 
@@ -74,7 +75,7 @@ class ScriptedKms:
         self.release.wait(10)
         if stop.is_set() and self.outcome is None:
             self.stopped = True
-            raise unlock.RetriesStopped()
+            raise RetriesStopped()
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         assert self.outcome is not None
@@ -108,7 +109,12 @@ class ScriptedConsole:
 def written(monkeypatch: pytest.MonkeyPatch) -> list[unlock_record.UnlockRecord]:
     """The unlock records the boot wrote (never the host's /run)."""
     records: list[unlock_record.UnlockRecord] = []
-    monkeypatch.setattr(unlock_record, "write", lambda rec: records.append(rec) or True)
+
+    def write(record: unlock_record.UnlockRecord, path: Any = None) -> bool:
+        records.append(record)
+        return True
+
+    monkeypatch.setattr(unlock_record, "write", write)
     return records
 
 

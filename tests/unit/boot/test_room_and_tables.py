@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from encryptrootfs.boot import filesystems, partitions
-from encryptrootfs.boot.devices import Partition, Signature, cmdline_root, parse_export
 from encryptrootfs.boot.filesystems import FsGeometry
 from encryptrootfs.boot.first_boot import plan_room
+from encryptrootfs.devices import Partition, Signature, cmdline_root, parse_export
 from encryptrootfs.errors import RefusedError
 
 MIB = 1024 * 1024
@@ -65,8 +65,23 @@ def test_xfs_without_free_space_is_refused_with_how_much_is_missing() -> None:
 
 
 def test_full_filesystem_that_cannot_shrink_enough_is_refused() -> None:
-    with pytest.raises(RefusedError, match="needs at least 490 MiB"):
+    with pytest.raises(RefusedError, match="needs at least 490 MiB") as e:
         plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 490 * MIB), 0)
+    # What works comes first, with the amount: 32 MiB of header room, plus rounding.
+    assert str(e.value).startswith(
+        "The root /dev/vda1 cannot make room for the 32 MiB LUKS2 header: grow the disk so "
+        "that at least 33 MiB lie free after the root partition (now 0 MiB)"
+    )
+    assert "free some space" not in str(e.value)
+    assert "deleting files in the image does not help" in str(e.value)
+
+
+def test_the_growth_named_by_the_refusal_is_enough() -> None:
+    with pytest.raises(RefusedError) as e:
+        plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 490 * MIB), 10 * MIB)
+    assert "at least 33 MiB lie free after the root partition (now 10 MiB)" in str(e.value)
+    room = plan_room(part(500 * MIB), FsGeometry("ext4", 500 * MIB, 4096, 490 * MIB), 33 * MIB)
+    assert room.grow_partition_to is not None
 
 
 def _sfdisk(label: str, parts: list[dict[str, Any]], **extra: Any) -> str:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from encryptrootfs import unlock_record
-from encryptrootfs.boot import unlock
-from encryptrootfs.boot.devices import LuksFacts, Partition, Signature
+from encryptrootfs.boot import systemd_initrd, unlock
 from encryptrootfs.config import Config, parse_config
+from encryptrootfs.devices import LuksFacts, Partition, Signature
 from encryptrootfs.errors import KeyServiceError
 from encryptrootfs.providers.base import ProviderName, WrappedKey
 from encryptrootfs.token import KmsToken
@@ -47,6 +48,18 @@ def part(tokens: tuple[KmsToken, ...]) -> Partition:
         signature=Signature("crypto_LUKS", "u", "", "2"),
         luks=LuksFacts("u", 2, False, tokens, ("0",)),
     )
+
+
+def written(monkeypatch: pytest.MonkeyPatch) -> list[unlock_record.UnlockRecord]:
+    """The unlock records the boot wrote (never the host's /run)."""
+    records: list[unlock_record.UnlockRecord] = []
+
+    def write(record: unlock_record.UnlockRecord, path: Any = None) -> bool:
+        records.append(record)
+        return True
+
+    monkeypatch.setattr(unlock_record, "write", write)
+    return records
 
 
 @pytest.mark.parametrize(
@@ -105,13 +118,15 @@ def test_the_boot_tries_copies_in_the_configured_order_and_records_the_winner(
 ) -> None:
     kms = RegionalKms(down)
     monkeypatch.setattr(unlock, "provider_for_token", lambda cfg, wrapped: kms)
-    monkeypatch.setattr(unlock, "wait_for_network", lambda *a, **k: True)
+    monkeypatch.setattr(systemd_initrd, "wait_for_network", lambda *a, **k: True)
     opened: list[Any] = []
-    monkeypatch.setattr(
-        unlock, "open_root", lambda dev, cfg, key, tok: opened.append(tok) or "/dev/mapper/root"
-    )
-    records: list[unlock_record.UnlockRecord] = []
-    monkeypatch.setattr(unlock_record, "write", lambda rec: records.append(rec) or True)
+
+    def open_root(dev: str, cfg: Config, key: bytearray, tok: KmsToken) -> str:
+        opened.append(tok)
+        return "/dev/mapper/root"
+
+    monkeypatch.setattr(unlock, "open_root", open_root)
+    records = written(monkeypatch)
     with caplog.at_level("INFO", logger="encryptrootfs"):
         mapper = unlock.unwrap_and_open(part((US, EU)), config(prefer), [US, EU])
     assert mapper == "/dev/mapper/root"
@@ -119,3 +134,49 @@ def test_the_boot_tries_copies_in_the_configured_order_and_records_the_winner(
     assert [t.wrapped.region for t in opened] == [won]
     assert records[0].region == won
     assert f"unwrap with arn:{won} ({won}): done on attempt 1" in caplog.text
+
+
+class FakeIntegration:
+    """Another initramfs generator's side: its own network wait, console and record path."""
+
+    name = "test"
+
+    def __init__(self, record_path: Path) -> None:
+        self.record_path = record_path
+        self.calls: list[str] = []
+
+    def network_up(self, config: Config, deadline: float, *, clock: Any, sleep: Any) -> bool:
+        self.calls.append("network_up")
+        return True
+
+    def network_down(self) -> None:
+        self.calls.append("network_down")
+
+    def ask(self, question: Any, cancel: Any) -> None:
+        raise AssertionError("no question: KMS answers")
+
+    def hand_back(self, mapper: Any) -> None:
+        self.calls.append(f"hand_back {mapper}")
+
+    def fail(self, error: Any) -> int:
+        return 1
+
+
+def test_the_boot_core_uses_only_the_integration_for_network_and_records(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kms = RegionalKms(set())
+    monkeypatch.setattr(unlock, "provider_for_token", lambda cfg, wrapped: kms)
+
+    def no_dracut_network(*a: Any, **k: Any) -> bool:
+        raise AssertionError("the dracut network wait ran under another integration")
+
+    monkeypatch.setattr(systemd_initrd, "wait_for_network", no_dracut_network)
+    monkeypatch.setattr(unlock, "open_root", lambda dev, cfg, key, tok: "/dev/mapper/root")
+    fake = FakeIntegration(tmp_path / "run" / "last-unlock.json")
+    assert unlock.unwrap_and_open(part((US,)), config([]), [US], integration=fake) == (
+        "/dev/mapper/root"
+    )
+    assert fake.calls == ["network_up"]
+    record = unlock_record.read(fake.record_path)
+    assert record is not None and record.region == "us-east-1"

@@ -1,9 +1,12 @@
 #!/bin/bash
+# dracut defines moddir, initdir, dracutbasedir, systemdutildir and the like before it sources
+# this file (dracut-init.sh), so they are never assigned here.
+# shellcheck disable=SC2154
 # dracut module "encryptrootfs": python3 with exactly what `encryptrootfs boot` imports, this
 # package, a pruned botocore, the CA bundle, cryptsetup and the partition and file-system
 # tools, and a systemd unit that runs `python3 -m encryptrootfs boot` before the root is
 # checked or mounted. The file list comes from `encryptrootfs dracut-files`, computed by the
-# same python3 that goes into the initramfs (see src/encryptrootfs/initramfs.py).
+# same python3 that goes into the initramfs (see src/encryptrootfs/image/initramfs.py).
 #
 # Enabled by `encryptrootfs install` (/etc/dracut.conf.d/50-encryptrootfs.conf), so every
 # later dracut run, e.g. a kernel update, includes it. systemd initrds only.

@@ -1,4 +1,7 @@
 #!/bin/bash
+# dracut defines moddir, initdir, dracutbasedir, systemdutildir and the like before it sources
+# this file (dracut-init.sh), so they are never assigned here.
+# shellcheck disable=SC2154
 # Lab-only dracut module: python3 with the few stdlib modules the probe imports, and a
 # pre-mount hook that proves the initramfs can reach the IMDS and KMS emulators.
 # Installed only into lab probe images (encryptrootfs_lab.image.PROBE).

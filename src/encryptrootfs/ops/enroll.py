@@ -8,19 +8,18 @@ half-way is rolled back, so the device is left as it was found.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__, luks2
-from .errors import DeviceError, EncryptrootfsError, RefusedError, VerifyError
-from .log import get_logger
-from .providers import KeyProvider
-from .providers.base import KeyWrapper, WrappedKey, wipe
-from .run import Secret
-from .token import TOKEN_TYPE, KmsToken, token_from_json, token_to_json, utc_now
+from .. import __version__, luks2
+from ..errors import DeviceError, EncryptrootfsError, RefusedError, VerifyError
+from ..log import get_logger
+from ..providers import KeyProvider
+from ..providers.base import KeyWrapper, WrappedKey, new_proven_key, prove_round_trip, wipe
+from ..run import Secret
+from ..token import TOKEN_TYPE, KmsToken, read_tokens, token_from_json, token_to_json, utc_now
 
 log = get_logger("enroll")
 
@@ -51,10 +50,6 @@ class VerifyResult:
     reason: str
 
 
-def same_key(a: Secret, b: Secret) -> bool:
-    return hmac.compare_digest(bytes(a), bytes(b))
-
-
 def require_luks2(device: str, header: Optional[Path] = None) -> luks2.LuksHeader:
     version = luks2.luks_version(str(header) if header else device)
     if version is None:
@@ -72,10 +67,16 @@ def require_luks2(device: str, header: Optional[Path] = None) -> luks2.LuksHeade
 
 
 def find_tokens(header: luks2.LuksHeader) -> list[FoundToken]:
-    found = []
-    for token_id, raw in sorted(header.tokens.items(), key=lambda kv: int(kv[0])):
-        found.append(FoundToken(int(token_id), str(raw.get("type", "?")), token_from_json(raw)))
-    return found
+    """Every token but our damaged ones, which :func:`damaged_tokens` names (the policy of
+    :func:`encryptrootfs.token.read_tokens`: skipped and named, never fatal)."""
+    return [
+        FoundToken(t.id, t.type, t.token) for t in read_tokens(header.tokens).all if not t.damaged
+    ]
+
+
+def damaged_tokens(header: luks2.LuksHeader) -> tuple[str, ...]:
+    """``token N: why`` for each encryptrootfs token that cannot be read."""
+    return read_tokens(header.tokens).damaged
 
 
 def enroll(
@@ -92,21 +93,11 @@ def enroll(
             f"The existing key does not open any keyslot of {device}; nothing was changed.",
             hint="pass a passphrase or key file that unlocks the device today",
         )
-    new = provider.new_key(header.uuid)
+    # Proven before the key is trusted with a keyslot.
+    new = new_proven_key(provider, header.uuid, unchanged=f"nothing was changed on {device}")
     slot: Optional[int] = None
     token_id: Optional[int] = None
     try:
-        # Prove the round trip before the key is trusted with a keyslot.
-        unwrapped = provider.unwrap(new.wrapped)
-        try:
-            if not same_key(unwrapped, new.plaintext):
-                raise VerifyError(
-                    f"KMS returned a different key on unwrap; nothing was changed on {device}.",
-                    hint="check that the endpoint really is AWS KMS (providers.aws_kms."
-                    "endpoints / endpoint_url)",
-                )
-        finally:
-            wipe(unwrapped)
         slot = luks2.add_keyslot(
             device, existing_key=existing_key, new_key=new.plaintext, keyslot=keyslot
         )
@@ -146,11 +137,15 @@ def verify(
     """Unwrap every encryptrootfs token and test its keyslots. Opens nothing, writes nothing."""
     header = require_luks2(device, header_path)
     results = []
-    for found in find_tokens(header):
-        if found.token is None:
-            log.debug("token %d: foreign type %r, skipped", found.token_id, found.type)
-            continue
-        results.append(_verify_one(device, provider, found.token_id, found.token, header_path))
+    for found in read_tokens(header.tokens).all:
+        if found.damaged is not None:
+            # Skipped and named, as the boot does: it cannot unlock, so it does not verify.
+            slots = tuple(str(s) for s in found.keyslots)
+            results.append(VerifyResult(found.id, slots, "?", False, found.why_skipped()))
+        elif found.token is None:
+            log.debug("token %d: foreign type %r, skipped", found.id, found.type)
+        else:
+            results.append(_verify_one(device, provider, found.id, found.token, header_path))
     if not results:
         raise VerifyError(
             f"{device} has no encryptrootfs token; nothing to verify.",
@@ -300,16 +295,9 @@ def wrap_copy(key: bytearray, source: FoundToken, new_provider: KeyWrapper) -> W
     """
     assert source.token is not None
     wrapped = new_provider.wrap(key, source.token.wrapped.encryption_context)
-    back = new_provider.unwrap(wrapped)
-    try:
-        if not same_key(back, key):
-            raise VerifyError(
-                "KMS returned a different key on unwrap of the new copy; nothing was changed.",
-                hint="check that the endpoint really is AWS KMS (providers.aws_kms."
-                "endpoints / endpoint_url)",
-            )
-    finally:
-        wipe(back)
+    prove_round_trip(
+        new_provider, wrapped, key, unchanged="the new copy was not stored; nothing was changed"
+    )
     return wrapped
 
 
@@ -402,12 +390,3 @@ def enroll_copy(
         wrapped.region,
     )
     return Copied(device, source.token_id, new_id, source.token.keyslots, wrapped)
-
-
-def order_tokens(tokens: Sequence[KmsToken], preferred_regions: Sequence[str]) -> list[KmsToken]:
-    """``tokens`` with those in ``preferred_regions`` first, in that order; the rest keep
-    their header order (a proposal for a ``[boot] prefer_regions`` setting)."""
-    rank = {region: i for i, region in enumerate(preferred_regions)}
-    indexed = list(enumerate(tokens))
-    indexed.sort(key=lambda it: (rank.get(it[1].wrapped.region, len(rank)), it[0]))
-    return [t for _, t in indexed]

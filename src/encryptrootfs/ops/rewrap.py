@@ -29,7 +29,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import luks2
+from .. import luks2
+from ..errors import RefusedError
+from ..log import get_logger
+from ..providers.base import KeyWrapper, WrappedKey, wipe
 from .enroll import (
     FoundToken,
     ProviderFor,
@@ -42,9 +45,6 @@ from .enroll import (
     verify_copy,
     wrap_copy,
 )
-from .errors import RefusedError
-from .log import get_logger
-from .providers.base import KeyWrapper, WrappedKey, wipe
 
 log = get_logger("rewrap")
 

@@ -6,23 +6,31 @@ here writes to a device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .. import luks2
-from ..errors import EncryptrootfsError
-from ..log import get_logger
-from ..run import run
-from ..token import KmsToken, TokenError, token_from_json
-from . import plan_record
+from . import luks2, plan_record
+from .config import Config, RootKind
+from .errors import EncryptrootfsError, RefusedError
+from .log import get_logger
 from .plan_record import PlanRecord
+from .run import run
+from .token import KmsToken, read_tokens
 
 log = get_logger("devices")
 
 SYS_BLOCK = Path("/sys/class/block")
 SECTOR = 512  # sysfs start/size are always in 512-byte units
+
+_BY_PATH = {
+    "/dev/disk/by-uuid/": "UUID=",
+    "/dev/disk/by-label/": "LABEL=",
+    "/dev/disk/by-partuuid/": "PARTUUID=",
+    "/dev/disk/by-partlabel/": "PARTLABEL=",
+}
 
 
 @dataclass(frozen=True)
@@ -107,24 +115,29 @@ def probe_signature(device: str) -> tuple[Signature, dict[str, str]]:
 
 def luks_facts(device: str) -> LuksFacts:
     header = luks2.read_header(device)
-    tokens = []
-    damaged = []
-    for token_id, raw in sorted(header.tokens.items(), key=lambda t: int(t[0])):
-        try:
-            token = token_from_json(raw)
-        except TokenError as exc:
-            damaged.append(f"token {token_id}: {exc.message}")
-            continue
-        if token is not None:
-            tokens.append(token)
+    tokens = read_tokens(header.tokens)
     return LuksFacts(
         uuid=header.uuid,
         version=2,
         reencryption_pending=header.reencryption_pending,
-        tokens=tuple(tokens),
+        tokens=tokens.kms,
         keyslots=tuple(sorted(header.keyslots, key=int)),
-        damaged=tuple(damaged),
+        damaged=tokens.damaged,
     )
+
+
+def device_size(path: str) -> Optional[int]:
+    """Size in bytes of a block device or file (None when it cannot be told)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_int(path: Path) -> int:
@@ -236,3 +249,85 @@ def wait_for_udev(timeout: int = 30) -> None:
 
 def disk_partitions(parts: Iterable[Partition], disk: str) -> list[Partition]:
     return sorted((p for p in parts if p.disk == disk), key=lambda p: p.start)
+
+
+# --- which partition is the root (the boot and `status` find it the same way) ----------------
+
+
+def root_spec(config: Config, cmdline: Optional[str] = None) -> str:
+    """The root selector as a ``TAG=value`` or path string."""
+    if config.root.kind is RootKind.CMDLINE:
+        text = kernel_cmdline() if cmdline is None else cmdline
+        spec = cmdline_root(text)
+        if not spec:
+            raise RefusedError(
+                "The kernel command line has no root=, and [root] device is `cmdline`; "
+                "encryptrootfs never guesses which disk to touch. Nothing was changed.",
+                hint='set [root] device = "UUID=..." in the configuration',
+            )
+        return spec
+    return str(config.root)
+
+
+def normalise_spec(spec: str) -> str:
+    """``/dev/disk/by-uuid/X`` -> ``UUID=X``; other forms unchanged."""
+    for prefix, tag in _BY_PATH.items():
+        if spec.startswith(prefix):
+            return tag + spec[len(prefix) :]
+    return spec
+
+
+def _fs_uuids(p: Partition) -> set[str]:
+    uuids = set()
+    if p.luks is None and p.signature.uuid:
+        uuids.add(p.signature.uuid.lower())
+    if p.luks is not None:
+        uuids.update(t.fs_uuid.lower() for t in p.luks.tokens if t.fs_uuid)
+    if p.record is not None and p.record.fs_uuid:
+        uuids.add(p.record.fs_uuid.lower())
+    return uuids
+
+
+def _fs_labels(p: Partition) -> set[str]:
+    labels = set()
+    if p.luks is None and p.signature.label:
+        labels.add(p.signature.label)
+    if p.luks is not None:
+        labels.update(t.fs_label for t in p.luks.tokens if t.fs_label)
+    if p.record is not None and p.record.fs_label:
+        labels.add(p.record.fs_label)
+    return labels
+
+
+def matches(spec: str, p: Partition) -> bool:
+    """Whether partition ``p`` is (or, encrypted, holds) the root that ``spec`` names."""
+    spec = normalise_spec(spec)
+    tag, sep, value = spec.partition("=")
+    if not sep:
+        return spec == p.path
+    if tag == "UUID":
+        return value.lower() in _fs_uuids(p)
+    if tag == "LABEL":
+        return value in _fs_labels(p)
+    if tag == "PARTUUID":
+        return bool(p.partuuid) and value.lower() == p.partuuid.lower()
+    if tag == "PARTLABEL":
+        return bool(p.partlabel) and value == p.partlabel
+    raise RefusedError(
+        f"The root selector `{spec}` is not understood; nothing was changed.",
+        hint="use UUID=, LABEL=, PARTUUID=, PARTLABEL= or a /dev path",
+    )
+
+
+def find_root(spec: str, partitions: Sequence[Partition]) -> Optional[Partition]:
+    """The one partition ``spec`` names; None when none does yet; refuse when several do."""
+    found = [p for p in partitions if matches(spec, p)]
+    if len(found) > 1:
+        names = ", ".join(p.describe() for p in found)
+        raise RefusedError(
+            f"The root selector `{spec}` matches {len(found)} partitions ({names}); "
+            "encryptrootfs never guesses which disk to touch, so nothing was changed.",
+            hint="detach the copy (e.g. a cloned disk) or select the root by PARTUUID= in "
+            "[root] device",
+        )
+    return found[0] if found else None

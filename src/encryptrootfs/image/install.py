@@ -22,11 +22,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-from .config import DEFAULT_CONFIG_PATH, Config, RootKind, load_config
-from .errors import ConfigError, EncryptrootfsError, ExitCode, ToolError
-from .log import get_logger
-from .run import run
-from .tools import TOOLS, Need
+from ..config import DEFAULT_CONFIG_PATH, Config, RootKind, load_config
+from ..errors import ConfigError, EncryptrootfsError, ExitCode, ToolError
+from ..log import get_logger
+from ..run import run
+from ..tools import TOOLS, Need
 
 log = get_logger("install")
 
@@ -86,7 +86,7 @@ class InstallResult:
 
 def volumes_unit_source() -> Path:
     """The data volumes' systemd unit shipped as package data."""
-    return Path(__file__).resolve().parent / "systemd" / VOLUMES_UNIT
+    return Path(__file__).resolve().parents[1] / "systemd" / VOLUMES_UNIT
 
 
 def _in_root(root: Path, path: Path) -> Path:
@@ -95,7 +95,7 @@ def _in_root(root: Path, path: Path) -> Path:
 
 def module_source() -> Path:
     """The dracut module shipped as package data."""
-    return Path(__file__).resolve().parent / "dracut" / MODULE_DIR
+    return Path(__file__).resolve().parents[1] / "dracut" / MODULE_DIR
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def check_root(root: Path, config: Optional[Config], cmdline: Optional[str]) -> 
             Status.OK,
             "root= of the kernel command line at boot (not checked here: this is an image tree)",
         )
-    from .boot.devices import cmdline_root
+    from ..devices import cmdline_root
 
     spec = cmdline_root(cmdline)
     if not spec:

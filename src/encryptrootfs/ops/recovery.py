@@ -23,58 +23,24 @@ from the token's list, so a kill in between leaves an empty recovery token that 
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-from . import __version__, luks2
+from .. import __version__, luks2
+from ..errors import DeviceError, EncryptrootfsError, RefusedError, VerifyError
+from ..log import get_logger
+from ..passphrase import FORMAT, new_passphrase
+from ..providers.base import wipe
+from ..token import (
+    RECOVERY_TOKEN_TYPE,
+    RECOVERY_TOKEN_VERSION,
+    TOKEN_TYPE,
+    read_tokens,
+    utc_now,
+)
 from .enroll import ProviderFor, require_luks2, require_no_pending, unwrap_any
-from .errors import DeviceError, EncryptrootfsError, RefusedError, VerifyError
-from .log import get_logger
-from .providers.base import wipe
-from .status import RECOVERY_TOKEN_TYPE
-from .token import TOKEN_TYPE, utc_now
 
 log = get_logger("recovery")
-
-ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
-GROUPS = 8
-GROUP_LENGTH = 5
-FORMAT = "crockford32-8x5"
-RECOVERY_TOKEN_VERSION = 1
-# log2(32) = 5 bits a character
-ENTROPY_BITS = GROUPS * GROUP_LENGTH * 5
-_LOOKALIKES = {"o": "0", "i": "1", "l": "1"}
-
-
-def new_passphrase() -> bytearray:
-    """A fresh recovery passphrase, ``xxxxx-xxxxx-...`` (ASCII bytes)."""
-    out = bytearray()
-    for group in range(GROUPS):
-        if group:
-            out += b"-"
-        for _ in range(GROUP_LENGTH):
-            out.append(ord(ALPHABET[secrets.randbelow(len(ALPHABET))]))
-    return out
-
-
-def normalise(typed: Union[str, bytes, bytearray]) -> bytearray:
-    """What a person typed, as the passphrase in the keyslot (ValueError if it cannot be).
-
-    Spaces and dashes are ignored, case does not matter, o/i/l are read as 0/1/1.
-    """
-    text = (
-        typed.decode("ascii", errors="replace") if isinstance(typed, (bytes, bytearray)) else typed
-    )
-    chars = [_LOOKALIKES.get(c, c) for c in text.lower() if c not in " -\t\r\n"]
-    if len(chars) != GROUPS * GROUP_LENGTH or any(c not in ALPHABET for c in chars):
-        raise ValueError(f"a recovery key is {GROUPS} groups of {GROUP_LENGTH} letters and digits")
-    out = bytearray()
-    for i, c in enumerate(chars):
-        if i and i % GROUP_LENGTH == 0:
-            out += b"-"
-        out.append(ord(c))
-    return out
 
 
 @dataclass(frozen=True)
@@ -101,12 +67,7 @@ class RecoveryRemoved:
 
 def recovery_tokens(header: luks2.LuksHeader) -> list[tuple[int, tuple[int, ...]]]:
     """(token id, keyslots) of every recovery token."""
-    out = []
-    for key, raw in sorted(header.tokens.items(), key=lambda kv: int(kv[0])):
-        if raw.get("type") == RECOVERY_TOKEN_TYPE:
-            slots = tuple(int(s) for s in raw.get("keyslots", ()) if str(s).isdigit())
-            out.append((int(key), slots))
-    return out
+    return list(read_tokens(header.tokens).recovery)
 
 
 def recovery_token_json(keyslot: int) -> dict[str, Any]:

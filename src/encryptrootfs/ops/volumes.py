@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hmac
 import os
 import stat
 import time
@@ -41,21 +40,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import __version__, luks2
-from .config import Config, Raid, VolumeConfig, VolumeFilesystem
-from .errors import (
+from .. import __version__, kms_retries, luks2
+from ..config import Config, Raid, VolumeConfig, VolumeFilesystem
+from ..errors import (
     DeviceError,
     EncryptrootfsError,
-    KeyServiceError,
     RefusedError,
     ToolError,
     VerifyError,
 )
-from .log import get_logger
-from .providers import KeyProvider, provider_for_token, provider_from_config
-from .providers.base import wipe
-from .run import run, which
-from .token import KmsToken, TokenError, token_from_json, token_to_json, utc_now
+from ..log import get_logger
+from ..providers import KeyProvider, provider_for_token, provider_from_config
+from ..providers.base import new_proven_key, wipe
+from ..run import run, which
+from ..token import KmsToken, read_tokens, token_to_json, utc_now
 
 log = get_logger("volumes")
 
@@ -375,7 +373,7 @@ def _signature(tags: dict[str, str], found_type: str) -> str:
 
 
 def probe_member(path: str) -> MemberProbe:
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     sig, tags = probe_signature(path)
     return MemberProbe(
@@ -387,7 +385,7 @@ def probe_member(path: str) -> MemberProbe:
 
 
 def probe_target(path: str) -> TargetProbe:
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     sig, tags = probe_signature(path)
     held = holders(path)
@@ -407,21 +405,14 @@ def probe_target(path: str) -> TargetProbe:
         header = luks2.read_header(path)
     except EncryptrootfsError as exc:
         return dataclasses.replace(base, luks_version=2, error=exc.message)
-    ours = 0
-    damaged = []
-    for token_id, raw in sorted(header.tokens.items(), key=lambda t: int(t[0])):
-        try:
-            if token_from_json(raw) is not None:
-                ours += 1
-        except TokenError as exc:
-            damaged.append(f"token {token_id}: {exc.message}")
+    tokens = read_tokens(header.tokens)
     return dataclasses.replace(
         base,
         luks_version=2,
         luks_uuid=header.uuid,
         subsystem=header.subsystem,
-        our_tokens=ours,
-        damaged_tokens=tuple(damaged),
+        our_tokens=len(tokens.kms),
+        damaged_tokens=tokens.damaged,
         reencryption_pending=header.reencryption_pending,
     )
 
@@ -434,16 +425,10 @@ def read_mounts(path: Path = MOUNTINFO) -> list[MountEntry]:
 
 
 def our_tokens(path: str) -> list[KmsToken]:
-    found = []
-    for _, raw in sorted(luks2.read_header(path).tokens.items(), key=lambda t: int(t[0])):
-        try:
-            token = token_from_json(raw)
-        except TokenError as exc:
-            log.warning("%s: skipping a damaged token: %s", path, exc.message)
-            continue
-        if token is not None:
-            found.append(token)
-    return found
+    tokens = read_tokens(luks2.read_header(path).tokens)
+    for why in tokens.damaged:
+        log.warning("%s: skipping a damaged token: %s", path, why)
+    return list(tokens.kms)
 
 
 # --- stages that write --------------------------------------------------------------------------
@@ -501,29 +486,12 @@ def luks_format(device: str, key: bytearray, *, uuid: str, label: str) -> int:
 
     ``uuid`` is chosen beforehand: the wrapped key's encryption context binds to it.
     """
-    run(
-        [
-            luks2.CRYPTSETUP,
-            "luksFormat",
-            "--batch-mode",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            luks2.PBKDF,
-            "--pbkdf-force-iterations",
-            str(luks2.PBKDF_ITERATIONS),
-            "--uuid",
-            uuid,
-            "--label",
-            label,
-            "--subsystem",
-            FORMATTING_SUBSYSTEM,
-            "--key-file",
-            "-",
-            device,
-        ],
-        stdin=key,
-        env={"LC_ALL": "C", "LANG": "C"},
+    luks2.format_device(
+        device,
+        key,
+        uuid=uuid,
+        label=label,
+        subsystem=FORMATTING_SUBSYSTEM,
         hint="the device held no data (it was blank); run it again",
     )
     header = luks2.read_header(device)
@@ -536,11 +504,7 @@ def luks_format(device: str, key: bytearray, *, uuid: str, label: str) -> int:
 
 
 def mark(device: str, label: str, subsystem: str) -> None:
-    # `cryptsetup config` clears the label when only --subsystem is given: pass both.
-    run(
-        [luks2.CRYPTSETUP, "config", "--label", label, "--subsystem", subsystem, device],
-        env={"LC_ALL": "C", "LANG": "C"},
-    )
+    luks2.set_label(device, label, subsystem)
 
 
 def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> bytearray:
@@ -550,18 +514,8 @@ def format_volume(device: str, volume: VolumeConfig, provider: KeyProvider) -> b
     after the token is stored. Returns the key (for the open stage; the caller wipes it).
     """
     luks_uuid = str(uuid_module.uuid4())
-    new = provider.new_key(luks_uuid)
+    new = new_proven_key(provider, luks_uuid, unchanged=f"nothing was written to {device}")
     try:
-        back = provider.unwrap(new.wrapped)
-        try:
-            if not hmac.compare_digest(bytes(back), bytes(new.plaintext)):
-                raise VerifyError(
-                    f"KMS returned a different key on unwrap; nothing was written to {device}.",
-                    hint="check that the endpoint really is AWS KMS "
-                    "(providers.aws_kms.endpoints / endpoint_url)",
-                )
-        finally:
-            wipe(back)
         log.info("volume %s: formatting %s as LUKS2 %s", volume.name, device, luks_uuid)
         slot = luks_format(device, new.plaintext, uuid=luks_uuid, label=volume.name)
         token = KmsToken(
@@ -599,34 +553,22 @@ def unwrap_key(
     tokens = our_tokens(device)
     if not tokens:
         raise VerifyError(f"{device} has no readable encryptrootfs token; nothing was changed.")
-    deadline = clock() + config.boot.unlock_timeout
-    delay = 1.0
-    alive = list(tokens)
-    while True:
-        last: Optional[KeyServiceError] = None
-        for token in list(alive):
-            try:
-                return provider_for_token(config, token.wrapped).unwrap(token.wrapped), token
-            except KeyServiceError as exc:
-                log.warning(
-                    "%s: unwrap with %s (%s) failed: %s",
-                    device,
-                    token.wrapped.key_id,
-                    token.wrapped.region,
-                    exc.message,
-                )
-                last = exc
-                if not exc.retryable:
-                    alive.remove(token)
-        assert last is not None
-        if not alive or clock() + delay > deadline:
-            raise KeyServiceError(
-                f"Could not unwrap the key of {device}: {last.message} The volume stays locked "
-                "and nothing on it was changed.",
-                hint=last.hint,
-            )
-        sleep(delay)
-        delay = min(delay * 2, 15.0)
+
+    def unwrap(token: KmsToken) -> Callable[[], tuple[bytearray, KmsToken]]:
+        return lambda: (provider_for_token(config, token.wrapped).unwrap(token.wrapped), token)
+
+    def report(line: str) -> None:
+        log.warning("%s: %s", device, line)
+
+    return kms_retries.with_kms_retries(
+        config.boot.unlock_timeout,
+        f"unwrap the key of {device}",
+        [(f"unwrap with {t.wrapped.key_id} ({t.wrapped.region})", unwrap(t)) for t in tokens],
+        outcome="The volume stays locked and nothing on it was changed.",
+        report=report,
+        clock=clock,
+        sleep=sleep,
+    )
 
 
 def open_volume(device: str, volume: VolumeConfig, key: bytearray, keyslot: Optional[int]) -> str:
@@ -656,7 +598,7 @@ def make_filesystem(mapper: str, volume: VolumeConfig) -> None:
 
 
 def filesystem_of(device: str) -> str:
-    from .boot.devices import probe_signature
+    from ..devices import probe_signature
 
     sig, _ = probe_signature(device)
     return sig.type

@@ -14,23 +14,18 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
-from . import luks2
-from .config import Config
-from .errors import DeviceError, EncryptrootfsError
-from .log import get_logger
-from .run import run
-from .token import TOKEN_TYPE, token_from_json
-from .unlock_record import UnlockMethod, UnlockRecord
+from .. import luks2
+from ..config import Config
+from ..errors import DeviceError, EncryptrootfsError
+from ..log import get_logger
+from ..token import RECOVERY_TOKEN_TYPE, read_tokens
+from ..unlock_record import UnlockMethod, UnlockRecord
 
 log = get_logger("status")
 
 # Bump on any change a reader could trip over (a field removed, renamed or changing meaning);
 # new fields are added without a bump. docs/status.md is the reference.
 STATUS_SCHEMA_VERSION = 1
-
-# The token that records a recovery passphrase's keyslot (see recovery.py); defined here so
-# status does not need the recovery module.
-RECOVERY_TOKEN_TYPE = "encryptrootfs-recovery"  # noqa: S105 - a LUKS2 token type, not a secret
 
 
 # Under a recovery-key unlock: what it means and what to look at. The boot's console output
@@ -151,53 +146,26 @@ class DeviceStatus:
 
 
 def reencryption_percent(header: luks2.LuksHeader, device_size: Optional[int]) -> Optional[float]:
-    """How much of an in-place *encryption* is done, from the header's live data segments.
-
-    While cryptsetup encrypts, the live segments (those without a ``backup-*`` flag) are the
-    parts already encrypted (``crypt``) and the parts still plain (``linear``); together they
-    cover the data. A ``dynamic`` segment runs to the end of the device, so its size needs
-    ``device_size``; without it the share is unknown (None). Only the ``encrypt`` mode is
-    measured this way.
-    """
-    state_slot = header.reencrypt_keyslot
-    if not header.reencryption_pending or state_slot is None or state_slot.mode != "encrypt":
+    """How much of an in-place *encryption* is done (see :func:`luks2.encryption_progress`)."""
+    progress = luks2.encryption_progress(header, device_size)
+    if progress is None:
         return None
-    done = total = 0
-    for segment in header.segments:
-        if any(f.startswith("backup-") for f in segment.flags):
-            continue
-        if segment.size is not None:
-            size = segment.size
-        elif device_size is not None:
-            size = max(device_size - segment.offset, 0)
-        else:
-            return None
-        total += size
-        if segment.type == "crypt" and "in-reencryption" not in segment.flags:
-            done += size
-    if total <= 0:
-        return None
+    done, total = progress
     return round(100.0 * done / total, 1)
 
 
 def summarise_tokens(header: luks2.LuksHeader) -> tuple[TokenSummary, ...]:
     out = []
-    for key, raw in sorted(header.tokens.items(), key=lambda kv: int(kv[0])):
-        token_type = str(raw.get("type", "?"))
-        slots = tuple(sorted(int(s) for s in raw.get("keyslots", ()) if str(s).isdigit()))
-        if token_type == TOKEN_TYPE:
-            try:
-                token = token_from_json(raw)
-            except EncryptrootfsError as exc:
-                out.append(
-                    TokenSummary(int(key), token_type, TokenKind.KMS, slots, error=exc.message)
-                )
-                continue
-            assert token is not None
+    for found in read_tokens(header.tokens).all:
+        key, token_type, token = found.id, found.type, found.token
+        slots = tuple(sorted(found.keyslots))
+        if found.damaged is not None:
+            out.append(TokenSummary(key, token_type, TokenKind.KMS, slots, error=found.damaged))
+        elif token is not None:
             w = token.wrapped
             out.append(
                 TokenSummary(
-                    int(key),
+                    key,
                     token_type,
                     TokenKind.KMS,
                     slots,
@@ -209,18 +177,11 @@ def summarise_tokens(header: luks2.LuksHeader) -> tuple[TokenSummary, ...]:
                 )
             )
         elif token_type == RECOVERY_TOKEN_TYPE:
-            created = raw.get("created")
             out.append(
-                TokenSummary(
-                    int(key),
-                    token_type,
-                    TokenKind.RECOVERY,
-                    slots,
-                    created=created if isinstance(created, str) else None,
-                )
+                TokenSummary(key, token_type, TokenKind.RECOVERY, slots, created=found.created)
             )
         else:
-            out.append(TokenSummary(int(key), token_type, TokenKind.FOREIGN, slots))
+            out.append(TokenSummary(key, token_type, TokenKind.FOREIGN, slots))
     return tuple(out)
 
 
@@ -281,23 +242,9 @@ def summarise_header(
 # --- reading devices --------------------------------------------------------------------------
 
 
-def device_size(path: str) -> Optional[int]:
-    """Size in bytes of a block device or file (None when it cannot be told)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceStatus:
     """Everything ``status`` says about one device; problems become an ``unreadable`` entry."""
-    from .boot.devices import probe_signature
+    from ..devices import device_size, probe_signature
 
     try:
         if not os.path.exists(device):
@@ -307,9 +254,7 @@ def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceS
             signature, _ = probe_signature(device)
             return DeviceStatus(device, VolumeState.PLAIN, filesystem=signature.type or None)
         if version != 2:
-            dump = luks2.parse_dump_text(
-                run([luks2.CRYPTSETUP, "luksDump", device]).stdout.decode(errors="replace")
-            )
+            dump = luks2.read_dump(device)
             return DeviceStatus(
                 device, VolumeState.NOT_OURS, luks_version=version, luks_uuid=dump.uuid
             )
@@ -321,9 +266,7 @@ def device_status(device: str, record: Optional[UnlockRecord] = None) -> DeviceS
 
 def configured_root(config: Config) -> str:
     """The root partition ``encryptrootfs boot`` would pick, found the same way (read-only)."""
-    from .boot import root_spec
-    from .boot.decide import find_root
-    from .boot.devices import gather
+    from ..devices import find_root, gather, root_spec
 
     spec = root_spec(config)
     root = find_root(spec, gather())

@@ -16,9 +16,6 @@ tag and site folders:
    missing), botocore's data pruned to what a KMS call loads, and ``endpoints.json`` trimmed
    to KMS. Modules go in as byte code (sourceless ``x.pyc``, see :func:`sourceless`), so
    nothing compiles at boot under TCG; this package keeps its sources for tracebacks.
-
-It also holds :func:`ensure_resolv_conf`, which the boot code calls once the initrd's network
-is up (systemd-networkd gives DNS servers only to systemd-resolved, which the initrd lacks).
 """
 
 from __future__ import annotations
@@ -32,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import DEFAULT_CONFIG_PATH
-from .errors import EncryptrootfsError, ToolError
-from .run import run
-from .tools import TOOLS, Need
+from ..config import DEFAULT_CONFIG_PATH
+from ..errors import EncryptrootfsError, ToolError
+from ..run import run
+from ..tools import TOOLS, Need
 
 KMS_SERVICE = "kms"
 PACKAGE = "encryptrootfs"
@@ -155,7 +152,8 @@ def trimmed_endpoints_bytes(source: Path, service: str = KMS_SERVICE) -> bytes:
 
 
 def package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    """The ``encryptrootfs`` package folder (this module sits in its ``image/``)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def package_modules(root: Path, name: str = PACKAGE) -> list[str]:
@@ -538,57 +536,3 @@ def manifest_lines(plan: InitramfsFiles, stage: Path) -> list[str]:
     lines += [f"program\t{p}" for p in plan.programs]
     lines += [f"program?\t{p}" for p in plan.optional_programs]
     return lines
-
-
-# --------------------------------------------------------------------------------------------
-# DNS in the initrd (called by the boot code once the network is up)
-
-NETWORKD_LEASES = Path("/run/systemd/netif/leases")
-RESOLV_CONF = Path("/etc/resolv.conf")
-
-
-def lease_nameservers(leases: Path = NETWORKD_LEASES) -> list[str]:
-    """DNS servers of systemd-networkd's DHCP leases, in interface order, without repeats."""
-    servers: list[str] = []
-    try:
-        files = sorted(leases.iterdir(), key=lambda p: (len(p.name), p.name))
-    except OSError:
-        return servers
-    for lease in files:
-        try:
-            text = lease.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("DNS="):
-                servers += [s for s in line[len("DNS=") :].split() if s not in servers]
-    return servers
-
-
-def ensure_resolv_conf(
-    resolv_conf: Path = RESOLV_CONF, leases: Path = NETWORKD_LEASES
-) -> list[str]:
-    """Give the initrd a resolv.conf from the DHCP lease when it has no nameserver.
-
-    systemd-networkd hands DNS servers only to systemd-resolved, which the initrd lacks (a
-    separate package on Debian 12), so without this the KMS endpoint's name cannot be looked
-    up. network-legacy's dhclient writes resolv.conf itself: then nothing is changed. Returns
-    the servers written (empty: nothing written).
-    """
-    try:
-        current = resolv_conf.read_text()
-    except OSError:
-        current = ""
-    if any(line.split()[:1] == ["nameserver"] for line in current.splitlines()):
-        return []
-    servers = lease_nameservers(leases)
-    if not servers:
-        return []
-    if resolv_conf.is_symlink():
-        resolv_conf.unlink()  # e.g. a dangling link to systemd-resolved's stub file
-    resolv_conf.parent.mkdir(parents=True, exist_ok=True)
-    resolv_conf.write_text(
-        "# written by encryptrootfs in the initrd from the DHCP lease\n"
-        + "".join(f"nameserver {s}\n" for s in servers[:3])
-    )
-    return servers[:3]
