@@ -773,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_install_parsers(sub)
     _add_operator_parsers(sub)
     _add_volumes_parsers(sub)
-    from .removal import add_removal_check_parser
+    from .image.removal import add_removal_check_parser
 
     add_removal_check_parser(sub)
     return parser

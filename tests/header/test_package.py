@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from encryptrootfs import __version__, removal
+from encryptrootfs import __version__
+from encryptrootfs.image import removal
 from encryptrootfs.run import run
 from encryptrootfs.token import TOKEN_TYPE
 
@@ -85,7 +86,7 @@ def test_product_contents(debs: tuple[Path, Path]) -> None:
     for path in (
         "usr/bin/encryptrootfs",
         f"{site}/encryptrootfs/cli.py",
-        f"{site}/encryptrootfs/removal.py",
+        f"{site}/encryptrootfs/image/removal.py",
         f"{site}/encryptrootfs/dracut/50encryptrootfs/module-setup.sh",
         f"{site}/encryptrootfs/systemd/encryptrootfs-volumes.service",
         "lib/systemd/system/encryptrootfs-volumes.service",

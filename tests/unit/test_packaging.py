@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import encryptrootfs
-from encryptrootfs import install
 from encryptrootfs.cli import main
+from encryptrootfs.image import install
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = encryptrootfs.__version__

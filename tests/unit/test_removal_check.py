@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from encryptrootfs import removal
 from encryptrootfs.cli import main
 from encryptrootfs.errors import DeviceError, ExitCode
+from encryptrootfs.image import removal
 
 PLAIN_ROOT = "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw\n"
 MAPPED_ROOT = (

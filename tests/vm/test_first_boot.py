@@ -19,6 +19,7 @@ from encryptrootfs_lab.cloud import EmulatedCloud
 from encryptrootfs_lab.emulators.kms import KmsRequest
 from encryptrootfs_lab.image import PLAIN, Image, build_image
 from encryptrootfs_lab.layout import (
+    BTRFS_SHRINK_MIB,
     Disk,
     DiskLayout,
     Filesystem,
@@ -45,7 +46,7 @@ LAYOUTS = {
     "xfs-grow": DiskLayout(fs=Filesystem.XFS),
     # (XFS without free space, refused: tests/vm/test_bad_input_boot.py)
     "xfs-full": DiskLayout(fs=Filesystem.XFS, free_after_mib=0),
-    "btrfs-shrink": DiskLayout(fs=Filesystem.BTRFS, free_after_mib=0),
+    "btrfs-shrink": DiskLayout(fs=Filesystem.BTRFS, free_after_mib=0, root_mib=BTRFS_SHRINK_MIB),
 }
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from encryptrootfs_lab.cloud import EmulatedCloud
 from encryptrootfs_lab.image import Image, build_image
-from encryptrootfs_lab.layout import Disk, DiskLayout, Filesystem, build_disks
+from encryptrootfs_lab.layout import BTRFS_SHRINK_MIB, Disk, DiskLayout, Filesystem, build_disks
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.offline import check_encrypted_root, last_line
 from encryptrootfs_lab.product import ENCRYPT, create_lab_key, encrypt_spec, inspect_script
@@ -40,7 +40,7 @@ MIB = 1024 * 1024
 LAYOUTS = {
     "ext4-grow": DiskLayout(),  # 64 MiB free after the root: the partition grows
     "ext4-shrink": DiskLayout(free_after_mib=0),  # no free space: resize2fs shrinks
-    "btrfs-shrink": DiskLayout(fs=Filesystem.BTRFS, free_after_mib=0),
+    "btrfs-shrink": DiskLayout(fs=Filesystem.BTRFS, free_after_mib=0, root_mib=BTRFS_SHRINK_MIB),
     # Five cuts of up to 3 s each must all land inside the data pass (~40-50 MiB/s under TCG):
     # a root with more to encrypt than five cuts can cover (the same disk as the flagship
     # first boot's in tests/vm/test_first_boot.py, so the cache holds one).

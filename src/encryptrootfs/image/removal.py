@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import EncryptrootfsError, ExitCode
+from ..errors import EncryptrootfsError, ExitCode
 
 ALLOW_ENV = "ENCRYPTROOTFS_ALLOW_REMOVE"
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -86,8 +86,8 @@ def root_mapping(mountinfo: str, sys_dev_block: Path = SYS_DEV_BLOCK) -> Optiona
 
 
 def _has_our_token(device: str) -> bool:
-    from . import luks2
-    from .token import TOKEN_TYPE
+    from .. import luks2
+    from ..token import TOKEN_TYPE
 
     return bool(luks2.read_header(device).token_ids(TOKEN_TYPE))
 
@@ -99,7 +99,7 @@ def _enabled_marker(root: Path) -> Path:
 
 
 def _unlock_record(root: Path) -> Path:
-    from .unlock_record import DEFAULT_PATH
+    from ..unlock_record import DEFAULT_PATH
 
     return root / str(DEFAULT_PATH).lstrip("/")
 
