@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,8 +19,16 @@ import pytest
 
 from encryptrootfs_lab import qemu
 from encryptrootfs_lab.cloud import EmulatedCloud, emulated_cloud
-from encryptrootfs_lab.image import PLAIN, PROBE, Image, ImageSpec, build_image
-from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk, raw_view
+from encryptrootfs_lab.image import PLAIN, PROBE, Image, ImageSpec, build_base, build_image
+from encryptrootfs_lab.layout import (
+    BTRFS_SHRINK_MIB,
+    Disk,
+    DiskLayout,
+    Filesystem,
+    build_disk,
+    build_disks,
+    raw_view,
+)
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.product import ENCRYPT, LAB_KEY_ALIAS, create_lab_key, inspect_script
 from support.session_root import EncryptedRoot
@@ -39,6 +48,29 @@ def _leftovers() -> list[str]:
     left = [f"QEMU process group {g}" for g in sorted(qemu.STARTED_GROUPS) if qemu.group_alive(g)]
     left += [f"emulator on 127.0.0.1:{p}" for p in EMULATOR_PORTS if _port_open(p)]
     return left
+
+
+def _declared_images(session: pytest.Session) -> list[ImageSpec]:
+    """The product images the selected tests' modules declare (their ``IMAGES``), in order."""
+    specs: dict[ImageSpec, None] = {}
+    for item in session.items:
+        for spec in getattr(getattr(item, "module", None), "IMAGES", ()):
+            specs[spec] = None
+    return list(specs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def images_built_together(request: pytest.FixtureRequest) -> None:
+    """Every image the selected vm tests declare, built before the first of them runs, two at
+    a time. A product build is mostly one process at a time (cp, pip, dracut), so on the
+    2-core CI machine two builds side by side take little more than one; built on first use,
+    one after another, they cost a cold run minutes. Cached images cost nothing here."""
+    specs = _declared_images(request.session)
+    if not specs:
+        return
+    build_base()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="image") as pool:
+        list(pool.map(build_image, specs))
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +128,22 @@ def module_cloud() -> Iterator[EmulatedCloud]:
         yield c
     still = [p for p in ports if _port_open(p)]
     assert not still, f"emulator ports still answering after the module: {still}"
+
+
+# Every xfs/btrfs disk of the default product image that the CI subset boots. They are filled
+# in one builder guest boot (tests/vm/test_bad_input_boot.py and test_first_boot.py ask for
+# this fixture before their own build_disks call, which then finds them cached): one boot
+# instead of one per module. A layout missing here still works, at the price of a boot.
+GUEST_FILLED = (
+    DiskLayout(fs=Filesystem.XFS, free_after_mib=0),  # refused: XFS cannot shrink
+    DiskLayout(fs=Filesystem.XFS),  # grows
+    DiskLayout(fs=Filesystem.BTRFS, free_after_mib=0, root_mib=BTRFS_SHRINK_MIB),  # shrinks
+)
+
+
+@pytest.fixture(scope="session")
+def filled_disks() -> list[Disk]:
+    return build_disks(GUEST_FILLED, build_image(ENCRYPT))
 
 
 # The session's one first boot of the default product image: a root larger than the guest's

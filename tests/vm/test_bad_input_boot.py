@@ -19,6 +19,8 @@ from encryptrootfs_lab.qemu import BootResult
 from support.robustness import Case
 
 NewMachine = Callable[..., Machine]
+# Built before the session's first vm test, with the other modules' (tests/vm/conftest.py).
+IMAGES = (ENCRYPT,)
 INSPECT = inspect_script()
 
 LAYOUTS = {
@@ -34,7 +36,7 @@ def encrypt_image() -> Image:
 
 
 @pytest.fixture(scope="module")
-def disks(encrypt_image: Image) -> dict[str, Disk]:
+def disks(encrypt_image: Image, filled_disks: list[Disk]) -> dict[str, Disk]:
     return dict(zip(LAYOUTS, build_disks(list(LAYOUTS.values()), encrypt_image)))
 
 

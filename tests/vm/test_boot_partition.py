@@ -29,6 +29,7 @@ GRUB_IMAGE = ImageSpec(
     chroot_commands=(INSTALL,),
     kernel_update=True,
 )
+IMAGES = (GRUB_IMAGE,)  # built with the session's others (tests/vm/conftest.py)
 # Room after the root for the /boot partition and the header's 32 MiB.
 # The root has room for the update's kernel modules and for dracut's work folder in /var/tmp
 # (~200 MiB while it builds the new kernel's initramfs).

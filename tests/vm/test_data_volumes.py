@@ -41,6 +41,7 @@ PLAIN_ROOT_SPEC = encrypt_spec(
     "volumes-plain-root",
     config=SPEC.config_toml.replace(_FIRST_BOOT_ON, "[first_boot]\nenabled = false\n"),
 )
+IMAGES = (PLAIN_ROOT_SPEC,)  # built with the session's others (tests/vm/conftest.py)
 
 # `systemctl start` waits for the oneshot unit that boot already started (KMS retries included).
 REPORT = """\

@@ -37,6 +37,7 @@ from support.robustness import Case
 from support.session_root import EncryptedRoot
 
 NewMachine = Callable[..., Machine]
+IMAGES = (ENCRYPT,)  # built with the session's others (tests/vm/conftest.py)
 INSPECT = inspect_script()
 
 

@@ -34,6 +34,7 @@ from encryptrootfs_lab.testtree import PLAINTEXT_MARKER
 from support.session_root import EncryptedRoot
 
 NewMachine = Callable[..., Machine]
+IMAGES = (ENCRYPT, PLAIN)  # built with the session's others (tests/vm/conftest.py)
 MIB = 1024 * 1024
 
 INSPECT = inspect_script()
@@ -56,7 +57,7 @@ def encrypt_image() -> Image:
 
 
 @pytest.fixture(scope="module")
-def disks(encrypt_image: Image) -> dict[str, Disk]:
+def disks(encrypt_image: Image, filled_disks: list[Disk]) -> dict[str, Disk]:
     # One call: the xfs and btrfs disks are filled in a single builder boot.
     built = build_disks(list(LAYOUTS.values()), encrypt_image)
     return dict(zip(LAYOUTS, built))

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from encryptrootfs_lab.cloud import EmulatedCloud
-from encryptrootfs_lab.image import Image
+from encryptrootfs_lab.image import PLAIN, PROBE, Image
 from encryptrootfs_lab.layout import Disk, verify_root_script
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.qemu import BootEnd
 
 NewMachine = Callable[..., Machine]
+IMAGES = (PLAIN, PROBE)  # built with the session's others (tests/vm/conftest.py)
 PROBE_ARGS = ("rd.neednet=1", "ip=dhcp", "rd.erfslab.probe=1")
 
 

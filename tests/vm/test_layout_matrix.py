@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from encryptrootfs_lab.image import Image
+from encryptrootfs_lab.image import PLAIN, Image
 from encryptrootfs_lab.layout import (
     Disk,
     DiskLayout,
@@ -25,6 +25,7 @@ from encryptrootfs_lab.layout import (
 from encryptrootfs_lab.machine import Machine
 
 NewMachine = Callable[..., Machine]
+IMAGES = (PLAIN,)  # built with the session's others (tests/vm/conftest.py)
 PTTYPE = {PartitionTable.GPT: "gpt", PartitionTable.MSDOS: "dos"}
 
 

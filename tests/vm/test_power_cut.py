@@ -34,6 +34,7 @@ from encryptrootfs_lab.testtree import bytes_lost, cached_tree
 from support.robustness import Case
 
 NewMachine = Callable[..., Machine]
+IMAGES = (ENCRYPT,)  # built with the session's others (tests/vm/conftest.py)
 INSPECT = inspect_script()
 MIB = 1024 * 1024
 

@@ -26,6 +26,7 @@ from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.product import ENCRYPT, inspect_script
 
 NewMachine = Callable[..., Machine]
+IMAGES = (ENCRYPT,)  # built with the session's others (tests/vm/conftest.py)
 ROOT = "/dev/vda1"
 PROMPT = f"Recovery key for {ROOT}"
 # A well-formed key that is not this disk's.
