@@ -572,6 +572,7 @@ def run_variants(plan: Plan, work: Path) -> dict[str, Any]:
         ("shift 128 MiB", ["--shift-mib", "128"], []),
         ("512-byte sectors", ["--sector-size", "512"], []),
         ("resilience datashift-checksum", [], ["--resilience", "datashift-checksum"]),
+        ("--use-directio", [], ["--use-directio"]),
     ]
     for rnd in range(plan.rounds):
         for name, init_args, resume_args in variants if rnd % 2 == 0 else variants[::-1]:
