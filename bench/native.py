@@ -639,7 +639,7 @@ def run_variants(plan: Plan, work: Path) -> dict[str, Any]:
                     "strace",
                     "-f",
                     "-e",
-                    "trace=pread64,pwrite64,read,write,fsync,fdatasync",
+                    "trace=openat,pread64,pwrite64,read,write,fsync,fdatasync",
                     "-e",
                     "abbrev=all",
                     "-e",
@@ -653,7 +653,7 @@ def run_variants(plan: Plan, work: Path) -> dict[str, Any]:
                 stdin=key,
                 check=False,
             )
-            out["io_by_variant"][name] = io_size_histogram(trace.read_text())
+            out["io_by_variant"][name] = io_size_histogram(trace.read_text(), str(image))
     # The product's resume under strace -c: syscalls, syncs and I/O sizes.
     if shutil.which("strace"):
         _fill(image, size)
@@ -679,10 +679,19 @@ _IO_CALL = re.compile(
 )
 
 
-def io_size_histogram(text: str) -> dict[str, dict[str, int]]:
-    """``{call: {bytes: count}}`` of an ``strace -e trace=pread64,...`` log (sync calls: size 0)."""
+_OPENED = re.compile(r"\) = \d+$")
+
+
+def io_size_histogram(text: str, image: str = "") -> dict[str, dict[str, int]]:
+    """``{call: {bytes: count}}`` of an ``strace -e trace=pread64,...`` log (sync calls: size 0);
+    with ``image``, also ``{"opens": {"all": n, "O_DIRECT": m}}`` of its openat calls."""
     out: dict[str, dict[str, int]] = {}
     for line in text.splitlines():
+        if image and f'openat(AT_FDCWD, "{image}", ' in line and _OPENED.search(line):
+            opens = out.setdefault("opens", {"all": 0, "O_DIRECT": 0})
+            opens["all"] += 1
+            opens["O_DIRECT"] += "O_DIRECT" in line
+            continue
         m = _IO_CALL.search(line)
         if not m:
             continue

@@ -301,7 +301,11 @@ def _io_text(io: dict[str, dict[str, int]]) -> str:
             if sizes:
                 parts.append(f"{call} {sizes}")
     syncs = sum(sum(io.get(c, {}).values()) for c in ("fsync", "fdatasync"))
-    return "; ".join(parts) + f"; {syncs} syncs"
+    text = "; ".join([*parts, f"{syncs} syncs"])
+    opens = io.get("opens")
+    if opens:
+        text += f"; the image opened {opens['all']} times, {opens['O_DIRECT']} with O_DIRECT"
+    return text
 
 
 def attempt_lines(native: dict[str, Any]) -> list[str]:

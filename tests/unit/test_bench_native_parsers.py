@@ -115,6 +115,18 @@ def test_io_histogram_counts_data_sizes_and_syncs_but_not_small_reads() -> None:
     assert _io_text(got) == "read 16 MiB x2; pread64 1 MiB x1; write 16 MiB x1; 2 syncs"
 
 
+def test_io_histogram_counts_the_image_opens_and_which_bypass_the_cache() -> None:
+    text = """\
+12305 openat(AT_FDCWD, "/w/v.img", O_RDONLY|O_DIRECT) = 3
+12305 openat(AT_FDCWD, "/w/v.img", O_RDWR|O_NONBLOCK|O_CLOEXEC) = 6
+12305 openat(AT_FDCWD, "/w/v.img", O_RDONLY|O_DIRECT) = -1 EINVAL (Invalid argument)
+12305 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3
+"""
+    got = io_size_histogram(text, "/w/v.img")
+    assert got == {"opens": {"all": 2, "O_DIRECT": 1}}
+    assert _io_text(got).endswith("the image opened 2 times, 1 with O_DIRECT")
+
+
 def test_spread_median_and_range() -> None:
     s = spread([3.0, 1.0, 2.0, 10.0])
     assert (s.median, s.low, s.high, s.n) == (2.5, 1.0, 10.0, 4)
