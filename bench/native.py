@@ -639,7 +639,7 @@ def run_variants(plan: Plan, work: Path) -> dict[str, Any]:
                     "strace",
                     "-f",
                     "-e",
-                    "trace=openat,pread64,pwrite64,read,write,fsync,fdatasync",
+                    "trace=openat,pread64,pwrite64,preadv,pwritev,preadv2,pwritev2,read,write,fsync,fdatasync",
                     "-e",
                     "abbrev=all",
                     "-e",
@@ -675,7 +675,8 @@ def run_variants(plan: Plan, work: Path) -> dict[str, Any]:
 
 
 _IO_CALL = re.compile(
-    r"(?P<call>pread64|pwrite64|read|write|fsync|fdatasync)\((?P<args>[^)]*)\)\s*=\s*(?P<rc>-?\d+)"
+    r"(?P<call>pread64|pwrite64|preadv2?|pwritev2?|read|write|fsync|fdatasync)\("
+    r"(?P<args>.*)\)\s*=\s*(?P<rc>-?\d+)"
 )
 
 

@@ -290,7 +290,16 @@ def _size(n: int) -> str:
 def _io_text(io: dict[str, dict[str, int]]) -> str:
     """``read 16 MiB x14, 1 MiB x13; write ...; 60 syncs`` from an I/O-size histogram."""
     parts = []
-    for call in ("read", "pread64", "write", "pwrite64"):
+    for call in (
+        "read",
+        "pread64",
+        "preadv",
+        "preadv2",
+        "write",
+        "pwrite64",
+        "pwritev",
+        "pwritev2",
+    ):
         counts = io.get(call)
         if counts:
             sizes = ", ".join(
