@@ -85,7 +85,9 @@ def section(pieces: dict[str, Any]) -> list[str]:
         f"alternating: {plan['rounds']} rounds per size for the data pass, "
         f"{plan['unlock_rounds']} for the unlock. Values are medians with the run's range "
         "(lowest-highest) in brackets; a ratio's median is taken over the rounds' own ratios. "
-        "Guest figures are the TCG pieces above.",
+        "Guest figures are the TCG pieces above. Load average at the end of the run: "
+        + ", ".join(f"{x:.2f}" for x in native["host"].get("load_avg_at_end", []))
+        + f"; the piece took {native.get('piece_seconds', 0) / 60:.1f} min.",
         "",
         "| measure | target | native (this host) | guest (TCG) | met natively |",
         "|---|---|---|---|---|",
