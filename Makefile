@@ -70,8 +70,9 @@ lab-build: deps
 lab-boot: deps
 	$(LAB) boot
 
-# Benchmarks (issue 8): bench/results.json, bench/*.png and bench/RESULTS.md. Pieces one at a
-# time with `make bench ONLY=fleet` (initramfs, fleet, disk, boot); BENCH_ARGS=--small for a try.
+# Benchmarks (issues 8, 19): bench/results.json, bench/*.png and bench/RESULTS.md. Pieces one at
+# a time with `make bench ONLY=fleet` (initramfs, fleet, disk, boot; native: no guest, the
+# product on the host's CPU beside its peers); BENCH_ARGS=--small for a try.
 .PHONY: bench
 ONLY ?=
 BENCH_ARGS ?=

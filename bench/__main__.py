@@ -12,19 +12,21 @@ from encryptrootfs.log import setup_logging
 
 from . import common, disk, report
 
-PIECES = ("initramfs", "fleet", "disk", "boot")
+PIECES = ("initramfs", "fleet", "disk", "boot", "native")
 # Names of the issue's measures, accepted as aliases of the piece that measures them.
 ALIASES = {"throughput": "disk", "memory": "disk", "unlock": "boot", "boot-overhead": "boot"}
 
 
 def _runners(small: bool) -> dict[str, Callable[[], dict[str, Any]]]:
-    from . import boots, fleet, initramfs
+    from . import boots, fleet, initramfs, native
 
     return {
         "initramfs": initramfs.run,
         "fleet": lambda: fleet.run(fleet.SMALL if small else fleet.FULL),
         "disk": lambda: disk.run(disk.SMALL if small else disk.FULL),
         "boot": lambda: boots.run(boots.SMALL if small else boots.FULL),
+        # No guest: the product on the host's CPU beside its peers (issue 19).
+        "native": lambda: native.run(native.SMALL if small else native.FULL),
     }
 
 
