@@ -46,8 +46,9 @@ log = get_logger("lab.image")
 SUITE = "bookworm"
 # Bump when the base recipe (configure_base) changes in a way the package lists do not show.
 # 2: mdadm, its shutdown unit masked; 3: GRUB (debconf preseeded); 4: slimmed (SLIM_PATHS);
-# 5: the kernel update package fetched with the base (its apt lists are gone afterwards)
-BASE_VERSION = "5"
+# 5: the kernel update package fetched with the base (its apt lists are gone afterwards);
+# 6: apt's package caches slimmed too
+BASE_VERSION = "6"
 BASE_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -362,6 +363,9 @@ def _slim(root: Path, kver: str) -> None:
             shutil.rmtree(target)
     for lists in (root / "var/lib/apt/lists").glob("*_*"):
         lists.unlink()
+    # apt rebuilds these caches (~70 MiB) from the lists, which are gone
+    for cache in (root / "var/cache/apt").glob("*.bin"):
+        cache.unlink()
     nodoc = root / "etc/dpkg/dpkg.cfg.d/erfs-lab-nodoc"
     nodoc.parent.mkdir(parents=True, exist_ok=True)
     nodoc.write_text("".join(f"path-exclude=/usr/share/{d}/*\n" for d in ("doc", "man", "info")))
