@@ -54,6 +54,9 @@ class LuksFacts:
     # the header may hold a good copy beside it, and a damaged token on some other disk must
     # not stop the root's boot.
     damaged: tuple[str, ...] = ()
+    # The pending reencryption as "<mode>/<resilience>" (e.g. "encrypt/datashift"); None when
+    # none is pending or the header does not say. Only the first boot's own kind is resumed.
+    reencryption: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ def probe_signature(device: str) -> tuple[Signature, dict[str, str]]:
 def luks_facts(device: str) -> LuksFacts:
     header = luks2.read_header(device)
     tokens = read_tokens(header.tokens)
+    slot = header.reencrypt_keyslot
+    pending = f"{slot.mode}/{slot.resilience}" if slot is not None else None
     return LuksFacts(
         uuid=header.uuid,
         version=2,
@@ -123,6 +128,7 @@ def luks_facts(device: str) -> LuksFacts:
         tokens=tokens.kms,
         keyslots=tuple(sorted(header.keyslots, key=int)),
         damaged=tokens.damaged,
+        reencryption=pending if header.reencryption_pending else None,
     )
 
 
@@ -226,6 +232,10 @@ def gather(sys_block: Path = SYS_BLOCK) -> list[Partition]:
             facts.append(partition_facts(name, disk, number, sys_block))
         except (OSError, EncryptrootfsError) as exc:
             log.debug("skipping %s: %s", name, exc)
+        except Exception as exc:  # noqa: BLE001 - hostile content on any attached disk
+            # A damaged or crafted record on some other disk must not stop the root's boot:
+            # the device is skipped and named, never a traceback.
+            log.warning("skipping /dev/%s: it could not be read (%s)", name, type(exc).__name__)
     return facts
 
 

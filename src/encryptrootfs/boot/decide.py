@@ -70,6 +70,7 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
         if p.luks.tokens:
             skipped = "".join(f"; skipping {d}" for d in p.luks.damaged)
             if p.luks.reencryption_pending:
+                refuse_foreign_reencryption(p)
                 return Decision(
                     Action.RESUME, p, "encryption of the root was interrupted" + skipped
                 )
@@ -118,3 +119,20 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
         f"The root {p.path} holds {fs}, which encryptrootfs cannot convert in place "
         f"(supported: {', '.join(SUPPORTED_FILESYSTEMS)}). Nothing was changed.",
     )
+
+
+def refuse_foreign_reencryption(p: Partition) -> None:
+    """Resume only what the first boot starts: ``encrypt`` with a data shift. Anything else
+    (a ``decrypt`` or ``reencrypt`` written into the header) would have the unattended unlock
+    run it with the real key, e.g. write plaintext back to the disk."""
+    assert p.luks is not None
+    mode, _, resilience = (p.luks.reencryption or "").partition("/")
+    if mode != "encrypt" or not resilience.startswith("datashift"):
+        raise RefusedError(
+            f"The root {p.path} has a pending reencryption of a kind encryptrootfs never "
+            f"starts ({p.luks.reencryption or 'unknown'}; the first boot writes "
+            "encrypt/datashift): the header was changed by something else. The root stays "
+            "locked; nothing was changed.",
+            hint="inspect the header on another machine (cryptsetup luksDump); do not resume it "
+            "with the volume key",
+        )
