@@ -232,7 +232,7 @@ def gather(sys_block: Path = SYS_BLOCK) -> list[Partition]:
             facts.append(partition_facts(name, disk, number, sys_block))
         except (OSError, EncryptrootfsError) as exc:
             log.debug("skipping %s: %s", name, exc)
-        except Exception as exc:  # noqa: BLE001 - hostile content on any attached disk
+        except Exception as exc:  # hostile content on any attached disk
             # A damaged or crafted record on some other disk must not stop the root's boot:
             # the device is skipped and named, never a traceback.
             log.warning("skipping /dev/%s: it could not be read (%s)", name, type(exc).__name__)

@@ -218,3 +218,32 @@ def test_a_token_for_another_volume_is_refused_before_any_kms_request() -> None:
 def test_a_token_with_a_crafted_region_is_a_damaged_token(region: str) -> None:
     with pytest.raises(TokenError, match="region: is not an AWS region name"):
         _token({CONTEXT_LUKS_UUID: LUKS_UUID}, region=region)
+
+
+@pytest.mark.parametrize(
+    ("configured", "returned", "why"),
+    [
+        (
+            f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1111",
+            f"arn:aws:kms:{REGION}:{ACCOUNT}:key/2222",
+            "another key",
+        ),
+        (
+            f"arn:aws:kms:{REGION}:{ACCOUNT}:alias/root",
+            f"arn:aws:kms:{REGION}:999999999999:key/2222",
+            "account 999999999999",
+        ),
+        ("1111", f"arn:aws:kms:{REGION}:{ACCOUNT}:key/2222", "another key"),
+        ("alias/root", f"arn:aws:kms:us-east-1:{ACCOUNT}:key/2222", "lives in us-east-1"),
+        ("alias/root", "", "must report a key ARN"),
+    ],
+)
+def test_a_foreign_key_from_generate_data_key_is_refused(
+    configured: str, returned: str, why: str
+) -> None:
+    from encryptrootfs.providers.aws_kms import _not_the_configured_key
+
+    assert why in _not_the_configured_key(configured, REGION, returned)
+    same = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1111"
+    assert _not_the_configured_key(same, REGION, same) == ""
+    assert _not_the_configured_key("alias/root", REGION, same) == ""

@@ -3,6 +3,7 @@ dumps. (The generator's command-line handling runs a shell: tests/header/test_ge
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,5 @@ def test_the_cli_turns_core_dumps_off() -> None:
         assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
     finally:
         # Raising the hard limit back needs privilege; the test tier runs as root.
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_CORE, before)
-        except (ValueError, OSError):
-            pass

@@ -36,6 +36,7 @@ from .base import (
     ProviderName,
     WrappedKey,
     instance_arn,
+    parse_key_arn,
     wipe,
 )
 from .imds import ImdsClient, ImdsError
@@ -286,6 +287,30 @@ def explain_kms_error(
     )
 
 
+def _not_the_configured_key(configured: str, region: str, returned: str) -> str:
+    """Why ``returned`` (the KeyId KMS reports) is not the key ``configured`` names, or "".
+
+    A key ARN must come back as itself; a key id as the ARN of that id; an alias (which may be
+    repointed) as a key of the alias's account, or of the region called when only the name is
+    configured. A spoofed endpoint or a repointed alias thus cannot wrap new roots under a key
+    of another account."""
+    got = parse_key_arn(returned)
+    if got is None or not got.resource.startswith("key/"):
+        return "KMS must report a key ARN"
+    if got.region != region:
+        return f"it lives in {got.region}, and the call went to {region}"
+    want = parse_key_arn(configured)
+    if want is not None:
+        if want.account != got.account:
+            return f"it belongs to the account {got.account}, not {want.account}"
+        if want.resource.startswith("key/") and want.resource != got.resource:
+            return "it is another key"
+        return ""
+    if not configured.startswith("alias/") and got.resource != f"key/{configured}":
+        return "it is another key"
+    return ""
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -435,9 +460,19 @@ class AwsKmsProvider:
                 hint=f"check that AWS KMS answers there ({_endpoint_origin(call)}); "
                 + _NOTHING_CHANGED,
             )
+        returned = str(response.get("KeyId", ""))
+        foreign = _not_the_configured_key(self.config.key_id, region, returned)
+        if foreign:
+            wipe(plaintext)
+            raise KeyServiceError(
+                f"KMS answered GenerateDataKey with the key {returned or '(none)'}, which is not "
+                f"the configured key {self.config.key_id}: {foreign}.",
+                hint="if key_id is an alias, check where it points (aws kms list-aliases); "
+                f"check the endpoint ({_endpoint_origin(call)}); " + _NOTHING_CHANGED,
+            )
         wrapped = WrappedKey(
             provider=ProviderName.AWS_KMS,
-            key_id=str(response["KeyId"]),
+            key_id=returned,
             region=region,
             ciphertext=bytes(response["CiphertextBlob"]),
             encryption_context=context,
