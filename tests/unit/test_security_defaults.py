@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from encryptrootfs.config import BootConfig, ConfigError, parse_config
+from encryptrootfs.config import BootConfig, parse_config
+from encryptrootfs.errors import ConfigError
 from encryptrootfs.image.initramfs import (
     FAILURE_CMDLINE_PATH,
     InitramfsFiles,
