@@ -1,0 +1,95 @@
+"""Security review 2 in a guest: a token that is not this machine's is refused before any KMS
+request, and the failed boot gives no shell and powers off.
+
+Both cases boot copy-on-write copies of the session's encrypted root (tests/vm/conftest.py)
+whose header was edited offline: no first boot of their own. The unit and header tiers hold
+the rest (tests/unit/test_instance_binding.py: the example key policy enforced by the KMS
+emulator; tests/unit/test_security_defaults.py: the initramfs's rd.shell=0 default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from encryptrootfs import luks2
+from encryptrootfs.providers.base import (
+    CONTEXT_INSTANCE_ARN,
+    CONTEXT_INSTANCE_ID,
+    CONTEXT_LUKS_UUID,
+)
+from encryptrootfs.token import TOKEN_TYPE
+from encryptrootfs_lab.cloud import EmulatedCloud
+from encryptrootfs_lab.layout import Disk, disk_sha256
+from encryptrootfs_lab.machine import Machine
+from encryptrootfs_lab.offline import edit_root_header
+from encryptrootfs_lab.product import inspect_script
+from encryptrootfs_lab.qemu import BootEnd
+from support.session_root import EncryptedRoot
+
+NewMachine = Callable[..., Machine]
+OTHER_INSTANCE = "i-0bbbbbbbbbbbbbbbb"
+OTHER_ARN = f"arn:aws:ec2:eu-west-1:123456789012:instance/{OTHER_INSTANCE}"
+
+
+@pytest.fixture
+def quiet_cloud(lab_cloud: EmulatedCloud) -> Iterator[EmulatedCloud]:
+    lab_cloud.kms.clear_faults()
+    lab_cloud.kms.clear_log()
+    yield lab_cloud
+    lab_cloud.kms.clear_log()
+
+
+def _edited(root: EncryptedRoot, work: Path, context: dict[str, str]) -> Disk:
+    """The session's encrypted root with its token's encryption context changed by ``context``."""
+
+    def edit(header: Path) -> None:
+        (tid,) = luks2.read_header(header).token_ids(TOKEN_TYPE)
+        token = dict(luks2.export_token(header, tid))
+        token["encryption_context"] = {**token["encryption_context"], **context}
+        luks2.import_token(header, token, token_id=tid, replace=True)
+
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / "edited.raw"
+    shutil.copyfile(root.disk.path, copy)
+    edit_root_header(copy, root.disk, edit)
+    return dataclasses.replace(root.disk, path=copy)
+
+
+@pytest.mark.parametrize(
+    ("context", "cause"),
+    [
+        (
+            {CONTEXT_INSTANCE_ID: OTHER_INSTANCE, CONTEXT_INSTANCE_ARN: OTHER_ARN},
+            "is bound to the instance",
+        ),
+        (
+            {CONTEXT_LUKS_UUID: "00000000-0000-4000-8000-000000000000"},
+            "no encryptrootfs token in this header belongs to it",
+        ),
+    ],
+    ids=["other-instance", "other-volume"],
+)
+def test_a_token_that_is_not_this_machines_is_refused_before_kms_and_powers_off(
+    encrypted_root: EncryptedRoot,
+    quiet_cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    tmp_path: Path,
+    context: dict[str, str],
+    cause: str,
+) -> None:
+    disk = _edited(encrypted_root, tmp_path / "disk", context)
+    m = new_machine(encrypted_root.image, disk, quiet_cloud)
+    before = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")
+    r = m.boot(inspect_script(), timeout=600, name="later")
+    assert r.marker("BEGIN") is None, "the root was mounted:\n" + r.describe()
+    assert cause in r.console, r.describe()
+    assert "KMS was not asked" in r.console, r.describe()
+    assert quiet_cloud.kms.requests_for("Decrypt") == []  # refused before any KMS request
+    # The failed boot says why, then the machine powers off (the lab also passes rd.shell=0).
+    assert r.end is BootEnd.POWEROFF, r.describe()
+    assert disk_sha256(m.overlay, scratch=tmp_path / "flat.img") == before
