@@ -153,6 +153,9 @@ class BootConfig:
     # rd.shell=0 rd.emergency=<failure_action> as its own command-line defaults).
     emergency_shell: bool = False
     failure_action: str = "poweroff"  # one of FAILURE_ACTIONS
+    # Only an encrypted root boots: set once the root was converted (and the initramfs rebuilt)
+    # so that a plain root swapped in is refused, never encrypted again with a new key.
+    require_encrypted: bool = False
 
 
 # What the machine does when the boot fails closed without a shell (dracut's rd.emergency=).
@@ -397,6 +400,7 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         prefer_regions=_parse_prefer_regions(boot_table),
         emergency_shell=boot_table.boolean("emergency_shell", BootConfig.emergency_shell),
         failure_action=_parse_failure_action(boot_table),
+        require_encrypted=boot_table.boolean("require_encrypted", BootConfig.require_encrypted),
     )
     boot_table.finish()
     volumes = _parse_volumes(top, mapper_name)

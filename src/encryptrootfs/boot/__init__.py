@@ -77,7 +77,12 @@ def boot(config: Config, integration: Optional[Integration] = None) -> Optional[
     devices.wait_for_udev(30)
     root = locate_root(spec, config.boot.device_timeout)
     for _ in range(3):  # at most: restore head -> encrypt, or custody -> restore -> encrypt
-        decision = decide(spec, root, first_boot_enabled=config.first_boot.enabled)
+        decision = decide(
+            spec,
+            root,
+            first_boot_enabled=config.first_boot.enabled,
+            require_encrypted=config.boot.require_encrypted,
+        )
         say(f"{root.path}: {decision.reason} ({decision.action})")
         result = _apply(decision, config, chosen)
         if result is not _AGAIN:

@@ -35,8 +35,28 @@ class Decision:
     reason: str
 
 
-def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
-    """What to do with the root partition, from its state alone."""
+def decide(
+    spec: str, root: Partition, *, first_boot_enabled: bool, require_encrypted: bool = False
+) -> Decision:
+    """What to do with the root partition, from its state and the configuration.
+
+    ``require_encrypted`` (``[boot] require_encrypted``, set once the root was converted):
+    only an encrypted root is acceptable; a plain one (encrypt again, leave plain, or finish
+    a conversion) is a swapped disk or a downgrade, and is refused."""
+    decision = _decide(spec, root, first_boot_enabled=first_boot_enabled)
+    if require_encrypted and decision.action not in (Action.UNLOCK, Action.RESUME):
+        raise RefusedError(
+            f"The root {root.path} is not an encrypted root ({decision.reason}), and "
+            "[boot] require_encrypted is set: this machine's root was already converted, so a "
+            "plain root here is a swapped disk or a downgrade. It is neither encrypted again "
+            "nor booted plain. Nothing was changed.",
+            hint="boot the machine's encrypted root; if a plain root is really meant, rebuild "
+            "the initramfs with [boot] require_encrypted = false",
+        )
+    return decision
+
+
+def _decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
     p = root
     if p.record is not None and (p.luks is None or p.luks.version != 2):
         # A plan record without a LUKS2 header: the previous first boot stopped before or

@@ -258,3 +258,17 @@ def test_the_first_boots_own_pending_encryption_is_resumed() -> None:
     facts = luks(pending=True, tokens=(token(),), reencryption="encrypt/datashift")
     d = decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
     assert d.action is Action.RESUME
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["would-encrypt", "would-leave-plain"])
+def test_a_plain_root_is_refused_when_an_encrypted_one_is_required(enabled: bool) -> None:
+    with pytest.raises(RefusedError, match=r"require_encrypted is set.*neither encrypted again"):
+        decide("/dev/vda1", part(PLAIN), first_boot_enabled=enabled, require_encrypted=True)
+
+
+def test_an_encrypted_root_boots_when_one_is_required() -> None:
+    facts = luks(tokens=(token(),))
+    d = decide(
+        "/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True, require_encrypted=True
+    )
+    assert d.action is Action.UNLOCK
