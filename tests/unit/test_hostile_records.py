@@ -13,6 +13,7 @@ import pytest
 
 from encryptrootfs import devices, plan_record
 from encryptrootfs.devices import Partition
+from encryptrootfs.errors import RefusedError
 
 
 def _slot(body: bytes) -> bytes:
@@ -80,3 +81,70 @@ def test_a_device_whose_probe_raises_is_skipped_and_named(
         found: list[Partition] = devices.gather(tmp_path)
     assert found == [good]
     assert "skipping /dev/vdb1: it could not be read (AttributeError)" in caplog.text
+
+
+def _sysfs(tmp_path: Path) -> Path:
+    """vda (GPT) with vda1 (the root), vdb (unpartitioned), md0, dm-0 (our mapping of vda1),
+    dm-1 (someone else's), loop0."""
+    sys_block = tmp_path / "sys"
+    for name in ("vda", "vdb", "md0", "dm-0", "dm-1", "loop0"):
+        (sys_block / name).mkdir(parents=True)
+    (sys_block / "vda1").mkdir()
+    (sys_block / "vda1" / "partition").write_text("1\n")
+    for dm, uuid, slave in (("dm-0", "CRYPT-LUKS2-abc-root", "vda1"), ("dm-1", "LVM-x", "vdb")):
+        (sys_block / dm / "dm").mkdir()
+        (sys_block / dm / "dm" / "uuid").write_text(uuid + "\n")
+        (sys_block / dm / "slaves").mkdir()
+        (sys_block / dm / "slaves" / slave).mkdir()
+    return sys_block
+
+
+ROOT = Partition(
+    path="/dev/vda1",
+    name="vda1",
+    disk="/dev/vda",
+    number=1,
+    start=1 << 20,
+    size=1 << 30,
+    disk_size=1 << 31,
+    logical_sector=512,
+    partuuid="p",
+    partlabel="root",
+    signature=devices.Signature("ext4", "f00d", "root"),
+)
+
+
+def test_whole_disks_md_and_dm_are_seen(tmp_path: Path) -> None:
+    assert devices.whole_devices(_sysfs(tmp_path)) == ["dm-0", "dm-1", "md0", "vda", "vdb"]
+
+
+@pytest.mark.parametrize("spec", ["UUID=F00D", "LABEL=root"])
+def test_another_device_with_the_roots_file_system_is_refused(tmp_path: Path, spec: str) -> None:
+    sys_block = _sysfs(tmp_path)
+    same = devices.Signature("ext4", "f00d", "root")
+    signatures = {
+        "/dev/vda": devices.Signature(),  # a partition table: no file system of its own
+        "/dev/vdb": same,  # an unpartitioned volume carrying the root's UUID and label
+        "/dev/md0": devices.Signature(),
+        "/dev/dm-0": same,  # our own open mapping of the root: never a competitor
+        "/dev/dm-1": same,
+    }
+    found = devices.competing_devices(spec, ROOT, sys_block, signatures.__getitem__)
+    assert found == ["/dev/dm-1", "/dev/vdb"]
+    with pytest.raises(RefusedError, match=r"also the file system on /dev/dm-1, /dev/vdb"):
+        devices.refuse_competitors(spec, ROOT, found)
+    devices.refuse_competitors(spec, ROOT, [])  # nothing else: no refusal
+    assert devices.competing_devices("PARTUUID=p", ROOT, sys_block, signatures.__getitem__) == []
+
+
+def test_a_device_that_cannot_be_probed_is_skipped_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def signature(path: str) -> devices.Signature:
+        if path == "/dev/vdb":
+            raise ValueError("crafted")
+        return devices.Signature()
+
+    with caplog.at_level(logging.WARNING):
+        assert devices.competing_devices("UUID=f00d", ROOT, _sysfs(tmp_path), signature) == []
+    assert "skipping /dev/vdb: it could not be probed (ValueError)" in caplog.text

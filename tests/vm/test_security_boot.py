@@ -1,5 +1,6 @@
 """Security review 2 in a guest: a token that is not this machine's is refused before any KMS
-request, and the failed boot gives no shell and powers off.
+request, and the failed boot gives no shell and powers off; a second, unpartitioned disk
+carrying the root's file-system UUID is refused before the unlock.
 
 Both cases boot copy-on-write copies of the session's encrypted root (tests/vm/conftest.py)
 whose header was edited offline: no first boot of their own. The unit and header tiers hold
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from encryptrootfs_lab.layout import Disk, disk_sha256
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.offline import edit_root_header
 from encryptrootfs_lab.product import inspect_script
-from encryptrootfs_lab.qemu import BootEnd
+from encryptrootfs_lab.qemu import BootEnd, Drive
 from support.session_root import EncryptedRoot
 
 NewMachine = Callable[..., Machine]
@@ -93,3 +95,26 @@ def test_a_token_that_is_not_this_machines_is_refused_before_kms_and_powers_off(
     # The failed boot says why, then the machine powers off (the lab also passes rd.shell=0).
     assert r.end is BootEnd.POWEROFF, r.describe()
     assert disk_sha256(m.overlay, scratch=tmp_path / "flat.img") == before
+
+
+def test_a_second_disk_with_the_roots_filesystem_uuid_is_refused(
+    encrypted_root: EncryptedRoot,
+    quiet_cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    tmp_path: Path,
+) -> None:
+    """An unpartitioned volume whose ext4 carries the root's UUID (what AttachVolume of a
+    crafted volume gives) could win /dev/disk/by-uuid: the boot refuses before any unlock."""
+    m = new_machine(encrypted_root.image, encrypted_root.disk, quiet_cloud)
+    crafted = tmp_path / "crafted.raw"
+    with open(crafted, "wb") as f:
+        f.truncate(64 << 20)
+    uuid = encrypted_root.disk.root_uuid
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", uuid, str(crafted)], check=True)
+    m.extra.append(Drive(crafted, "raw", 512, snapshot=True))
+    r = m.boot(inspect_script(), timeout=600, name="later")
+    assert r.marker("BEGIN") is None, "the root was mounted:\n" + r.describe()
+    assert "never guesses which disk to trust" in r.console, r.describe()
+    assert "/dev/vdb" in r.console, r.describe()
+    assert quiet_cloud.kms.requests_for("Decrypt") == []
+    assert r.end is BootEnd.POWEROFF, r.describe()
