@@ -247,3 +247,15 @@ def test_a_foreign_key_from_generate_data_key_is_refused(
     same = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1111"
     assert _not_the_configured_key(same, REGION, same) == ""
     assert _not_the_configured_key("alias/root", REGION, same) == ""
+
+
+@pytest.mark.parametrize("name", ["iam-policy-instance-role.json", "kms-key-policy.json"])
+def test_the_example_policies_pass_an_iam_policy_linter(name: str) -> None:
+    parliament = pytest.importorskip("parliament")
+    findings = parliament.analyze_policy_string(
+        (EXAMPLES / name).read_text(), ignore_private_auditors=True
+    ).findings
+    issues = {f.issue for f in findings}
+    # In a key policy "Resource": "*" means this key (the linter reads it as an identity policy).
+    allowed = {"RESOURCE_STAR"} if name == "kms-key-policy.json" else set()
+    assert issues <= allowed, [(f.issue, f.detail) for f in findings]
