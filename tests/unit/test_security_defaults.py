@@ -145,3 +145,11 @@ def test_the_cli_turns_core_dumps_off() -> None:
         # Raising the hard limit back needs privilege; the test tier runs as root.
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_CORE, before)
+
+
+def test_reusing_a_data_disk_is_advised_as_a_discard_not_a_signature_wipe() -> None:
+    from encryptrootfs.config import VolumeConfig
+    from encryptrootfs.ops.volumes import _refuse
+
+    error = _refuse(VolumeConfig("scratch", ("/dev/nvme1n1",), "/scratch"), "not blank")
+    assert "blkdiscard DEVICE" in str(error) and "old data readable" in str(error)
