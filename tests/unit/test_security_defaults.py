@@ -153,3 +153,16 @@ def test_reusing_a_data_disk_is_advised_as_a_discard_not_a_signature_wipe() -> N
 
     error = _refuse(VolumeConfig("scratch", ("/dev/nvme1n1",), "/scratch"), "not blank")
     assert "blkdiscard DEVICE" in str(error) and "old data readable" in str(error)
+
+
+def test_with_require_encrypted_the_root_is_mounted_from_the_mapping(tmp_path: Path) -> None:
+    from encryptrootfs.image.initramfs import SYSROOT_DROPIN_PATH
+
+    lines = manifest_lines(_plan(sysroot_mapper="root"), tmp_path)
+    [[_, source, target]] = [
+        line.split("\t") for line in lines if line.endswith(SYSROOT_DROPIN_PATH)
+    ]
+    assert target == "/etc/systemd/system/sysroot.mount.d/50-encryptrootfs.conf"
+    assert Path(source).read_text() == "[Mount]\nWhat=/dev/mapper/root\n"
+    # Without it (a root may stay plain) no drop-in: a plain root has no mapping to mount.
+    assert not any(SYSROOT_DROPIN_PATH in line for line in manifest_lines(_plan(), tmp_path))
