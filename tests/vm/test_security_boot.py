@@ -1,6 +1,7 @@
 """Security review 2 in a guest: a token that is not this machine's is refused before any KMS
 request, and the failed boot gives no shell and powers off; a second, unpartitioned disk
-carrying the root's file-system UUID is refused before the unlock.
+carrying the root's file-system UUID is refused before the unlock; a plain root under an
+initramfs built with ``[boot] require_encrypted`` is refused (no first boot, no plain boot).
 
 Both cases boot copy-on-write copies of the session's encrypted root (tests/vm/conftest.py)
 whose header was edited offline: no first boot of their own. The unit and header tiers hold
@@ -26,14 +27,18 @@ from encryptrootfs.providers.base import (
 )
 from encryptrootfs.token import TOKEN_TYPE
 from encryptrootfs_lab.cloud import EmulatedCloud
-from encryptrootfs_lab.layout import Disk, disk_sha256
+from encryptrootfs_lab.image import Image, ImageSpec
+from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk, disk_sha256
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.offline import edit_root_header
-from encryptrootfs_lab.product import inspect_script
+from encryptrootfs_lab.product import encrypt_spec, inspect_script, lab_config
 from encryptrootfs_lab.qemu import BootEnd, Drive
 from support.session_root import EncryptedRoot
 
 NewMachine = Callable[..., Machine]
+REQUIRE_ENCRYPTED = encrypt_spec(
+    "require-encrypted", config=lab_config(extra="require_encrypted = true\n")
+)
 OTHER_INSTANCE = "i-0bbbbbbbbbbbbbbbb"
 OTHER_ARN = f"arn:aws:ec2:eu-west-1:123456789012:instance/{OTHER_INSTANCE}"
 
@@ -118,3 +123,22 @@ def test_a_second_disk_with_the_roots_filesystem_uuid_is_refused(
     assert "/dev/vdb" in r.console, r.describe()
     assert quiet_cloud.kms.requests_for("Decrypt") == []
     assert r.end is BootEnd.POWEROFF, r.describe()
+
+
+def test_a_plain_root_under_an_initramfs_that_requires_encryption_is_refused(
+    image_for: Callable[[ImageSpec], Image],
+    cloud: EmulatedCloud,
+    new_machine: NewMachine,
+    tmp_path: Path,
+) -> None:
+    """A downgrade: the initramfs says the root was converted, the disk holds a plain root.
+    It is neither encrypted with a new key nor booted plain, and KMS is never asked."""
+    image = image_for(REQUIRE_ENCRYPTED)
+    m = new_machine(image, build_disk(DiskLayout(), image), cloud)
+    before = disk_sha256(m.overlay, scratch=tmp_path / "flat.img")
+    r = m.boot(inspect_script(), timeout=600, name="first")
+    assert r.marker("BEGIN") is None, "the root was mounted:\n" + r.describe()
+    assert "require_encrypted is set" in r.console, r.describe()
+    assert cloud.kms.requests == []
+    assert r.end is BootEnd.POWEROFF, r.describe()
+    assert disk_sha256(m.overlay, scratch=tmp_path / "flat.img") == before
