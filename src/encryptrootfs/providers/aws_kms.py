@@ -404,7 +404,7 @@ class AwsKmsProvider:
                 again = self._decrypt(
                     region, wrapped.key_id, wrapped.ciphertext, context, deadline, client=client
                 )
-                same = hmac.compare_digest(bytes(again), bytes(plaintext))
+                same = hmac.compare_digest(again, plaintext)
                 wipe(again)
             finally:
                 wipe(plaintext)
