@@ -93,11 +93,19 @@ def test_https_and_loopback_http_are_accepted(url: str) -> None:
     assert config.aws_kms is not None and not config.aws_kms.allow_insecure_http
 
 
-def test_the_lab_config_allows_its_plain_http_emulator() -> None:
+def test_the_lab_config_allows_its_plain_http_emulator(tmp_path: Path) -> None:
+    from encryptrootfs.config import load_config
+    from encryptrootfs_lab.cloud import GUEST_KMS_URL
     from encryptrootfs_lab.product import lab_config
 
-    text = lab_config()
-    assert "allow_insecure_http = true" in text
+    path = tmp_path / "config.toml"
+    path.write_text(lab_config())
+    config = load_config(path)
+    assert config.aws_kms is not None and config.aws_kms.allow_insecure_http
+    assert config.aws_kms.endpoint_url == GUEST_KMS_URL.rstrip("/")
+    path.write_text(lab_config().replace("allow_insecure_http = true", ""))
+    with pytest.raises(ConfigError, match="plain http://"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
