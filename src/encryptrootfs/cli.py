@@ -779,7 +779,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def no_core_dumps() -> None:
+    """Keys live in this process's memory: no core file, and no ptrace or /proc/<pid>/mem
+    access by other processes of the same user (PR_SET_DUMPABLE 0). Best effort: the modules
+    may be absent (the initramfs; its unit sets LimitCORE=0 as well)."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    no_core_dumps()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug)

@@ -8,6 +8,7 @@ machine does at boot. docs/config.md documents every field.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from collections.abc import Mapping
@@ -19,7 +20,13 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .providers.base import RESERVED_CONTEXT_PREFIX, ProviderName, frozen_context, parse_key_arn
+from .providers.base import (
+    REGION_PATTERN,
+    RESERVED_CONTEXT_PREFIX,
+    ProviderName,
+    frozen_context,
+    parse_key_arn,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +39,7 @@ DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 # device-mapper names: at most 127 bytes; we also keep to characters that need no quoting in
 # udev rules, crypttab and shell hooks.
 _MAPPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}$")
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
+_REGION = REGION_PATTERN
 _ALIAS = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
 _KEY_UUID = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -93,6 +100,9 @@ class AwsKmsConfig:
     encryption_context: Mapping[str, str] = field(default_factory=lambda: frozen_context({}))
     bind_instance_id: bool = False
     imds_endpoint: str = DEFAULT_IMDS_ENDPOINT
+    # Plain http:// to a KMS URL whose host is not a loopback address: the data key and the
+    # session token would cross the network in the clear. Only for a lab or a local proxy.
+    allow_insecure_http: bool = False
     connect_timeout: float = 2.0  # seconds per KMS connection attempt
     read_timeout: float = 5.0  # seconds per KMS response
     max_attempts: int = 5  # KMS attempts per call, first try included (standard retry mode)
@@ -138,6 +148,18 @@ class BootConfig:
     # Ask on the console for the recovery key once KMS is failing (only when one is enrolled).
     recovery_prompt: bool = True
     prefer_regions: tuple[str, ...] = ()  # wrapped copies in these regions are tried first
+    # A failed unlock gives dracut's passwordless root shell only when this is true; otherwise
+    # the console says why and the machine does ``failure_action`` (the initramfs carries
+    # rd.shell=0 rd.emergency=<failure_action> as its own command-line defaults).
+    emergency_shell: bool = False
+    failure_action: str = "poweroff"  # one of FAILURE_ACTIONS
+    # Only an encrypted root boots: set once the root was converted (and the initramfs rebuilt)
+    # so that a plain root swapped in is refused, never encrypted again with a new key.
+    require_encrypted: bool = False
+
+
+# What the machine does when the boot fails closed without a shell (dracut's rd.emergency=).
+FAILURE_ACTIONS = ("poweroff", "reboot", "halt")
 
 
 class Raid(str, Enum):
@@ -376,6 +398,9 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         unlock_timeout=boot_table.seconds("unlock_timeout", BootConfig.unlock_timeout),
         recovery_prompt=boot_table.boolean("recovery_prompt", BootConfig.recovery_prompt),
         prefer_regions=_parse_prefer_regions(boot_table),
+        emergency_shell=boot_table.boolean("emergency_shell", BootConfig.emergency_shell),
+        failure_action=_parse_failure_action(boot_table),
+        require_encrypted=boot_table.boolean("require_encrypted", BootConfig.require_encrypted),
     )
     boot_table.finish()
     volumes = _parse_volumes(top, mapper_name)
@@ -390,6 +415,13 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         source=source,
         volumes=volumes,
     )
+
+
+def _parse_failure_action(table: _Table) -> str:
+    value = table.string("failure_action", BootConfig.failure_action) or BootConfig.failure_action
+    if value not in FAILURE_ACTIONS:
+        raise table.error("failure_action", f"must be one of {', '.join(FAILURE_ACTIONS)}")
+    return value
 
 
 def _parse_prefer_regions(table: _Table) -> tuple[str, ...]:
@@ -459,7 +491,34 @@ def _check_url(table: _Table, key: str, value: str) -> str:
 _AWS_HOST_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
 
 
-def _parse_endpoints(aws_table: _Table) -> dict[str, str]:
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_kms_url(table: _Table, key: str, value: str, allow_insecure_http: bool) -> str:
+    """A KMS URL: https://, or http:// to a loopback address or with allow_insecure_http."""
+    url = _check_url(table, key, value)
+    parts = urlsplit(url)
+    if (
+        parts.scheme == "http"
+        and not allow_insecure_http
+        and not _is_loopback(parts.hostname or "")
+    ):
+        raise table.error(
+            key,
+            f"{url!r} is plain http://: the data key KMS returns and the instance's session "
+            "token would cross the network in the clear. Use https://, or set "
+            "providers.aws_kms.allow_insecure_http = true (a lab, or a proxy on this machine)",
+        )
+    return url
+
+
+def _parse_endpoints(aws_table: _Table, allow_insecure_http: bool) -> dict[str, str]:
     """``[providers.aws_kms.endpoints]``: region name -> the KMS URL for that region."""
     table = aws_table.table("endpoints")
     if table is None:
@@ -476,7 +535,7 @@ def _parse_endpoints(aws_table: _Table) -> dict[str, str]:
         if not isinstance(value, str) or not value.strip():
             what = "an empty string" if isinstance(value, str) else _toml_type(value)
             raise table.error(region, f"must be the KMS URL for {region} as a string, not {what}")
-        url = _check_url(table, region, value)
+        url = _check_kms_url(table, region, value, allow_insecure_http)
         host = (urlsplit(url).hostname or "").lower()
         if host.endswith(_AWS_HOST_SUFFIXES):
             named = [label for label in host.split(".") if _REGION.match(label)]
@@ -515,10 +574,11 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
             "drop region or make them agree",
         )
 
+    allow_http = table.boolean("allow_insecure_http", defaults.allow_insecure_http)
     endpoint_url = table.string("endpoint_url")
     if endpoint_url is not None:
-        endpoint_url = _check_url(table, "endpoint_url", endpoint_url)
-    endpoints = _parse_endpoints(table)
+        endpoint_url = _check_kms_url(table, "endpoint_url", endpoint_url, allow_http)
+    endpoints = _parse_endpoints(table, allow_http)
     imds_endpoint = _check_url(
         table, "imds_endpoint", table.string("imds_endpoint", defaults.imds_endpoint) or ""
     )
@@ -567,6 +627,7 @@ def _parse_aws_kms(table: _Table) -> AwsKmsConfig:
         encryption_context=context,
         bind_instance_id=bind_instance_id,
         imds_endpoint=imds_endpoint,
+        allow_insecure_http=allow_http,
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_attempts=max_attempts,

@@ -7,7 +7,7 @@ here writes to a device.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -54,6 +54,9 @@ class LuksFacts:
     # the header may hold a good copy beside it, and a damaged token on some other disk must
     # not stop the root's boot.
     damaged: tuple[str, ...] = ()
+    # The pending reencryption as "<mode>/<resilience>" (e.g. "encrypt/datashift"); None when
+    # none is pending or the header does not say. Only the first boot's own kind is resumed.
+    reencryption: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ def probe_signature(device: str) -> tuple[Signature, dict[str, str]]:
 def luks_facts(device: str) -> LuksFacts:
     header = luks2.read_header(device)
     tokens = read_tokens(header.tokens)
+    slot = header.reencrypt_keyslot
+    pending = f"{slot.mode}/{slot.resilience}" if slot is not None else None
     return LuksFacts(
         uuid=header.uuid,
         version=2,
@@ -123,6 +128,7 @@ def luks_facts(device: str) -> LuksFacts:
         tokens=tokens.kms,
         keyslots=tuple(sorted(header.keyslots, key=int)),
         damaged=tokens.damaged,
+        reencryption=pending if header.reencryption_pending else None,
     )
 
 
@@ -226,6 +232,10 @@ def gather(sys_block: Path = SYS_BLOCK) -> list[Partition]:
             facts.append(partition_facts(name, disk, number, sys_block))
         except (OSError, EncryptrootfsError) as exc:
             log.debug("skipping %s: %s", name, exc)
+        except Exception as exc:  # hostile content on any attached disk
+            # A damaged or crafted record on some other disk must not stop the root's boot:
+            # the device is skipped and named, never a traceback.
+            log.warning("skipping /dev/%s: it could not be read (%s)", name, type(exc).__name__)
     return facts
 
 
@@ -317,6 +327,73 @@ def matches(spec: str, p: Partition) -> bool:
         f"The root selector `{spec}` is not understood; nothing was changed.",
         hint="use UUID=, LABEL=, PARTUUID=, PARTLABEL= or a /dev path",
     )
+
+
+# Block devices that never carry an attacker's copy of the root: memory, loop files of this
+# initramfs, optical drives.
+_NOT_DISKS = ("loop", "ram", "zram", "sr", "fd", "nbd")
+
+
+def whole_devices(sys_block: Path = SYS_BLOCK) -> list[str]:
+    """Kernel names of the block devices that are not partitions: whole disks (an unpartitioned
+    volume carries its file system on the disk itself), md arrays and dm devices."""
+    names = []
+    for entry in sorted(sys_block.iterdir()) if sys_block.exists() else []:
+        if (entry / "partition").exists() or entry.name.startswith(_NOT_DISKS):
+            continue
+        names.append(entry.name)
+    return names
+
+
+def _opens(name: str, root: Partition, sys_block: Path) -> bool:
+    """Whether dm device ``name`` is a LUKS mapping of ``root`` (ours, opened by this boot: it
+    carries the root's file system by design)."""
+    try:
+        uuid = (sys_block / name / "dm" / "uuid").read_text().strip()
+        slaves = {e.name for e in (sys_block / name / "slaves").iterdir()}
+    except OSError:
+        return False
+    return uuid.startswith("CRYPT-") and root.name in slaves
+
+
+def competing_devices(
+    spec: str,
+    root: Partition,
+    sys_block: Path = SYS_BLOCK,
+    signature_of: Callable[[str], Signature] = lambda path: probe_signature(path)[0],
+) -> list[str]:
+    """Other devices (whole disks, md, dm) whose file system carries the UUID or label that
+    ``spec`` names: each could win ``/dev/disk/by-uuid`` and be mounted as ``/``. A device
+    that cannot be probed is skipped and named in the log."""
+    tag, sep, value = normalise_spec(spec).partition("=")
+    if not sep or tag not in ("UUID", "LABEL"):
+        return []  # PARTUUID/PARTLABEL name partitions only; a path names one device
+    found = []
+    for name in whole_devices(sys_block):
+        if name.startswith("dm-") and _opens(name, root, sys_block):
+            continue
+        try:
+            sig = signature_of(f"/dev/{name}")
+        except Exception as exc:  # hostile content on any attached disk
+            log.warning("skipping /dev/%s: it could not be probed (%s)", name, type(exc).__name__)
+            continue
+        if (tag == "UUID" and sig.uuid.lower() == value.lower()) or (
+            tag == "LABEL" and sig.label == value
+        ):
+            found.append(f"/dev/{name}")
+    return found
+
+
+def refuse_competitors(spec: str, root: Partition, found: Sequence[str]) -> None:
+    if found:
+        raise RefusedError(
+            f"The root selector `{spec}` names {root.path}, and also the file system on "
+            f"{', '.join(found)} (a whole disk, md or dm device): either could be mounted as /. "
+            "encryptrootfs never guesses which disk to trust, so nothing was changed and the "
+            "root stays locked.",
+            hint="detach the other device (a copy or a crafted volume), or select the root by "
+            "PARTUUID= in [root] device",
+        )
 
 
 def find_root(spec: str, partitions: Sequence[Partition]) -> Optional[Partition]:

@@ -91,19 +91,35 @@ def decode(slot: bytes) -> Optional[PlanRecord]:
         return None
     try:
         data = json.loads(body)
-        if data.get("version") != VERSION:
-            return None
-        return PlanRecord(
-            luks_uuid=str(data["luks_uuid"]),
-            partition_size=int(data["partition_size"]),
-            fs_type=str(data["fs_type"]),
-            fs_uuid=str(data["fs_uuid"]),
-            fs_label=str(data.get("fs_label", "")),
-            head_sha256=str(data["head_sha256"]),
-            token=dict(data["token"]),
-        )
-    except (ValueError, KeyError, TypeError):
+    except ValueError:  # includes UnicodeDecodeError
         return None
+    # The slot may come from any attached disk (a crafted one included): every field is
+    # checked for its type and range; anything else is "no record", never an exception.
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return None
+    text = ("luks_uuid", "fs_type", "fs_uuid", "head_sha256")
+    if not all(isinstance(data.get(name), str) for name in text):
+        return None
+    partition_size = data.get("partition_size")
+    label = data.get("fs_label", "")
+    token = data.get("token")
+    if (
+        isinstance(partition_size, bool)
+        or not isinstance(partition_size, int)
+        or not 0 < partition_size < 1 << 63
+    ):
+        return None
+    if not isinstance(label, str) or not isinstance(token, dict):
+        return None
+    return PlanRecord(
+        luks_uuid=data["luks_uuid"],
+        partition_size=partition_size,
+        fs_type=data["fs_type"],
+        fs_uuid=data["fs_uuid"],
+        fs_label=label,
+        head_sha256=data["head_sha256"],
+        token=dict(token),
+    )
 
 
 def write(device: str, record: PlanRecord) -> None:

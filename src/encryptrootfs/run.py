@@ -74,7 +74,7 @@ def secret_fd(secret: Secret) -> Iterator[int]:
 
 def _default_spawn(
     argv: Sequence[str],
-    stdin: Optional[bytes],
+    stdin: Optional[Secret],
     timeout: Optional[float],
     env: Optional[Mapping[str, str]],
     pass_fds: Sequence[int],
@@ -92,7 +92,7 @@ def _default_spawn(
 
 # Replaced in unit tests by a function that fails the test.
 _spawn: Callable[
-    [Sequence[str], Optional[bytes], Optional[float], Optional[Mapping[str, str]], Sequence[int]],
+    [Sequence[str], Optional[Secret], Optional[float], Optional[Mapping[str, str]], Sequence[int]],
     subprocess.CompletedProcess[bytes],
 ] = _default_spawn
 
@@ -129,7 +129,9 @@ def run(
     """
     args = _resolve(argv, stdin is not None)
     full_env = {**os.environ, **env} if env is not None else None
-    data = bytes(stdin) if stdin is not None else None
+    # The caller's buffer itself (a bytearray it wipes), not a bytes copy nobody can wipe:
+    # subprocess writes any bytes-like input.
+    data = stdin
     try:
         result = _spawn(args, data, timeout, full_env, pass_fds)
     except subprocess.TimeoutExpired as exc:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from .errors import EncryptrootfsError, ExitCode
-from .providers.base import ProviderName, WrappedKey
+from .providers.base import CONTEXT_LUKS_UUID, REGION_PATTERN, ProviderName, WrappedKey
 
 TOKEN_TYPE = "encryptrootfs"  # noqa: S105 - the LUKS2 token type, not a secret
 TOKEN_VERSION = 1
@@ -114,6 +114,10 @@ def token_from_json(obj: Mapping[str, Any]) -> Optional[KmsToken]:
         raise _malformed("provider", problem) from None
     key_id = _text(obj, "key_id")
     region = _text(obj, "region")
+    if not REGION_PATTERN.match(region):
+        # A crafted region would make botocore fail outside the KMS retry loop; as a damaged
+        # token it is skipped and named, and the next copy is tried.
+        raise _malformed("region", f"is not an AWS region name: {region[:64]!r}")
     ciphertext = _base64(obj, "ciphertext")
     context = obj.get("encryption_context")
     if not isinstance(context, Mapping) or not all(
@@ -138,6 +142,20 @@ def token_from_json(obj: Mapping[str, Any]) -> Optional[KmsToken]:
         ),
         **optional,
     )
+
+
+def not_for_volume(token: KmsToken, luks_uuid: str) -> Optional[str]:
+    """Why ``token`` does not belong to the LUKS2 volume ``luks_uuid``, or None when it does.
+
+    Checked before any KMS request: a token copied from another volume's header is refused
+    with a sentence instead of a KMS error (KMS itself refuses it too: the UUID is part of the
+    encryption context the ciphertext is bound to)."""
+    bound = token.wrapped.encryption_context.get(CONTEXT_LUKS_UUID)
+    if bound is None:
+        return f"its encryption context names no volume ({CONTEXT_LUKS_UUID} is missing)"
+    if bound.lower() != luks_uuid.lower():
+        return f"it was made for the LUKS2 volume {bound}, and this header is {luks_uuid}"
+    return None
 
 
 def _malformed(field: str, problem: str) -> TokenError:

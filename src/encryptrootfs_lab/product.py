@@ -36,6 +36,7 @@ mapper_name = "root"
 [providers.aws_kms]
 key_id = "{LAB_KEY_ALIAS}"
 endpoint_url = "{GUEST_KMS_URL}"
+allow_insecure_http = true  # the emulator speaks plain http on the lab's private link
 imds_endpoint = "{GUEST_IMDS_URL}"
 total_timeout = 30.0
 

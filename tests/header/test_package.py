@@ -106,7 +106,7 @@ def test_product_depends(debs: tuple[Path, Path]) -> None:
     product, _ = debs
     assert field(product, "Architecture") == "all"
     depends = relations(product, "Depends")
-    for name in ("python3-botocore (>= 1.29)", "cryptsetup-bin (>= 2:2.4)", "dmsetup"):
+    for name in ("python3-botocore (>= 1.29)", "cryptsetup-bin (>= 2:2.4.3)", "dmsetup"):
         assert name in depends, depends
     for name in ("fdisk", "e2fsprogs", "udev", "ca-certificates", "python3:any"):
         assert name in depends, depends

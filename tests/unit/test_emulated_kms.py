@@ -11,7 +11,12 @@ from dataclasses import replace
 import pytest
 
 from encryptrootfs.errors import KeyServiceError
-from encryptrootfs.providers.base import CONTEXT_INSTANCE_ID, CONTEXT_LUKS_UUID, ProviderName
+from encryptrootfs.providers.base import (
+    CONTEXT_INSTANCE_ARN,
+    CONTEXT_INSTANCE_ID,
+    CONTEXT_LUKS_UUID,
+    ProviderName,
+)
 from encryptrootfs.token import KmsToken, token_to_json
 from encryptrootfs_lab.emulators import ImdsEmulator, KmsEmulator
 from support.emulators import INSTANCE_ID, REGION, provider
@@ -185,7 +190,12 @@ def test_instance_id_binding_adds_the_context_pair(
 ) -> None:
     p = provider(kms, imds, key_arn, bind_instance_id=True, encryption_context={"purpose": "root"})
     new = p.new_key(LUKS_UUID)
-    expected = {CONTEXT_LUKS_UUID: LUKS_UUID, CONTEXT_INSTANCE_ID: INSTANCE_ID, "purpose": "root"}
+    expected = {
+        CONTEXT_LUKS_UUID: LUKS_UUID,
+        CONTEXT_INSTANCE_ID: INSTANCE_ID,
+        CONTEXT_INSTANCE_ARN: f"arn:aws:ec2:{REGION}:{imds.account_id}:instance/{INSTANCE_ID}",
+        "purpose": "root",
+    }
     assert dict(new.wrapped.encryption_context) == expected
     assert dict(kms.requests_for("GenerateDataKey")[0].encryption_context) == expected
     assert p.unwrap(new.wrapped) == new.plaintext

@@ -306,7 +306,7 @@ def test_manifest_stages_the_trimmed_endpoints_and_lists_every_file(
     lines = manifest_lines(plan, stage)
     rows = [line.split("\t") for line in lines]
     assert all(len(r) in (2, 3) and r[0] for r in rows)
-    staged = [r for r in rows if r[0] == "staged"]
+    staged = [r for r in rows if r[0] == "staged" and r[2] == str(endpoints)]
     assert staged == [["staged", str(stage / str(endpoints).lstrip("/")), str(endpoints)]]
     written = json.loads(Path(staged[0][1]).read_bytes())
     assert written["partitions"][0]["services"] == {"kms": {"endpoints": {}}}

@@ -285,8 +285,11 @@ def test_require_cryptsetup_names_the_version_and_the_features(rec: Recorder) ->
     with pytest.raises(ToolError) as caught:
         luks2.require_cryptsetup()
     message = str(caught.value)
-    assert "cryptsetup 2.3.7 is too old" in message and "2.4.0 or later" in message
+    assert "cryptsetup 2.3.7 is too old" in message and "2.4.3 or later" in message
     assert "--dump-json-metadata" in message
+    rec.on(has("--version"), out="cryptsetup 2.4.2\n")
+    with pytest.raises(ToolError, match=r"2\.4\.2 is too old.*CVE-2021-4122"):
+        luks2.require_cryptsetup()
     rec.on(has("--version"), out="cryptsetup 2.4.3\n")
     with pytest.raises(ToolError, match=r"--progress-json.*--force-offline-reencrypt"):
         luks2.require_cryptsetup((2, 5, 0))

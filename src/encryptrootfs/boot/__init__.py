@@ -76,8 +76,14 @@ def boot(config: Config, integration: Optional[Integration] = None) -> Optional[
     spec = root_spec(config)
     devices.wait_for_udev(30)
     root = locate_root(spec, config.boot.device_timeout)
+    devices.refuse_competitors(spec, root, devices.competing_devices(spec, root))
     for _ in range(3):  # at most: restore head -> encrypt, or custody -> restore -> encrypt
-        decision = decide(spec, root, first_boot_enabled=config.first_boot.enabled)
+        decision = decide(
+            spec,
+            root,
+            first_boot_enabled=config.first_boot.enabled,
+            require_encrypted=config.boot.require_encrypted,
+        )
         say(f"{root.path}: {decision.reason} ({decision.action})")
         result = _apply(decision, config, chosen)
         if result is not _AGAIN:

@@ -35,8 +35,28 @@ class Decision:
     reason: str
 
 
-def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
-    """What to do with the root partition, from its state alone."""
+def decide(
+    spec: str, root: Partition, *, first_boot_enabled: bool, require_encrypted: bool = False
+) -> Decision:
+    """What to do with the root partition, from its state and the configuration.
+
+    ``require_encrypted`` (``[boot] require_encrypted``, set once the root was converted):
+    only an encrypted root is acceptable; a plain one (encrypt again, leave plain, or finish
+    a conversion) is a swapped disk or a downgrade, and is refused."""
+    decision = _decide(spec, root, first_boot_enabled=first_boot_enabled)
+    if require_encrypted and decision.action not in (Action.UNLOCK, Action.RESUME):
+        raise RefusedError(
+            f"The root {root.path} is not an encrypted root ({decision.reason}), and "
+            "[boot] require_encrypted is set: this machine's root was already converted, so a "
+            "plain root here is a swapped disk or a downgrade. It is neither encrypted again "
+            "nor booted plain. Nothing was changed.",
+            hint="boot the machine's encrypted root; if a plain root is really meant, rebuild "
+            "the initramfs with [boot] require_encrypted = false",
+        )
+    return decision
+
+
+def _decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
     p = root
     if p.record is not None and (p.luks is None or p.luks.version != 2):
         # A plan record without a LUKS2 header: the previous first boot stopped before or
@@ -70,6 +90,7 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
         if p.luks.tokens:
             skipped = "".join(f"; skipping {d}" for d in p.luks.damaged)
             if p.luks.reencryption_pending:
+                refuse_foreign_reencryption(p)
                 return Decision(
                     Action.RESUME, p, "encryption of the root was interrupted" + skipped
                 )
@@ -118,3 +139,20 @@ def decide(spec: str, root: Partition, *, first_boot_enabled: bool) -> Decision:
         f"The root {p.path} holds {fs}, which encryptrootfs cannot convert in place "
         f"(supported: {', '.join(SUPPORTED_FILESYSTEMS)}). Nothing was changed.",
     )
+
+
+def refuse_foreign_reencryption(p: Partition) -> None:
+    """Resume only what the first boot starts: ``encrypt`` with a data shift. Anything else
+    (a ``decrypt`` or ``reencrypt`` written into the header) would have the unattended unlock
+    run it with the real key, e.g. write plaintext back to the disk."""
+    assert p.luks is not None
+    mode, _, resilience = (p.luks.reencryption or "").partition("/")
+    if mode != "encrypt" or not resilience.startswith("datashift"):
+        raise RefusedError(
+            f"The root {p.path} has a pending reencryption of a kind encryptrootfs never "
+            f"starts ({p.luks.reencryption or 'unknown'}; the first boot writes "
+            "encrypt/datashift): the header was changed by something else. The root stays "
+            "locked; nothing was changed.",
+            hint="inspect the header on another machine (cryptsetup luksDump); do not resume it "
+            "with the volume key",
+        )

@@ -33,7 +33,7 @@ from ..log import get_logger
 from ..passphrase import normalise
 from ..providers import provider_for_token
 from ..providers.base import wipe
-from ..token import KmsToken, order_tokens, read_tokens
+from ..token import KmsToken, not_for_volume, order_tokens, read_tokens
 from . import ask_password
 from .console import say
 from .grow import grow_root
@@ -107,6 +107,28 @@ def unwrap_with_retries(
     )
 
 
+def tokens_for_volume(device: str, luks_uuid: str, tokens: Sequence[KmsToken]) -> list[KmsToken]:
+    """The tokens made for this volume; each other one is named on the console and skipped
+    before any KMS request. None left: a sentence, the root stays locked."""
+    kept: list[KmsToken] = []
+    refused: list[str] = []
+    for token in tokens:
+        why = not_for_volume(token, luks_uuid)
+        if why is None:
+            kept.append(token)
+        else:
+            refused.append(why)
+            say(f"{device}: skipping the token for {token.wrapped.key_id}: {why}")
+    if tokens and not kept:
+        raise VerifyError(
+            f"{device}: no encryptrootfs token in this header belongs to it ({refused[0]}); "
+            "the header was copied from or edited by another volume's. KMS was not asked.",
+            hint="open the volume with the recovery key if one was added; "
+            "the root stays locked and nothing on disk was changed",
+        )
+    return kept
+
+
 def copy_label(token: KmsToken) -> str:
     return f"unwrap with {token.wrapped.key_id} ({token.wrapped.region})"
 
@@ -138,6 +160,8 @@ def unwrap_and_open(
     the retries go on in the background: whichever comes first opens the root.
     """
     chosen: Integration = integration or DracutSystemd()
+    if part.luks is not None:
+        tokens = tokens_for_volume(part.path, part.luks.uuid, tokens)
     ordered = ordered_copies(config, tokens)
     started = time.monotonic()
     if config.boot.recovery_prompt:

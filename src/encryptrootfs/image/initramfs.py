@@ -25,11 +25,11 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import DEFAULT_CONFIG_PATH
+from ..config import DEFAULT_CONFIG_PATH, BootConfig, load_config
 from ..errors import EncryptrootfsError, ToolError
 from ..run import run
 from ..tools import TOOLS, Need
@@ -110,6 +110,34 @@ class InitramfsFiles:
     programs: tuple[str, ...]  # required programs (names looked up in PATH)
     optional_programs: tuple[str, ...] = ()  # file-system tools: missing = fs unsupported
     config: Optional[str] = None
+    # The initramfs's own kernel command-line defaults (/etc/cmdline.d): no shell on failure.
+    cmdline_defaults: str = "rd.shell=0 rd.emergency=poweroff"
+    # With [boot] require_encrypted: /sysroot is mounted from /dev/mapper/<this>, the mapping
+    # encryptrootfs opened, never from whatever root=UUID= resolves to.
+    sysroot_mapper: Optional[str] = None
+
+
+# Where the failure defaults go in the initramfs; dracut reads /etc/cmdline.d/*.conf before
+# /proc/cmdline, so an explicit rd.shell on the real command line still wins.
+FAILURE_CMDLINE_PATH = "/etc/cmdline.d/49-encryptrootfs-failure.conf"
+
+
+SYSROOT_DROPIN_PATH = "/etc/systemd/system/sysroot.mount.d/50-encryptrootfs.conf"
+
+
+def sysroot_dropin(mapper_name: str) -> str:
+    """sysroot.mount from the opened mapping: a second device carrying the root's UUID (an
+    attached volume) can then never be what is mounted as /. Only with require_encrypted: a
+    root left plain has no mapping to mount."""
+    return f"[Mount]\nWhat=/dev/mapper/{mapper_name}\n"
+
+
+def failure_cmdline(boot: BootConfig) -> str:
+    """dracut arguments for a failed boot: by default no shell, and the machine powers off
+    (``[boot] failure_action``); ``[boot] emergency_shell = true`` keeps dracut's shell."""
+    if boot.emergency_shell:
+        return "rd.shell=1"
+    return f"rd.shell=0 rd.emergency={boot.failure_action}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +536,12 @@ def plan_initramfs(python: Optional[str] = None) -> InitramfsFiles:
     if not python:
         raise ToolError("No Python interpreter is known to trace; the initramfs was not built.")
     trace = run_trace(python, package_dir())
-    return select_files(trace)
+    config = load_config(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else None
+    boot = config.boot if config is not None else BootConfig()
+    mapper = config.mapper_name if config is not None and boot.require_encrypted else None
+    return replace(
+        select_files(trace), cmdline_defaults=failure_cmdline(boot), sysroot_mapper=mapper
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,6 +561,16 @@ def manifest_lines(plan: InitramfsFiles, stage: Path) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(trimmed_endpoints_bytes(Path(plan.endpoints_json)))
         lines.append(f"staged\t{target}\t{plan.endpoints_json}")
+    if plan.cmdline_defaults:
+        target = stage / FAILURE_CMDLINE_PATH.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(plan.cmdline_defaults + "\n")
+        lines.append(f"staged\t{target}\t{FAILURE_CMDLINE_PATH}")
+    if plan.sysroot_mapper:
+        target = stage / SYSROOT_DROPIN_PATH.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(sysroot_dropin(plan.sysroot_mapper))
+        lines.append(f"staged\t{target}\t{SYSROOT_DROPIN_PATH}")
     lines += [f"file\t{f}" for f in plan.files if f != plan.config]
     lines += [f"bytecode\t{pyc}\t{dst}" for pyc, dst in plan.bytecode]
     if plan.config:

@@ -71,10 +71,13 @@ class Feature:
 FEATURES: tuple[Feature, ...] = (
     Feature("the LUKS2 metadata as JSON (luksDump --dump-json-metadata)", (2, 4, 0)),
     Feature("in-place encryption in two steps (reencrypt --init-only, --resume-only)", (2, 4, 0)),
+    Feature("the fix of CVE-2021-4122 (reencryption state authenticated)", (2, 4, 3)),
     Feature("progress as JSON lines (reencrypt --progress-json)", (2, 5, 0)),
     Feature("reencryption of image files (reencrypt --force-offline-reencrypt)", (2, 5, 0)),
 )
-MINIMUM_VERSION: Version = (2, 4, 0)
+# 2.4.3: CVE-2021-4122 (a forged decryption-in-progress state in an unauthenticated header
+# made the next unlock write plaintext back); everything encryptrootfs uses exists in 2.4.0.
+MINIMUM_VERSION: Version = (2, 4, 3)
 PROGRESS_JSON_SINCE: Version = (2, 5, 0)
 
 _VERSION = re.compile(r"cryptsetup\s+v?(\d+)\.(\d+)(?:\.(\d+))?")

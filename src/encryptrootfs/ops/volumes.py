@@ -658,8 +658,9 @@ class VolumeResult:
 def _refuse(volume: VolumeConfig, reason: str) -> RefusedError:
     return RefusedError(
         f"Volume {volume.name}: {reason}. Nothing on the device(s) was changed.",
-        hint="encryptrootfs formats only blank devices and unlocks only its own; wipe a "
-        "device you mean to reuse (wipefs -a DEVICE) or change `devices`",
+        hint="encryptrootfs formats only blank devices and unlocks only its own; discard a "
+        "device you mean to reuse (blkdiscard DEVICE: wipefs -a alone leaves its old data "
+        "readable beneath the new volume) or change `devices`",
     )
 
 

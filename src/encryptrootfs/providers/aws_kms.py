@@ -27,6 +27,7 @@ from ..config import AwsKmsConfig
 from ..errors import KeyServiceError
 from ..log import get_logger
 from .base import (
+    CONTEXT_INSTANCE_ARN,
     CONTEXT_INSTANCE_ID,
     CONTEXT_LUKS_UUID,
     VOLUME_KEY_BYTES,
@@ -34,6 +35,8 @@ from .base import (
     ProviderCheck,
     ProviderName,
     WrappedKey,
+    instance_arn,
+    parse_key_arn,
     wipe,
 )
 from .imds import ImdsClient, ImdsError
@@ -284,6 +287,30 @@ def explain_kms_error(
     )
 
 
+def _not_the_configured_key(configured: str, region: str, returned: str) -> str:
+    """Why ``returned`` (the KeyId KMS reports) is not the key ``configured`` names, or "".
+
+    A key ARN must come back as itself; a key id as the ARN of that id; an alias (which may be
+    repointed) as a key of the alias's account, or of the region called when only the name is
+    configured. A spoofed endpoint or a repointed alias thus cannot wrap new roots under a key
+    of another account."""
+    got = parse_key_arn(returned)
+    if got is None or not got.resource.startswith("key/"):
+        return "KMS must report a key ARN"
+    if got.region != region:
+        return f"it lives in {got.region}, and the call went to {region}"
+    want = parse_key_arn(configured)
+    if want is not None:
+        if want.account != got.account:
+            return f"it belongs to the account {got.account}, not {want.account}"
+        if want.resource.startswith("key/") and want.resource != got.resource:
+            return "it is another key"
+        return ""
+    if not configured.startswith("alias/") and got.resource != f"key/{configured}":
+        return "it is another key"
+    return ""
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -317,6 +344,13 @@ class AwsKmsProvider:
         if wrapped.provider is not ProviderName.AWS_KMS:
             raise ValueError(f"not an aws-kms key: {wrapped.provider}")
         deadline = self._clock() + self.config.total_timeout
+        bound_to = {
+            name: wrapped.encryption_context[name]
+            for name in (CONTEXT_INSTANCE_ID, CONTEXT_INSTANCE_ARN)
+            if name in wrapped.encryption_context
+        }
+        if bound_to:
+            self._refuse_other_instance(bound_to, self._imds(deadline))
         # The region comes from the token: the key lives where it was when the key was wrapped.
         return self._decrypt(
             wrapped.region, wrapped.key_id, wrapped.ciphertext, wrapped.encryption_context, deadline
@@ -370,7 +404,7 @@ class AwsKmsProvider:
                 again = self._decrypt(
                     region, wrapped.key_id, wrapped.ciphertext, context, deadline, client=client
                 )
-                same = hmac.compare_digest(bytes(again), bytes(plaintext))
+                same = hmac.compare_digest(again, plaintext)
                 wipe(again)
             finally:
                 wipe(plaintext)
@@ -426,9 +460,19 @@ class AwsKmsProvider:
                 hint=f"check that AWS KMS answers there ({_endpoint_origin(call)}); "
                 + _NOTHING_CHANGED,
             )
+        returned = str(response.get("KeyId", ""))
+        foreign = _not_the_configured_key(self.config.key_id, region, returned)
+        if foreign:
+            wipe(plaintext)
+            raise KeyServiceError(
+                f"KMS answered GenerateDataKey with the key {returned or '(none)'}, which is not "
+                f"the configured key {self.config.key_id}: {foreign}.",
+                hint="if key_id is an alias, check where it points (aws kms list-aliases); "
+                f"check the endpoint ({_endpoint_origin(call)}); " + _NOTHING_CHANGED,
+            )
         wrapped = WrappedKey(
             provider=ProviderName.AWS_KMS,
-            key_id=str(response["KeyId"]),
+            key_id=returned,
             region=region,
             ciphertext=bytes(response["CiphertextBlob"]),
             encryption_context=context,
@@ -544,15 +588,50 @@ class AwsKmsProvider:
         context = dict(base)
         context.update(self.config.encryption_context)
         if self.config.bind_instance_id:
-            try:
-                context[CONTEXT_INSTANCE_ID] = imds.instance_id()
-            except ImdsError as e:
-                raise KeyServiceError(
-                    f"bind_instance_id is set but IMDS could not tell the instance id: {e.message}",
-                    hint=_NOTHING_CHANGED,
-                    retryable=e.retryable,
-                ) from None
+            context.update(self._this_instance(imds, "bind_instance_id is set but"))
         return context
+
+    def _this_instance(self, imds: ImdsClient, why: str) -> dict[str, str]:
+        """This instance's id and ARN, as the binding pairs of an encryption context."""
+        try:
+            doc = imds.identity_document()
+        except ImdsError as e:
+            raise KeyServiceError(
+                f"{why} IMDS could not tell which instance this is: {e.message}",
+                hint=_NOTHING_CHANGED,
+                retryable=e.retryable,
+            ) from None
+        except ValueError:
+            raise KeyServiceError(
+                f"{why} the IMDS instance identity document is not valid JSON.",
+                hint=_NOTHING_CHANGED,
+                retryable=True,
+            ) from None
+        fields = {name: doc.get(name) for name in ("instanceId", "accountId", "region")}
+        if not all(isinstance(v, str) and v for v in fields.values()):
+            raise KeyServiceError(
+                f"{why} the IMDS instance identity document lacks instanceId, accountId or region.",
+                hint=_NOTHING_CHANGED,
+            )
+        iid, account, region = (str(fields[n]) for n in ("instanceId", "accountId", "region"))
+        return {CONTEXT_INSTANCE_ID: iid, CONTEXT_INSTANCE_ARN: instance_arn(region, account, iid)}
+
+    def _refuse_other_instance(self, bound_to: Mapping[str, str], imds: ImdsClient) -> None:
+        """A token bound to another instance is refused here, before any KMS request: a clear
+        sentence early. The boundary itself is the key policy (kms:EncryptionContext:
+        encryptrootfs:instance_arn must equal ${ec2:SourceInstanceARN}); this check only
+        saves a denied request and names the cause."""
+        here = self._this_instance(imds, "the token is bound to an instance, but")
+        for name, value in bound_to.items():
+            if here[name] != value:
+                raise KeyServiceError(
+                    f"this wrapped key is bound to the instance {value} ({name}), and this "
+                    f"machine is {here[name]}: the disk was moved or copied from another "
+                    "instance, so KMS was not asked.",
+                    hint="boot the disk on its own instance, or open it with the recovery key "
+                    "and enroll a token for this instance (encryptrootfs enroll); "
+                    + _NOTHING_CHANGED,
+                )
 
     def _botocore_session(self) -> Any:
         if self._session is None:
@@ -621,10 +700,18 @@ class AwsKmsProvider:
         self._credentials(deadline)
         session = self._botocore_session()
         cfg = self.config
+        url = kms_endpoint(cfg, region).url
+        if url is not None and url.startswith("http://") and cfg.allow_insecure_http:
+            log.warning(
+                "KMS in %s at %s over plain http (providers.aws_kms.allow_insecure_http): the "
+                "data key and the session token cross the network unencrypted",
+                region,
+                url,
+            )
         client = session.create_client(
             "kms",
             region_name=region,
-            endpoint_url=kms_endpoint(cfg, region).url,
+            endpoint_url=url,
             config=BotoConfig(
                 connect_timeout=cfg.connect_timeout,
                 read_timeout=cfg.read_timeout,

@@ -23,6 +23,13 @@ from ..errors import VerifyError
 RESERVED_CONTEXT_PREFIX = "encryptrootfs:"
 CONTEXT_LUKS_UUID = "encryptrootfs:luks_uuid"
 CONTEXT_INSTANCE_ID = "encryptrootfs:instance_id"
+# The instance's ARN: what a key policy compares with ``${ec2:SourceInstanceARN}``, the ARN of
+# the instance whose role credentials signed the request. This pair makes the binding a rule
+# KMS enforces; the instance id beside it is for people and CloudTrail.
+CONTEXT_INSTANCE_ARN = "encryptrootfs:instance_arn"
+
+# An AWS region name (eu-west-1, us-gov-west-1, cn-north-1): what a config or a token may name.
+REGION_PATTERN = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")
 
 # LUKS2 volume keys for aes-xts-plain64 with 256-bit AES are 64 bytes.
 VOLUME_KEY_BYTES = 64
@@ -74,6 +81,24 @@ class NewKey:
     def wipe(self) -> None:
         """Overwrite the plaintext in place; call it as soon as cryptsetup has the key."""
         wipe(self.plaintext)
+
+
+def partition_of(region: str) -> str:
+    """The AWS partition of ``region`` (the second field of every ARN made there)."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    if region.startswith("us-iso-"):
+        return "aws-iso"
+    if region.startswith("us-isob-"):
+        return "aws-iso-b"
+    return "aws"
+
+
+def instance_arn(region: str, account_id: str, instance_id: str) -> str:
+    """``arn:<partition>:ec2:<region>:<account>:instance/<id>``, as ``ec2:SourceInstanceARN``."""
+    return f"arn:{partition_of(region)}:ec2:{region}:{account_id}:instance/{instance_id}"
 
 
 def wipe(secret: bytearray) -> None:
@@ -166,7 +191,7 @@ def prove_round_trip(
     "nothing was changed on /dev/vdb"."""
     back = unwrapper.unwrap(wrapped)
     try:
-        if not hmac.compare_digest(bytes(back), bytes(key)):
+        if not hmac.compare_digest(back, key):  # bytes-like: no unwipeable copies
             raise VerifyError(
                 f"KMS returned a different key on unwrap; {unchanged}.", hint=ROUND_TRIP_HINT
             )

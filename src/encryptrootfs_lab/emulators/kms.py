@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Optional
 
+from .policy import KmsRequestFacts, allows
 from .serving import serve_in_thread, stop_serving
 
 StartResponse = Callable[..., Any]
@@ -44,6 +45,7 @@ _DATA_PLANE = frozenset(
     }
 )
 _CREDENTIAL_SCOPE = re.compile(r"Credential=[^/]+/[0-9]{8}/([a-z0-9-]+)/kms/")
+_ACCESS_KEY = re.compile(r"Credential=([A-Z0-9]+)/")
 _AMZ_DATE = "%Y%m%dT%H%M%SZ"
 _KEY_UUID_BYTES = 36  # moto's ciphertext blob starts with the key id as text
 
@@ -118,6 +120,11 @@ class KmsEmulator:
         # not check); None turns the check off.
         self.max_clock_skew_s: Optional[float] = 300.0
         self.clock_offset_s = 0.0  # how far the emulated AWS clock is ahead of this host's
+        # A key policy evaluated for every data-plane request (emulators/policy.py), as AWS
+        # would; None: no policy check (moto's default). Callers are known by their access
+        # key: see trust_instance().
+        self.key_policy: Optional[Mapping[str, Any]] = None
+        self._instances: dict[str, tuple[str, str]] = {}  # access key -> (role ARN, instance ARN)
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
         self._app: Optional[WsgiApp] = None
@@ -260,6 +267,16 @@ class KmsEmulator:
         with self._lock:
             self._bucket = _TokenBucket(rate_per_s, burst)
 
+    def trust_instance(self, imds: Any) -> None:
+        """Requests signed with ``imds``'s role credentials come from its instance: the policy
+        sees ``aws:PrincipalArn`` = the role and ``ec2:SourceInstanceARN`` = the instance, as
+        AWS derives them from instance-role credentials. ``imds`` is an ImdsEmulator."""
+        region, account, instance = imds.region, imds.account_id, imds.instance_id
+        role = f"arn:aws:iam::{account}:role/{imds.role_name}"
+        arn = f"arn:aws:ec2:{region}:{account}:instance/{instance}"
+        with self._lock:
+            self._instances[str(imds.access_key_id)] = (role, arn)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._injections.clear()
@@ -301,8 +318,10 @@ class KmsEmulator:
         scope = _CREDENTIAL_SCOPE.search(str(environ.get("HTTP_AUTHORIZATION", "")))
         region = scope.group(1) if scope else self.region
 
+        access_key = _ACCESS_KEY.search(str(environ.get("HTTP_AUTHORIZATION", "")))
         fault = (
             self._clock_fault(str(environ.get("HTTP_X_AMZ_DATE", "")))
+            or self._policy_fault(action, access_key.group(1) if access_key else "", context)
             or self._fault_for(action, key_id, region)
             or self._wrong_key_fault(action, named_key, blob_key, region)
         )
@@ -367,6 +386,28 @@ class KmsEmulator:
         if action in _DATA_PLANE and key_id is not None:
             return self._key_state_fault(key_id, region)
         return None
+
+    def _policy_fault(
+        self, action: str, access_key: str, context: Mapping[str, str]
+    ) -> Optional[tuple[int, str, str]]:
+        """AccessDeniedException when the key policy does not allow this caller and context."""
+        policy = self.key_policy
+        if policy is None or action not in _DATA_PLANE:
+            return None
+        with self._lock:
+            role, instance = self._instances.get(access_key, ("", ""))
+        keys = {"aws:PrincipalArn": role}
+        if instance:
+            keys["ec2:SourceInstanceARN"] = instance
+        facts = KmsRequestFacts(f"kms:{action}", role, dict(context), keys)
+        if allows(policy, facts):
+            return None
+        return (
+            400,
+            "AccessDeniedException",
+            f"User: {role or 'unknown'} is not authorized to perform: kms:{action} because the "
+            "key policy does not allow it (emulated key policy)",
+        )
 
     def _clock_fault(self, amz_date: str) -> Optional[tuple[int, str, str]]:
         """AWS's answer to a signature dated too far from now (a machine with a wrong clock)."""

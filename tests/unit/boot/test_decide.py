@@ -65,8 +65,14 @@ def part(sig: Signature = PLAIN, **kw: Any) -> Partition:
     return Partition(**base)
 
 
-def luks(pending: bool = False, tokens: tuple[KmsToken, ...] = (), version: int = 2) -> LuksFacts:
-    return LuksFacts(LUKS_UUID, version, pending, tokens, ("0",))
+def luks(
+    pending: bool = False,
+    tokens: tuple[KmsToken, ...] = (),
+    version: int = 2,
+    reencryption: str = "encrypt/datashift",
+) -> LuksFacts:
+    kind = reencryption if pending else None
+    return LuksFacts(LUKS_UUID, version, pending, tokens, ("0",), reencryption=kind)
 
 
 LUKS_SIG = Signature("crypto_LUKS", LUKS_UUID, "", "2")
@@ -239,3 +245,30 @@ def test_a_damaged_token_beside_a_good_one_is_skipped_and_said() -> None:
     d = decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
     assert d.action is Action.UNLOCK
     assert "skipping token 1" in d.reason
+
+
+@pytest.mark.parametrize("kind", ["decrypt/datashift", "reencrypt/journal", "encrypt/checksum"])
+def test_a_pending_reencryption_the_first_boot_never_starts_is_refused(kind: str) -> None:
+    facts = luks(pending=True, tokens=(token(),), reencryption=kind)
+    with pytest.raises(RefusedError, match=r"pending reencryption of a kind .*never starts"):
+        decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
+
+
+def test_the_first_boots_own_pending_encryption_is_resumed() -> None:
+    facts = luks(pending=True, tokens=(token(),), reencryption="encrypt/datashift")
+    d = decide("/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True)
+    assert d.action is Action.RESUME
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["would-encrypt", "would-leave-plain"])
+def test_a_plain_root_is_refused_when_an_encrypted_one_is_required(enabled: bool) -> None:
+    with pytest.raises(RefusedError, match=r"require_encrypted is set.*neither encrypted again"):
+        decide("/dev/vda1", part(PLAIN), first_boot_enabled=enabled, require_encrypted=True)
+
+
+def test_an_encrypted_root_boots_when_one_is_required() -> None:
+    facts = luks(tokens=(token(),))
+    d = decide(
+        "/dev/vda1", part(LUKS_SIG, luks=facts), first_boot_enabled=True, require_encrypted=True
+    )
+    assert d.action is Action.UNLOCK

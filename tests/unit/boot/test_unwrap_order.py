@@ -12,12 +12,15 @@ from encryptrootfs.boot import systemd_initrd, unlock
 from encryptrootfs.config import Config, parse_config
 from encryptrootfs.devices import LuksFacts, Partition, Signature
 from encryptrootfs.errors import KeyServiceError
-from encryptrootfs.providers.base import ProviderName, WrappedKey
+from encryptrootfs.providers.base import CONTEXT_LUKS_UUID, ProviderName, WrappedKey
 from encryptrootfs.token import KmsToken
 
 
 def token(region: str) -> KmsToken:
-    return KmsToken(("0",), WrappedKey(ProviderName.AWS_KMS, f"arn:{region}", region, b"c", {}))
+    context = {CONTEXT_LUKS_UUID: "u"}  # the header UUID of part() below
+    return KmsToken(
+        ("0",), WrappedKey(ProviderName.AWS_KMS, f"arn:{region}", region, b"c", context)
+    )
 
 
 US, EU, AP = token("us-east-1"), token("eu-west-1"), token("ap-south-1")
