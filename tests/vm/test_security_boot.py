@@ -31,7 +31,7 @@ from encryptrootfs_lab.image import Image, ImageSpec
 from encryptrootfs_lab.layout import Disk, DiskLayout, build_disk, disk_sha256
 from encryptrootfs_lab.machine import Machine
 from encryptrootfs_lab.offline import edit_root_header
-from encryptrootfs_lab.product import encrypt_spec, inspect_script, lab_config
+from encryptrootfs_lab.product import ENCRYPT, encrypt_spec, inspect_script, lab_config
 from encryptrootfs_lab.qemu import BootEnd, Drive
 from support.session_root import EncryptedRoot
 
@@ -39,6 +39,7 @@ NewMachine = Callable[..., Machine]
 REQUIRE_ENCRYPTED = encrypt_spec(
     "require-encrypted", config=lab_config(extra="require_encrypted = true\n")
 )
+IMAGES = (ENCRYPT, REQUIRE_ENCRYPTED)  # built with the session's others (tests/vm/conftest.py)
 OTHER_INSTANCE = "i-0bbbbbbbbbbbbbbbb"
 OTHER_ARN = f"arn:aws:ec2:eu-west-1:123456789012:instance/{OTHER_INSTANCE}"
 
