@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,30 +105,33 @@ def root_disk(plain_image: Image) -> Disk:
     return build_disk(DiskLayout(), plain_image)
 
 
-@pytest.fixture
-def cloud() -> Iterator[EmulatedCloud]:
-    """KMS + IMDS emulators for one test; stopped (and checked stopped) afterwards."""
+@contextmanager
+def _checked_cloud(scope: str, *, lab_key: bool) -> Iterator[EmulatedCloud]:
+    """Both emulators for one ``scope`` (test, module, session), optionally with the lab
+    images' key; checked stopped when the scope ends."""
     with emulated_cloud() as c:
         ports = [c.kms.port, c.imds.port]
         EMULATOR_PORTS.extend(ports)
+        if lab_key:
+            create_lab_key(c.kms)
         yield c
     still = [p for p in ports if _port_open(p)]
-    assert not still, f"emulator ports still answering after the test: {still}"
+    assert not still, f"emulator ports still answering after the {scope}: {still}"
+
+
+@pytest.fixture
+def cloud() -> Iterator[EmulatedCloud]:
+    """KMS + IMDS emulators for one test, with request logs."""
+    with _checked_cloud("test", lab_key=False) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def module_cloud() -> Iterator[EmulatedCloud]:
     """KMS + IMDS emulators shared by one test module (e.g. a disk encrypted once and booted
     by every test: its wrapping key lives in these), with the lab images' key created."""
-    from encryptrootfs_lab.product import create_lab_key
-
-    with emulated_cloud() as c:
-        ports = [c.kms.port, c.imds.port]
-        EMULATOR_PORTS.extend(ports)
-        create_lab_key(c.kms)
+    with _checked_cloud("module", lab_key=True) as c:
         yield c
-    still = [p for p in ports if _port_open(p)]
-    assert not still, f"emulator ports still answering after the module: {still}"
 
 
 # Every xfs/btrfs disk of the default product image that the CI subset boots. They are filled
@@ -156,13 +160,8 @@ def lab_cloud() -> Iterator[EmulatedCloud]:
     """KMS + IMDS emulators for the whole session, with the lab images' key: the key that
     wraps :func:`encrypted_root` lives here, so every test booting that root uses this cloud
     (and leaves it without faults and with empty logs, see tests/vm/test_faults.py)."""
-    with emulated_cloud() as c:
-        ports = [c.kms.port, c.imds.port]
-        EMULATOR_PORTS.extend(ports)
-        create_lab_key(c.kms)
+    with _checked_cloud("session", lab_key=True) as c:
         yield c
-    still = [p for p in ports if _port_open(p)]
-    assert not still, f"emulator ports still answering after the session: {still}"
 
 
 @pytest.fixture(scope="session")
@@ -232,7 +231,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, None]:
     outcome = yield
-    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    report: pytest.TestReport = outcome.get_result()
     if report.when == "call":
         item.stash[CALL_REPORT] = report
     if not report.failed:

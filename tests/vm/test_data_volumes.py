@@ -34,12 +34,13 @@ raid = "raid0"
 filesystem = "ext4"
 mount = "/data"
 """
-SPEC = encrypt_spec("volumes", config=lab_config(extra=VOLUMES))
+_CONFIG = lab_config(extra=VOLUMES)
+SPEC = encrypt_spec("volumes", config=_CONFIG)
 _FIRST_BOOT_ON = "[first_boot]\nenabled = true\n"
-assert _FIRST_BOOT_ON in SPEC.config_toml
+assert _FIRST_BOOT_ON in _CONFIG
 PLAIN_ROOT_SPEC = encrypt_spec(
     "volumes-plain-root",
-    config=SPEC.config_toml.replace(_FIRST_BOOT_ON, "[first_boot]\nenabled = false\n"),
+    config=_CONFIG.replace(_FIRST_BOOT_ON, "[first_boot]\nenabled = false\n"),
 )
 IMAGES = (PLAIN_ROOT_SPEC,)  # built with the session's others (tests/vm/conftest.py)
 
