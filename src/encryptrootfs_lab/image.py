@@ -38,6 +38,7 @@ from .cache import (
     touch,
     tree_digest,
 )
+from .packages import debian_packages
 from .qemu import SMBIOS_APPEND_PREFIX, kernel_cmdline
 from .testtree import GUEST_MANIFEST, GUEST_TREE, cached_tree
 
@@ -234,6 +235,10 @@ class ImageSpec:
     # for a kernel update inside a booted guest; fetched with the base layer (its apt lists are
     # slimmed away after that) and copied in.
     kernel_update: bool = False
+    # The product from the project's Debian packages (`make deb-build`), installed in the
+    # chroot as a user installs them (`apt-get install ./encryptrootfs_*.deb ...`: Debian's own
+    # python3-botocore and tools), instead of host pip into /usr/local.
+    from_packages: bool = False
 
 
 PLAIN = ImageSpec()
@@ -361,11 +366,7 @@ def _slim(root: Path, kver: str) -> None:
         target = root / rel.replace("{kver}", kver)
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-    for lists in (root / "var/lib/apt/lists").glob("*_*"):
-        lists.unlink()
-    # apt rebuilds these caches (~70 MiB) from the lists, which are gone
-    for cache in (root / "var/cache/apt").glob("*.bin"):
-        cache.unlink()
+    _drop_apt_state(root)
     nodoc = root / "etc/dpkg/dpkg.cfg.d/erfs-lab-nodoc"
     nodoc.parent.mkdir(parents=True, exist_ok=True)
     nodoc.write_text("".join(f"path-exclude=/usr/share/{d}/*\n" for d in ("doc", "man", "info")))
@@ -488,6 +489,8 @@ def product_key(spec: ImageSpec) -> str:
             spec.lab_probe,
             list(spec.extra_dracut_args),
             spec.kernel_update,
+            spec.from_packages,
+            tree_digest(project / "debian") if spec.from_packages else None,
             _dep_pins(),
             kernel_cmdline("UUID"),
             tree_digest(project / "src" / "encryptrootfs"),
@@ -538,6 +541,50 @@ def _install_project(root: Path, blog: BuildLog) -> None:
         "#!/usr/bin/python3\nimport sys\n\nfrom encryptrootfs.cli import main\n\nsys.exit(main())\n"
     )
     launcher.chmod(0o755)
+
+
+def _drop_apt_state(root: Path) -> None:
+    """apt's package lists, and the caches (~70 MiB) it builds from them: nothing in a booted
+    lab guest installs from the network."""
+    for lists in (root / "var/lib/apt/lists").glob("*_*"):
+        lists.unlink()
+    for cache in (root / "var/cache/apt").glob("*.bin"):
+        cache.unlink()
+
+
+def _install_packages(root: Path, blog: BuildLog) -> None:
+    """The project's Debian packages, installed with apt in the chroot as a user does; apt
+    fetches what they depend on (Debian's python3-botocore) from the host's mirror."""
+    debs = debian_packages()
+    inside = root / "root/erfs-debs"
+    inside.mkdir()
+    for deb in debs.all:
+        shutil.copy(deb, inside / deb.name)
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        with chroot_mounts(root):
+            blog.run(["chroot", str(root), "apt-get", "update", "-qq"])
+            blog.run(
+                [
+                    "chroot",
+                    str(root),
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "--no-install-recommends",
+                    *(f"/root/erfs-debs/{deb.name}" for deb in debs.all),
+                ],
+                DEBIAN_FRONTEND="noninteractive",
+            )
+            blog.run(["chroot", str(root), "apt-get", "clean"])
+    finally:
+        policy.unlink()
+        (root / "etc/resolv.conf").unlink()
+        shutil.rmtree(inside)
+    _drop_apt_state(root)
 
 
 def _install_lab_files(root: Path, spec: ImageSpec) -> None:
@@ -656,7 +703,10 @@ def build_image(spec: ImageSpec = PLAIN) -> Image:
         with building(final) as tmp:
             root = tmp / "rootfs"
             blog.run(["cp", "-a", "--reflink=auto", str(base), str(root)])
-            _install_project(root, blog)
+            if spec.from_packages:
+                _install_packages(root, blog)
+            else:
+                _install_project(root, blog)
             _install_lab_files(root, spec)
             _install_grub_config(root)
             kver = _kver(root)

@@ -64,6 +64,14 @@ def encrypt_spec(
 
 
 ENCRYPT = encrypt_spec()
+# The same configuration, the product installed from its Debian packages (Debian's botocore in
+# /usr/lib/python3/dist-packages, the command in /usr/bin), then the same `encryptrootfs install`.
+PACKAGED = ImageSpec(
+    name="encrypt-deb",
+    config_toml=lab_config(),
+    chroot_commands=(("encryptrootfs", "install", "--no-regenerate"),),
+    from_packages=True,
+)
 
 
 def create_lab_key(kms: KmsEmulator) -> str:

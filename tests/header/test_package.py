@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,43 +15,15 @@ from encryptrootfs import __version__
 from encryptrootfs.image import removal
 from encryptrootfs.run import run
 from encryptrootfs.token import TOKEN_TYPE
+from encryptrootfs_lab.packages import debian_packages
 
 ROOT = Path(__file__).resolve().parents[2]
-DIST = ROOT / "dist"
-PRODUCT = DIST / f"encryptrootfs_{__version__}_all.deb"
-DRACUT = DIST / f"encryptrootfs-dracut_{__version__}_all.deb"
 MODULE = "usr/lib/dracut/modules.d/50encryptrootfs"
-
-
-def _tree_files() -> list[Path]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    return [ROOT / name for name in out.decode().split("\0") if name]
-
-
-def _fresh() -> bool:
-    if not (PRODUCT.exists() and DRACUT.exists()):
-        return False
-    built = min(PRODUCT.stat().st_mtime, DRACUT.stat().st_mtime)
-    return all(not p.exists() or p.stat().st_mtime < built for p in _tree_files())
 
 
 @pytest.fixture(scope="module")
 def debs() -> tuple[Path, Path]:
-    if not _fresh():
-        r = subprocess.run(
-            ["nice", "-n", "10", "make", "--no-print-directory", "deb-build"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return PRODUCT, DRACUT
+    return debian_packages(ROOT).all
 
 
 def field(deb: Path, name: str) -> str:
