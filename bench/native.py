@@ -1042,7 +1042,7 @@ def unlock_breakdown(
         "import_verify_path": [
             py,
             "-c",
-            "import encryptrootfs.cli, encryptrootfs.enroll, encryptrootfs.providers.aws_kms,"
+            "import encryptrootfs.cli, encryptrootfs.ops.enroll, encryptrootfs.providers.aws_kms,"
             " botocore.session, botocore.config",
         ],
         "botocore_client": [
