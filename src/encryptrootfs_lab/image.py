@@ -38,7 +38,7 @@ from .cache import (
     touch,
     tree_digest,
 )
-from .packages import debian_packages
+from .packages import debian_packages, project_root
 from .qemu import SMBIOS_APPEND_PREFIX, kernel_cmdline
 from .testtree import GUEST_MANIFEST, GUEST_TREE, cached_tree
 
@@ -309,11 +309,6 @@ def _guest_data() -> Path:
     return Path(str(resources.files("encryptrootfs_lab") / "guest"))
 
 
-def _project_root() -> Path:
-    """The working tree this lab runs from (``src/`` layout)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def _mirror() -> str:
     for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
         for line in sources.read_text().splitlines():
@@ -325,6 +320,22 @@ def _mirror() -> str:
             if line.startswith("deb "):
                 return line.split()[1]
     return "http://deb.debian.org/debian"
+
+
+@contextmanager
+def apt_chroot(root: Path) -> Iterator[None]:
+    """``root`` ready for apt: the host's resolver, no service started by a package's
+    maintainer scripts (policy-rc.d), /proc, /sys and /dev; all of it gone again afterwards."""
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        with chroot_mounts(root):
+            yield
+    finally:
+        policy.unlink()
+        (root / "etc/resolv.conf").unlink()
 
 
 @contextmanager
@@ -361,7 +372,7 @@ def _slim(root: Path, kver: str) -> None:
     QEMU does not emulate), and keep dpkg from putting docs back on later installs.
 
     Every lab root is copied, written and (on a first boot) encrypted whole, so its size is
-    paid in every disk build and every data pass: ~790 MiB before, ~340 MiB after."""
+    paid in every disk build and every data pass: ~790 MiB before, ~390 MiB after."""
     for rel in SLIM_PATHS:
         target = root / rel.replace("{kver}", kver)
         if target.is_dir() and not target.is_symlink():
@@ -434,13 +445,9 @@ def build_base(blog: Optional[BuildLog] = None) -> Path:
                     _mirror(),
                 ]
             )
-            shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
-            policy = root / "usr/sbin/policy-rc.d"
-            policy.write_text("#!/bin/sh\nexit 101\n")
-            policy.chmod(0o755)
             answers = root / "root/erfs-debconf"
             answers.write_text(GRUB_DEBCONF)
-            with chroot_mounts(root):
+            with apt_chroot(root):
                 blog.run(["chroot", str(root), "debconf-set-selections", "/root/erfs-debconf"])
                 answers.unlink()
                 # INITRD=No: skips the kernel postinst's two dracut runs (~1 min each).
@@ -461,8 +468,6 @@ def build_base(blog: Optional[BuildLog] = None) -> Path:
                 _download_kernel_update(root, _kver(root), tmp / KERNEL_UPDATE, blog)
                 _slim(root, _kver(root))
                 blog.run(["chroot", str(root), "depmod", _kver(root)])
-            policy.unlink()
-            (root / "etc/resolv.conf").unlink()
             _configure_base(root)
         touch(final)
         return final / "rootfs"
@@ -477,7 +482,7 @@ def _dep_pins() -> list[str]:
 
 
 def product_key(spec: ImageSpec) -> str:
-    project = _project_root()
+    project = project_root()
     return digest(
         [
             "product",
@@ -503,7 +508,7 @@ def product_key(spec: ImageSpec) -> str:
 
 def _install_project(root: Path, blog: BuildLog) -> None:
     """Host pip installs the working tree and the runtime deps into the guest's site dir."""
-    project = _project_root()
+    project = project_root()
     site = root / GUEST_SITE
     site.mkdir(parents=True, exist_ok=True)
     # A copy of just what the wheel needs: building in the checkout would leave build/ there.
@@ -560,12 +565,8 @@ def _install_packages(root: Path, blog: BuildLog) -> None:
     inside.mkdir()
     for deb in debs.all:
         shutil.copy(deb, inside / deb.name)
-    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
-    policy = root / "usr/sbin/policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
     try:
-        with chroot_mounts(root):
+        with apt_chroot(root):
             blog.run(["chroot", str(root), "apt-get", "update", "-qq"])
             blog.run(
                 [
@@ -581,8 +582,6 @@ def _install_packages(root: Path, blog: BuildLog) -> None:
             )
             blog.run(["chroot", str(root), "apt-get", "clean"])
     finally:
-        policy.unlink()
-        (root / "etc/resolv.conf").unlink()
         shutil.rmtree(inside)
     _drop_apt_state(root)
 
@@ -611,7 +610,7 @@ def _install_lab_files(root: Path, spec: ImageSpec) -> None:
     modules = root / "usr/lib/dracut/modules.d"
     if spec.lab_probe:
         shutil.copytree(data / "dracut" / f"99{PROBE_MODULE}", modules / f"99{PROBE_MODULE}")
-    product_dracut = _project_root() / "src" / "encryptrootfs" / "dracut"
+    product_dracut = project_root() / "src" / "encryptrootfs" / "dracut"
     if product_dracut.is_dir():
         # Only the modules the spec asks for: a --no-hostonly build would also pick up any
         # module whose check() says yes, and the plain image must stay the product-free baseline.
